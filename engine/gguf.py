@@ -1,0 +1,334 @@
+"""GGUF reader: header, metadata, tensor infos, and zero-copy tensor views on an mmap (ENGINE_BRIEF §1).
+
+Nothing is dequantized at load. Every problem with a file becomes a one-line `GGUFError` naming the file.
+Split models (`name-00001-of-00003.gguf`) are opened as one: the tensors are the union over all parts.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from llamba.errors import GGUFError
+from llamba.kernels.traits import TYPES
+
+GGUF_MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_STRING = 1 << 30  # sanity bounds: anything larger is a corrupt file
+MAX_COUNT = 1 << 34
+MAX_DIMS = 4
+
+# metadata value type code -> (struct format, size) for scalars
+_SCALARS = {
+    0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
+    6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8),
+}
+_NP_DTYPES = {
+    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+    6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
+}
+_STRING, _ARRAY = 8, 9
+
+# plain (non-block) tensor types viewed with a numpy dtype
+_PLAIN_DTYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64,
+                 28: np.float64, 30: np.uint16}  # BF16 is viewed as raw uint16
+
+_SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ne: tuple[int, ...]  # ggml order, ne[0] fastest
+    type_id: int
+    offset: int  # absolute byte offset in its file
+    nbytes: int
+    part: int  # which split file
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """numpy shape (reverse of ne)."""
+        return tuple(reversed(self.ne))
+
+    @property
+    def type_name(self) -> str:
+        return TYPES[self.type_id].name
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for d in self.ne:
+            n *= d
+        return n
+
+
+class _Cursor:
+    """Bounds-checked little-endian reader over a buffer; errors name the file and what was being read."""
+
+    def __init__(self, buf, path: str):
+        self.buf = buf
+        self.pos = 0
+        self.path = path
+        self.size = len(buf)
+
+    def fail(self, what: str) -> GGUFError:
+        return GGUFError(f"{self.path}: {what}")
+
+    def need(self, n: int, what: str):
+        if self.pos + n > self.size:
+            raise self.fail(f"truncated file: it ends inside the {what} (offset {self.pos}, "
+                            f"{n} bytes needed, file is {self.size} bytes); re-download or re-convert the model")
+
+    def scalar(self, code: int, what: str):
+        fmt, n = _SCALARS[code]
+        self.need(n, what)
+        v = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += n
+        return v
+
+    def u32(self, what):
+        return self.scalar(4, what)
+
+    def u64(self, what):
+        return self.scalar(10, what)
+
+    def string(self, what: str) -> str:
+        n = self.u64(what)
+        if n > MAX_STRING:
+            raise self.fail(f"corrupt {what}: string length {n} is absurd")
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("utf-8", errors="surrogateescape")
+
+    def value(self, code: int, what: str, depth: int = 0):
+        if code in _SCALARS:
+            v = self.scalar(code, what)
+            return bool(v) if code == 7 else v
+        if code == _STRING:
+            return self.string(what)
+        if code == _ARRAY:
+            if depth > 2:
+                raise self.fail(f"corrupt {what}: arrays nested too deep")
+            et = self.u32(what)
+            n = self.u64(what)
+            if n > MAX_COUNT:
+                raise self.fail(f"corrupt {what}: array length {n} is absurd")
+            if et in _NP_DTYPES:
+                isz = np.dtype(_NP_DTYPES[et]).itemsize
+                if n * isz > self.size - self.pos:
+                    raise self.fail(f"truncated file: array {what} ({n} items) runs past the end of the file")
+                arr = np.frombuffer(self.buf, dtype=np.dtype(_NP_DTYPES[et]).newbyteorder("<"), count=n,
+                                    offset=self.pos).copy()
+                self.pos += n * isz
+                return arr
+            if et == _STRING:
+                return self._string_array(n, what)
+            if et == _ARRAY:
+                return [self.value(_ARRAY, what, depth + 1) for _ in range(n)]
+            raise self.fail(f"corrupt {what}: unknown array element type {et}")
+        raise self.fail(f"corrupt {what}: unknown metadata value type {code}")
+
+    def _string_array(self, n: int, what: str) -> list[str]:
+        out = []
+        buf, pos, size = self.buf, self.pos, self.size
+        unpack = struct.unpack_from
+        for _ in range(n):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, what)
+            ln = unpack("<Q", buf, pos)[0]
+            pos += 8
+            if ln > MAX_STRING or pos + ln > size:
+                self.pos = pos
+                if ln > MAX_STRING:
+                    raise self.fail(f"corrupt {what}: string length {ln} is absurd")
+                self.need(ln, what)
+            raw = bytes(buf[pos:pos + ln])
+            pos += ln
+            try:
+                out.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(raw.decode("utf-8", errors="surrogateescape"))
+        self.pos = pos
+        return out
+
+
+class _Part:
+    """One GGUF file: parsed header, metadata and tensor infos, plus its mmap."""
+
+    def __init__(self, path: str, part_index: int):
+        self.path = path
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise GGUFError(f"{path}: cannot open model file: {e.strerror}") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise GGUFError(f"{path}: file is empty; not a GGUF model")
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.size = size
+        c = _Cursor(self.mm, path)
+        if size < 4 or self.mm[:4] != GGUF_MAGIC:
+            raise GGUFError(f"{path}: not a GGUF file (bad magic {bytes(self.mm[:4])!r}, expected b'GGUF')")
+        c.pos = 4
+        self.version = c.u32("header")
+        if self.version not in SUPPORTED_VERSIONS:
+            raise GGUFError(f"{path}: unsupported GGUF version {self.version} (llamba reads versions 2 and 3)")
+        n_tensors = c.u64("header")
+        n_kv = c.u64("header")
+        if n_tensors > 1 << 24 or n_kv > 1 << 24:
+            raise GGUFError(f"{path}: corrupt header: {n_tensors} tensors and {n_kv} metadata keys is absurd")
+        meta: dict = {}
+        for i in range(n_kv):
+            key = c.string(f"metadata key #{i}")
+            code = c.u32(f"metadata value type of '{key}'")
+            meta[key] = c.value(code, f"metadata value '{key}'")
+        self.metadata = meta
+        align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise GGUFError(f"{path}: corrupt general.alignment {align!r}: must be a power of two")
+        self.alignment = align
+        raw_infos = []
+        for i in range(n_tensors):
+            name = c.string(f"tensor info #{i} name")
+            nd = c.u32(f"tensor info '{name}'")
+            if nd == 0 or nd > MAX_DIMS:
+                raise GGUFError(f"{path}: corrupt tensor info '{name}': {nd} dimensions (1 to 4 allowed)")
+            ne = tuple(c.scalar(11, f"tensor info '{name}'") for _ in range(nd))
+            if any(d <= 0 or d > MAX_COUNT for d in ne):
+                raise GGUFError(f"{path}: corrupt tensor info '{name}': shape {list(ne)} is invalid")
+            tid = c.u32(f"tensor info '{name}'")
+            off = c.u64(f"tensor info '{name}'")
+            raw_infos.append((name, ne, tid, off))
+        data_start = (c.pos + align - 1) // align * align
+        self.data_start = data_start
+        infos = {}
+        for name, ne, tid, off in raw_infos:
+            t = TYPES.get(tid)
+            if t is None:
+                raise GGUFError(f"{path}: tensor '{name}' has unknown tensor type id {tid}; "
+                                f"the file is corrupt or newer than this llamba")
+            if ne[0] % t.block_elems:
+                raise GGUFError(f"{path}: tensor '{name}': row length {ne[0]} is not a multiple of "
+                                f"the {t.name} block size {t.block_elems}")
+            nbytes = ne[0] // t.block_elems * t.block_bytes
+            for d in ne[1:]:
+                nbytes *= d
+            if off % align:
+                raise GGUFError(f"{path}: tensor '{name}' data offset {off} is misaligned "
+                                f"(alignment {align}); the file is corrupt")
+            start = data_start + off
+            if start + nbytes > size:
+                raise GGUFError(f"{path}: truncated file: tensor '{name}' needs bytes {start}..{start + nbytes} "
+                                f"but the file has {size}; re-download the model")
+            if name in infos:
+                raise GGUFError(f"{path}: corrupt file: tensor '{name}' appears twice")
+            infos[name] = TensorInfo(name, ne, tid, start, nbytes, part_index)
+        self.tensors = infos
+
+
+class GGUFFile:
+    """A GGUF model (one file or all parts of a split model).
+
+    `metadata`: key -> value (str, int, float, bool, numpy array for numeric arrays, list[str] for string arrays).
+    `tensors`: name -> TensorInfo. `tensor(name)` returns a read-only zero-copy numpy view.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise GGUFError(f"{path}: model file not found")
+        if os.path.isdir(path):
+            raise GGUFError(f"{path}: is a directory, not a GGUF model file")
+        self.path = path
+        paths = _split_paths(path)
+        self.parts = [_Part(p, i) for i, p in enumerate(paths)]
+        self.metadata = dict(self.parts[0].metadata)
+        self.tensors: dict[str, TensorInfo] = {}
+        for part in self.parts:
+            for name, info in part.tensors.items():
+                if name in self.tensors:
+                    raise GGUFError(f"{part.path}: tensor '{name}' appears in more than one split")
+                self.tensors[name] = info
+        if len(self.parts) > 1:
+            want = self.metadata.get("split.tensors.count")
+            if isinstance(want, int) and want != len(self.tensors):
+                raise GGUFError(f"{path}: split model has {len(self.tensors)} tensors over {len(self.parts)} files "
+                                f"but split.tensors.count says {want}; a part is missing or corrupt")
+
+    # ---- metadata helpers
+    @property
+    def architecture(self) -> str:
+        arch = self.metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            raise GGUFError(f"{self.path}: missing required key general.architecture")
+        return arch
+
+    def get(self, key: str, default=None):
+        return self.metadata.get(key, default)
+
+    def require(self, key: str):
+        if key not in self.metadata:
+            raise GGUFError(f"{self.path}: missing required metadata key '{key}'")
+        return self.metadata[key]
+
+    # ---- tensors
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise GGUFError(f"{self.path}: missing required tensor '{name}'") from None
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Zero-copy view. Plain types get their dtype and numpy shape (BF16 as uint16); block-quantized
+        types are uint8 of shape (..., rows, row_bytes)."""
+        info = self.info(name)
+        mm = self.parts[info.part].mm
+        shape = info.shape
+        if info.type_id in _PLAIN_DTYPES:
+            dt = np.dtype(_PLAIN_DTYPES[info.type_id])
+            arr = np.frombuffer(mm, dtype=dt, count=info.n_elements, offset=info.offset)
+            return arr.reshape(shape)
+        t = TYPES[info.type_id]
+        rb = info.ne[0] // t.block_elems * t.block_bytes
+        arr = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+        return arr.reshape(shape[:-1] + (rb,))
+
+    def close(self):
+        for p in self.parts:
+            try:
+                p.mm.close()
+            except BufferError:
+                pass  # views still alive; the mapping is released when they are
+
+    @property
+    def file_size(self) -> int:
+        return sum(p.size for p in self.parts)
+
+
+def _split_paths(path: str) -> list[str]:
+    m = _SPLIT_RE.match(os.path.basename(path))
+    if not m:
+        return [path]
+    count = int(m.group("count"))
+    if count < 1:
+        raise GGUFError(f"{path}: corrupt split file name (count 0)")
+    d = os.path.dirname(path)
+    paths = [os.path.join(d, f"{m.group('stem')}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        raise GGUFError(f"{path}: split model part missing: {missing[0]}; all {count} parts must be in one folder")
+    return paths

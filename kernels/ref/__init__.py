@@ -1,0 +1,1 @@
+"""Plain numpy reference implementations ("slow twins") of every kernel in llamba.kernels."""
