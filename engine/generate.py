@@ -1,0 +1,106 @@
+"""Prefill + decode as a generator of steps; no printing (the CLI prints).
+
+Prompt handling is the same with and without speculation, so both paths see bit-identical numbers:
+all prompt tokens but the last go through the batched prefill path; the last prompt token and every
+generated token go through the row-exact path (the one speculative verification uses).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class GenStats:
+    n_prompt: int = 0  # prompt tokens evaluated (not reused from the cache)
+    n_reused: int = 0  # prompt tokens found in the cache
+    n_gen: int = 0
+    t_prompt: float = 0.0  # seconds, prefill incl. the last prompt token
+    t_gen: float = 0.0  # seconds after the first token
+    t_first: float = 0.0  # seconds from start to the first sampled token
+    spec: dict = field(default_factory=dict)
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.n_prompt / self.t_prompt if self.t_prompt > 0 else 0.0
+
+    @property
+    def gen_tps(self) -> float:
+        # the first token comes from the prompt pass; decode speed counts the rest
+        n = self.n_gen - 1
+        return n / self.t_gen if self.t_gen > 0 and n > 0 else 0.0
+
+
+def common_prefix(a, b) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Session:
+    """A model plus the token ids in its cache (prefix reuse across calls, like llama-cpp-python)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.tokens: list[int] = []
+
+    def reset(self):
+        self.model.truncate(0)
+        self.tokens = []
+
+    def rollback(self, n: int):
+        self.model.truncate(n)
+        del self.tokens[n:]
+
+    def eval(self, tokens, logits: str = "last", gemm=None, keep_hidden=False):
+        out = self.model.forward(tokens, logits=logits, gemm=gemm, keep_hidden=keep_hidden)
+        self.tokens.extend(int(t) for t in tokens)
+        return out
+
+    def prefill(self, prompt: list[int], stats: GenStats) -> np.ndarray:
+        """Bring the cache to `prompt`, reusing the common prefix; return the last prompt token's logits."""
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        self.model.check_room(0)
+        if len(prompt) > self.model.n_ctx:
+            self.model.check_room(len(prompt))  # raises ContextOverflowError with the numbers
+        keep = min(common_prefix(self.tokens, prompt), len(prompt) - 1)
+        if keep < len(self.tokens):
+            self.rollback(keep)
+        stats.n_reused = keep
+        stats.n_prompt = len(prompt) - keep
+        body = prompt[keep:-1]
+        if body:
+            self.eval(body, logits="none")
+        return self.eval(prompt[-1:], logits="last", gemm=False)[-1]
+
+
+def generate(session: Session, prompt: list[int], sampler, max_tokens: int | None, stats: GenStats,
+             is_eog=None, proposer=None):
+    """Yield generated token ids. Stops at an end-of-generation token (which is yielded), after
+    `max_tokens`, or when the context is full. `proposer` enables speculative decoding."""
+    t0 = time.perf_counter()
+    logits = session.prefill(prompt, stats)
+    model = session.model
+    budget = max_tokens if max_tokens is not None and max_tokens > 0 else model.n_ctx
+    if proposer is not None:
+        from llamba.speculative.verifier import speculative_generate
+        yield from speculative_generate(session, prompt, logits, sampler, budget, stats, is_eog, proposer, t0)
+        return
+    tok = sampler.sample_and_accept(logits)
+    t1 = time.perf_counter()
+    stats.t_prompt = stats.t_first = t1 - t0
+    stats.n_gen = 1
+    yield tok
+    while stats.n_gen < budget and not (is_eog and is_eog(tok)):
+        if model.n_past >= model.n_ctx:
+            break
+        logits = session.eval([tok], logits="last", gemm=False)[-1]
+        tok = sampler.sample_and_accept(logits)
+        stats.n_gen += 1
+        stats.t_gen = time.perf_counter() - t1
+        yield tok

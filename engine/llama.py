@@ -1,0 +1,261 @@
+"""`Llama`: a drop-in for the common calls of llama-cpp-python's `Llama`.
+
+    from llamba import Llama
+    llm = Llama("model.gguf", n_ctx=2048, n_threads=2, seed=0)
+    out = llm("Once upon a time", max_tokens=32, temperature=0)
+    print(out["choices"][0]["text"])
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+from typing import Iterator
+
+import numpy as np
+
+from llamba.errors import LlambaError
+from llamba.generate import GenStats, Session, generate
+from llamba.gguf import GGUFFile
+from llamba.sampling import RANDOM_SEED, Sampler, SamplingParams
+from llamba.tokenizer import StreamDecoder, Tokenizer
+
+
+def set_threads(n_threads: int | None):
+    import numba
+    n = n_threads if n_threads and n_threads > 0 else (os.cpu_count() or 1)
+    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
+
+
+class Llama:
+    def __init__(self, model_path: str, *, n_ctx: int = 512, n_threads: int | None = None,
+                 seed: int = RANDOM_SEED, vocab_only: bool = False, verbose: bool = True,
+                 n_gpu_layers: int = 0, n_batch: int = 512, logits_all: bool = False,
+                 spec: str = "none", draft_max: int = 3, draft_p_min: float = 0.0,
+                 draft_model: str | None = None, **kwargs):
+        t0 = time.perf_counter()
+        self.model_path = str(model_path)
+        self.verbose = verbose
+        self.seed = seed
+        self.gguf = GGUFFile(self.model_path)
+        self.metadata = self.gguf.metadata
+        self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
+        self.n_threads = set_threads(n_threads)
+        self.model = None
+        self.session = None
+        self.last_stats: GenStats | None = None
+        self.spec_options = dict(spec=spec, draft_max=draft_max, draft_p_min=draft_p_min, draft_model=draft_model)
+        if not vocab_only:
+            from llamba.models import build_config, load_model
+            cfg = build_config(self.gguf)
+            if n_ctx is None or n_ctx <= 0:
+                n_ctx = cfg.n_ctx_train
+            self.model = load_model(self.gguf, n_ctx, n_gpu_layers=n_gpu_layers)
+            self.session = Session(self.model)
+        self._n_ctx = n_ctx
+        self.load_time = time.perf_counter() - t0
+        if verbose and not vocab_only:
+            c = self.model.config
+            print(f"llamba: loaded {os.path.basename(self.model_path)} ({c.arch}, {c.n_layer} layers, "
+                  f"n_ctx {n_ctx}) in {self.load_time:.2f} s", file=sys.stderr)
+
+    # ---- properties mirroring llama-cpp-python
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def n_vocab(self) -> int:
+        return self.tokenizer.n_vocab
+
+    def token_bos(self) -> int:
+        return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else -1
+
+    def token_eos(self) -> int:
+        return self.tokenizer.eos_id if self.tokenizer.eos_id is not None else -1
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.session.tokens) if self.session else 0
+
+    # ---- tokens
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+
+    def detokenize(self, tokens, prev_tokens=None, special: bool = False) -> bytes:
+        return self.tokenizer.decode(list(tokens), special=special)
+
+    def reset(self):
+        if self.session:
+            self.session.reset()
+
+    def _need_model(self):
+        if self.model is None:
+            raise LlambaError("this Llama was created with vocab_only=True: it can only tokenize")
+
+    # ---- evaluation
+    def eval_logits(self, tokens) -> np.ndarray:
+        """Logits (len(tokens), n_vocab) float32 of every position, from an empty cache."""
+        self._need_model()
+        toks = [int(t) for t in tokens]
+        self.session.reset()
+        self.model.check_room(len(toks))
+        return self.session.eval(toks, logits="all")
+
+    def eval(self, tokens):
+        """Append tokens to the cache (llama-cpp-python's `eval`); returns their logits."""
+        self._need_model()
+        return self.session.eval([int(t) for t in tokens], logits="all")
+
+    def _make_sampler(self, temp, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+                      presence_penalty, seed, logit_bias=None):
+        s = self.seed if seed is None else seed
+        params = SamplingParams(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                                repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                                presence_penalty=presence_penalty, seed=s, logit_bias=logit_bias)
+        return Sampler(params, n_ctx=self._n_ctx)
+
+    def _proposer(self):
+        from llamba.speculative import make_proposer
+        return make_proposer(self, **self.spec_options)
+
+    def generate(self, tokens, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 typical_p: float = 1.0, temp: float = 0.80, repeat_penalty: float = 1.0, reset: bool = True,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int | None = None,
+                 max_tokens: int | None = None, logit_bias=None, **kwargs) -> Iterator[int]:
+        """Yield sampled token ids after `tokens` (reusing the cached prefix). Like llama-cpp-python it does
+        not stop at end-of-generation tokens by itself unless `max_tokens` runs out or the context is full."""
+        self._need_model()
+        if reset is False:
+            pass  # prefix reuse is automatic
+        sampler = self._make_sampler(temp, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+                                     presence_penalty, seed, logit_bias)
+        toks = [int(t) for t in tokens]
+        sampler.accept_many(toks)
+        stats = GenStats()
+        self.last_stats = stats
+        yield from generate(self.session, toks, sampler, max_tokens, stats, None, self._proposer())
+
+    # ---- completions
+    def create_completion(self, prompt, suffix=None, max_tokens: int | None = 16, temperature: float = 0.8,
+                          top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0, logprobs=None,
+                          echo: bool = False, stop=None, frequency_penalty: float = 0.0,
+                          presence_penalty: float = 0.0, repeat_penalty: float = 1.0, top_k: int = 40,
+                          stream: bool = False, seed: int | None = None, logit_bias=None, **kwargs):
+        self._need_model()
+        if isinstance(prompt, (bytes, str)):
+            text = prompt.encode("utf-8") if isinstance(prompt, str) else prompt
+            toks = self.tokenize(text, add_bos=True, special=kwargs.get("special", False))
+            prompt_text = text.decode("utf-8", errors="replace")
+        else:
+            toks = [int(t) for t in prompt]
+            prompt_text = self.detokenize(toks).decode("utf-8", errors="replace")
+        if not toks:
+            raise LlambaError("the prompt is empty: give at least one token")
+        if len(toks) >= self._n_ctx:
+            from llamba.errors import ContextOverflowError
+            raise ContextOverflowError(f"the prompt has {len(toks)} tokens but the context holds {self._n_ctx}; "
+                                       f"raise n_ctx or shorten the prompt")
+        if max_tokens is None or max_tokens <= 0:
+            max_tokens = self._n_ctx - len(toks)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        cid = f"cmpl-{uuid.uuid4()}"
+        created = int(time.time())
+        it = self._completion_stream(toks, max_tokens, temperature, top_k, top_p, min_p, typical_p,
+                                     repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias)
+        if stream:
+            return self._stream_chunks(it, cid, created, prompt_text if echo else None)
+        pieces, finish = [], "length"
+        for piece, fin in it:
+            pieces.append(piece)
+            if fin:
+                finish = fin
+        text = "".join(pieces)
+        if echo:
+            text = prompt_text + text
+        st = self.last_stats
+        return {
+            "id": cid, "object": "text_completion", "created": created, "model": self.model_path,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+            "usage": {"prompt_tokens": len(toks), "completion_tokens": st.n_gen if st else 0,
+                      "total_tokens": len(toks) + (st.n_gen if st else 0)},
+        }
+
+    def _stream_chunks(self, it, cid, created, echo_text):
+        if echo_text:
+            yield self._chunk(cid, created, echo_text, None)
+        for piece, fin in it:
+            if piece or fin:
+                yield self._chunk(cid, created, piece, fin)
+
+    def _chunk(self, cid, created, text, finish):
+        return {"id": cid, "object": "text_completion", "created": created, "model": self.model_path,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+    def _completion_stream(self, toks, max_tokens, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
+                           frequency_penalty, presence_penalty, seed, stops, logit_bias):
+        """Yield (text_piece, finish_reason|None). Text that could be the start of a stop string is held back."""
+        sampler = self._make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
+                                     frequency_penalty, presence_penalty, seed, logit_bias)
+        sampler.accept_many(toks)
+        stats = GenStats()
+        self.last_stats = stats
+        dec = StreamDecoder(self.tokenizer)
+        tk = self.tokenizer
+        pending = ""
+        n = 0
+        for tok in generate(self.session, toks, sampler, max_tokens, stats, tk.is_eog, self._proposer()):
+            n += 1
+            if tk.is_eog(tok):
+                pending += dec.flush()
+                yield pending, "stop"
+                return
+            pending += dec.feed(tok)
+            if stops:
+                hit = _find_stop(pending, stops)
+                if hit is not None:
+                    yield pending[:hit], "stop"
+                    return
+                safe = len(pending) - _partial_stop_len(pending, stops)
+                if safe > 0:
+                    yield pending[:safe], None
+                    pending = pending[safe:]
+            elif pending:
+                yield pending, None
+                pending = ""
+        pending += dec.flush()
+        if stops:
+            hit = _find_stop(pending, stops)
+            if hit is not None:
+                yield pending[:hit], "stop"
+                return
+        yield pending, "length"
+
+    def __call__(self, prompt, *args, **kwargs):
+        return self.create_completion(prompt, *args, **kwargs)
+
+    def close(self):
+        self.model = None
+        self.session = None
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    best = None
+    for s in stops:
+        if s:
+            i = text.find(s)
+            if i >= 0 and (best is None or i < best):
+                best = i
+    return best
+
+
+def _partial_stop_len(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                best = max(best, k)
+                break
+    return best

@@ -1,0 +1,248 @@
+"""Shared pieces of every architecture: the model state protocol, the KV cache, and the standard
+pre-norm attention + FFN decoder block used by llama, gemma3 and qwen3.
+
+A model owns its state (like a llama.cpp context with one sequence): `n_past` positions are cached.
+`forward(tokens)` appends tokens at positions n_past.. and returns logits; `truncate(n)` rolls back.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from llamba.errors import ContextOverflowError
+from llamba.kernels import ops as K
+from llamba.layers import Embedding, Linear, norm_weight
+
+GEMM_MIN_BATCH = 32  # prompt batches at least this long use the dequantize+BLAS path
+
+
+class KVCache:
+    """Per attention layer K and V, indexed by absolute position (rollback = move n back).
+    Layout (n_kv_head, n_ctx, head_dim) so one head's keys are contiguous for attention."""
+
+    def __init__(self, n_ctx: int, layers: dict[int, tuple[int, int, int]]):
+        # layers: il -> (n_head_kv, head_dim_k, head_dim_v)
+        self.n_ctx = n_ctx
+        self.k = {il: np.zeros((h, n_ctx, dk), dtype=np.float32) for il, (h, dk, dv) in layers.items()}
+        self.v = {il: np.zeros((h, n_ctx, dv), dtype=np.float32) for il, (h, dk, dv) in layers.items()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k.values()) + sum(a.nbytes for a in self.v.values())
+
+
+class RopeTable:
+    """cos/sin for the positions of one forward call, computed once per (base, scale) and shared by layers."""
+
+    def __init__(self, cfg, n_rot: int, freq_factors: np.ndarray | None):
+        self.cfg = cfg
+        self.n_rot = n_rot
+        self.ff = (freq_factors if freq_factors is not None else np.ones(n_rot // 2, dtype=np.float32))
+        self._cache: dict = {}
+
+    def get(self, pos: np.ndarray, base: float, freq_scale: float):
+        key = (base, freq_scale)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is pos:
+            return hit[1], hit[2]
+        c = self.cfg
+        T = pos.shape[0]
+        cos = np.empty((T, self.n_rot // 2), dtype=np.float32)
+        sin = np.empty_like(cos)
+        K.rope_cache(pos, self.n_rot, base, freq_scale, self.ff, c.rope_ext_factor, c.rope_attn_factor,
+                     c.rope_beta_fast, c.rope_beta_slow, c.n_ctx_orig, cos, sin)
+        self._cache[key] = (pos, cos, sin)
+        return cos, sin
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    out = np.empty_like(x)
+    K.rms_norm(x, w, eps, out)
+    return out
+
+
+class BaseModel:
+    """State handling and the generation-facing API shared by all architectures."""
+
+    config = None
+    n_past = 0
+
+    def check_room(self, n_tokens: int):
+        if self.n_past + n_tokens > self.n_ctx:
+            raise ContextOverflowError(
+                f"{self.n_past + n_tokens} tokens do not fit the context of {self.n_ctx} "
+                f"({self.n_past} cached + {n_tokens} new); raise n_ctx (-c) or shorten the prompt")
+
+    def reset(self):
+        self.truncate(0)
+
+    def truncate(self, n: int):
+        """Forget every position >= n."""
+        if n < 0 or n > self.n_past:
+            raise ValueError(f"cannot truncate to {n} with {self.n_past} positions cached")
+        self.n_past = n
+
+    def _logit_rows(self, T: int, logits: str) -> slice:
+        if logits == "all":
+            return slice(0, T)
+        if logits == "last":
+            return slice(T - 1, T)
+        if logits == "none":
+            return slice(T, T)
+        raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}")
+
+    def head(self, hN: np.ndarray, gemm: bool) -> np.ndarray:
+        """Output projection (+ soft-capping) of post-norm hidden rows (R, n_embd) -> (R, n_vocab)."""
+        if hN.shape[0] == 0:
+            return np.empty((0, self.config.n_vocab), dtype=np.float32)
+        out = self.output.gemm(hN) if gemm else self.output(hN)
+        cap = self.config.final_logit_softcap
+        if cap > 0:
+            np.tanh(out / cap, out=out)
+            out *= cap
+        return out
+
+
+class AttentionBlock:
+    """Pre-norm transformer block: [norm -> attention (+q/k norm, rope) -> (post norm) -> residual] then
+    [norm -> gated FFN -> (post norm) -> residual]. Which optional pieces exist is read from the file."""
+
+    def __init__(self, gf, cfg, il: int, *, activation: str, post_norms: bool):
+        p = f"blk.{il}."
+        E = cfg.n_embd
+        self.il = il
+        self.n_head = cfg.n_head[il]
+        self.n_head_kv = cfg.n_head_kv[il]
+        self.hd = cfg.head_dim
+        self.hd_v = cfg.head_dim_v
+        self.eps = cfg.eps
+        self.attn_norm = norm_weight(gf, p + "attn_norm.weight", E)
+        nq, nk, nv = self.n_head * self.hd, self.n_head_kv * self.hd, self.n_head_kv * self.hd_v
+        if gf.has(p + "attn_qkv.weight"):
+            self.wqkv = Linear(gf, p + "attn_qkv.weight", p + "attn_qkv.bias", (nq + nk + nv, E))
+            self.wq = self.wk = self.wv = None
+        else:
+            self.wqkv = None
+            self.wq = Linear(gf, p + "attn_q.weight", p + "attn_q.bias", (nq, E))
+            self.wk = Linear(gf, p + "attn_k.weight", p + "attn_k.bias", (nk, E))
+            self.wv = Linear(gf, p + "attn_v.weight", p + "attn_v.bias", (nv, E))
+        self.splits = (nq, nq + nk)
+        self.q_norm = norm_weight(gf, p + "attn_q_norm.weight", self.hd) if gf.has(p + "attn_q_norm.weight") else None
+        self.k_norm = norm_weight(gf, p + "attn_k_norm.weight", self.hd) if gf.has(p + "attn_k_norm.weight") else None
+        self.wo = Linear(gf, p + "attn_output.weight", p + "attn_output.bias", (E, self.n_head * self.hd_v))
+        self.post_attn_norm = norm_weight(gf, p + "post_attention_norm.weight", E) if post_norms else None
+        self.ffn_norm = norm_weight(gf, p + "ffn_norm.weight", E)
+        ff = cfg.n_ff[il]
+        self.w_gate = Linear(gf, p + "ffn_gate.weight", p + "ffn_gate.bias", (ff, E))
+        self.w_up = Linear(gf, p + "ffn_up.weight", p + "ffn_up.bias", (ff, E))
+        self.w_down = Linear(gf, p + "ffn_down.weight", p + "ffn_down.bias", (E, ff))
+        self.post_ffw_norm = norm_weight(gf, p + "post_ffw_norm.weight", E) if post_norms else None
+        self.act = K.swiglu if activation == "silu" else K.geglu_tanh
+        self.swa = cfg.swa_layers[il] if cfg.swa_layers else False
+        self.n_swa = cfg.n_swa if self.swa else 0
+        self.rope_base = cfg.rope_base_swa if self.swa else cfg.rope_base
+        self.freq_scale = 1.0 if self.swa else cfg.freq_scale
+        self.neox = cfg.rope_neox
+        self.n_rot = cfg.n_rot
+        self.q_scale = cfg.attn_scale  # > 0: scale Q, attend with scale 1 (gemma3)
+
+    def _proj(self, lin: Linear, x, gemm: bool):
+        return lin.gemm(x) if gemm else lin(x)
+
+    def attention(self, h, pos, n_kv, kv: KVCache, rope: RopeTable, gemm: bool):
+        T = h.shape[0]
+        if self.wqkv is not None:
+            qkv = self._proj(self.wqkv, h, gemm)
+            a, b = self.splits
+            q, k, v = qkv[:, :a], qkv[:, a:b], qkv[:, b:]
+        else:
+            q, k, v = self._proj(self.wq, h, gemm), self._proj(self.wk, h, gemm), self._proj(self.wv, h, gemm)
+        q = np.ascontiguousarray(q).reshape(T, self.n_head, self.hd)
+        k = np.ascontiguousarray(k).reshape(T, self.n_head_kv, self.hd)
+        v = np.ascontiguousarray(v).reshape(T, self.n_head_kv, self.hd_v)
+        if self.q_norm is not None:
+            q = rms_norm(q.reshape(-1, self.hd), self.q_norm, self.eps).reshape(q.shape)
+        if self.k_norm is not None:
+            k = rms_norm(k.reshape(-1, self.hd), self.k_norm, self.eps).reshape(k.shape)
+        cos, sin = rope.get(pos, self.rope_base, self.freq_scale)
+        K.rope_apply(q, cos, sin, self.n_rot, self.neox)
+        K.rope_apply(k, cos, sin, self.n_rot, self.neox)
+        if self.q_scale > 0:
+            q *= np.float32(self.q_scale)
+            scale = 1.0
+        else:
+            scale = 1.0 / np.sqrt(self.hd)
+        kc, vc = kv.k[self.il], kv.v[self.il]
+        K.store_kv(k, v, kc, vc, int(pos[0]))
+        o = np.empty((T, self.n_head, self.hd_v), dtype=np.float32)
+        K.attention(q, kc, vc, pos, n_kv, scale, self.n_swa, o)
+        return o.reshape(T, -1)
+
+    def ffn(self, h, gemm: bool):
+        g = self._proj(self.w_gate, h, gemm)
+        u = self._proj(self.w_up, h, gemm)
+        self.act(g, u, g)
+        return self._proj(self.w_down, g, gemm)
+
+    def __call__(self, x, pos, n_kv, kv, rope, gemm: bool):
+        h = rms_norm(x, self.attn_norm, self.eps)
+        a = self._proj(self.wo, self.attention(h, pos, n_kv, kv, rope, gemm), gemm)
+        if self.post_attn_norm is not None:
+            a = rms_norm(a, self.post_attn_norm, self.eps)
+        x += a
+        h = rms_norm(x, self.ffn_norm, self.eps)
+        f = self.ffn(h, gemm)
+        if self.post_ffw_norm is not None:
+            f = rms_norm(f, self.post_ffw_norm, self.eps)
+        x += f
+        return x
+
+
+class Transformer(BaseModel):
+    """Decoder-only transformer made of AttentionBlocks (llama, gemma3, qwen3)."""
+
+    activation = "silu"
+    post_norms = False
+
+    def __init__(self, gf, cfg, n_ctx: int):
+        self.gf = gf
+        self.config = cfg
+        self.n_ctx = n_ctx
+        self.token_embd = Embedding(gf, "token_embd.weight")
+        self.blocks = [AttentionBlock(gf, cfg, il, activation=self.activation, post_norms=self.post_norms)
+                       for il in range(cfg.n_layer)]
+        self.output_norm = norm_weight(gf, "output_norm.weight", cfg.n_embd)
+        self.output = Linear(gf, "output.weight" if gf.has("output.weight") else "token_embd.weight",
+                             shape=(cfg.n_vocab, cfg.n_embd))
+        ff = gf.tensor("rope_freqs.weight").astype(np.float32) if gf.has("rope_freqs.weight") else None
+        self.rope = RopeTable(cfg, cfg.n_rot, ff)
+        self.kv = KVCache(n_ctx, {b.il: (b.n_head_kv, b.hd, b.hd_v) for b in self.blocks})
+        self.n_past = 0
+        self.hidden = None
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        x = self.token_embd(tokens)
+        if self.config.embd_scale > 0:
+            x *= np.float32(self.config.embd_scale)
+        return x
+
+    def forward(self, tokens, logits: str = "last", gemm: bool | None = None, keep_hidden: bool = False):
+        """Process `tokens` at positions n_past.. ; returns logits (R, n_vocab) for the rows asked for.
+        gemm=None picks the BLAS prefill path for batches >= GEMM_MIN_BATCH; False forces the row-exact
+        quantized path (decode, speculative verify)."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        T = tokens.shape[0]
+        if T == 0:
+            return np.empty((0, self.config.n_vocab), dtype=np.float32)
+        self.check_room(T)
+        if gemm is None:
+            gemm = T >= GEMM_MIN_BATCH
+        pos = np.arange(self.n_past, self.n_past + T, dtype=np.int64)
+        n_kv = self.n_past + T
+        x = self.embed(tokens)
+        for blk in self.blocks:
+            x = blk(x, pos, n_kv, self.kv, self.rope, gemm)
+        rows = self._logit_rows(T, logits)
+        hN = rms_norm(x if keep_hidden else np.ascontiguousarray(x[rows]), self.output_norm, self.config.eps)
+        self.hidden = hN if keep_hidden else None
+        self.n_past += T
+        return self.head(np.ascontiguousarray(hN[rows]) if keep_hidden else hN, gemm and hN.shape[0] > 1)
