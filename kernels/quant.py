@@ -24,13 +24,15 @@ class QuantOps:
 
 
 _REGISTRY: dict[int, QuantOps] | None = None
+_MODULES = ("quants_simple", "quants_k")
 
 
 def _build() -> dict[int, QuantOps]:
-    from llamba.kernels import quants_k, quants_simple
-    acts = {**quants_simple.ACT, **quants_k.ACT}
+    import importlib
+    mods = [importlib.import_module(f"llamba.kernels.{m}") for m in _MODULES]
+    acts = {k: v for mod in mods for k, v in mod.ACT.items()}
     reg = {}
-    for mod in (quants_simple, quants_k):
+    for mod in mods:
         for tid, (deq, mm) in mod.KERNELS.items():
             t = TYPES[tid]
             reg[tid] = QuantOps(tid, deq, mm, acts[t.vec_dot_type], t.block_elems)

