@@ -70,6 +70,8 @@ class Session:
             self.model.check_room(len(prompt))  # raises ContextOverflowError with the numbers
         keep = min(common_prefix(self.tokens, prompt), len(prompt) - 1)
         if keep < len(self.tokens):
+            if not self.model.can_truncate(keep):  # recurrent state without a snapshot there: start over
+                keep = 0
             self.rollback(keep)
         stats.n_reused = keep
         stats.n_prompt = len(prompt) - keep

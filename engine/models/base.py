@@ -75,6 +75,10 @@ class BaseModel:
     def reset(self):
         self.truncate(0)
 
+    def can_truncate(self, n: int) -> bool:
+        """Attention caches roll back to any position; recurrent models override this."""
+        return 0 <= n <= self.n_past
+
     def truncate(self, n: int):
         """Forget every position >= n."""
         if n < 0 or n > self.n_past:
@@ -100,6 +104,27 @@ class BaseModel:
             np.tanh(out / cap, out=out)
             out *= cap
         return out
+
+
+def proj(lin: Linear, x: np.ndarray, gemm: bool) -> np.ndarray:
+    """Linear through the BLAS prefill path (gemm) or the row-exact quantized path."""
+    return lin.gemm(x) if gemm else lin(x)
+
+
+class FFN:
+    """Gated FFN: down(act(gate(x)) * up(x)), act = SiLU (SwiGLU) or GELU-tanh (GeGLU)."""
+
+    def __init__(self, gf, p: str, n_embd: int, n_ff: int, activation: str = "silu"):
+        self.w_gate = Linear(gf, p + "ffn_gate.weight", p + "ffn_gate.bias", (n_ff, n_embd))
+        self.w_up = Linear(gf, p + "ffn_up.weight", p + "ffn_up.bias", (n_ff, n_embd))
+        self.w_down = Linear(gf, p + "ffn_down.weight", p + "ffn_down.bias", (n_embd, n_ff))
+        self.act = K.swiglu if activation == "silu" else K.geglu_tanh
+
+    def __call__(self, h: np.ndarray, gemm: bool) -> np.ndarray:
+        g = proj(self.w_gate, h, gemm)
+        u = proj(self.w_up, h, gemm)
+        self.act(g, u, g)
+        return proj(self.w_down, g, gemm)
 
 
 class AttentionBlock:
@@ -131,12 +156,8 @@ class AttentionBlock:
         self.wo = Linear(gf, p + "attn_output.weight", p + "attn_output.bias", (E, self.n_head * self.hd_v))
         self.post_attn_norm = norm_weight(gf, p + "post_attention_norm.weight", E) if post_norms else None
         self.ffn_norm = norm_weight(gf, p + "ffn_norm.weight", E)
-        ff = cfg.n_ff[il]
-        self.w_gate = Linear(gf, p + "ffn_gate.weight", p + "ffn_gate.bias", (ff, E))
-        self.w_up = Linear(gf, p + "ffn_up.weight", p + "ffn_up.bias", (ff, E))
-        self.w_down = Linear(gf, p + "ffn_down.weight", p + "ffn_down.bias", (E, ff))
+        self.ffn = FFN(gf, p, E, cfg.n_ff[il], activation)
         self.post_ffw_norm = norm_weight(gf, p + "post_ffw_norm.weight", E) if post_norms else None
-        self.act = K.swiglu if activation == "silu" else K.geglu_tanh
         self.swa = cfg.swa_layers[il] if cfg.swa_layers else False
         self.n_swa = cfg.n_swa if self.swa else 0
         self.rope_base = cfg.rope_base_swa if self.swa else cfg.rope_base
@@ -145,17 +166,14 @@ class AttentionBlock:
         self.n_rot = cfg.n_rot
         self.q_scale = cfg.attn_scale  # > 0: scale Q, attend with scale 1 (gemma3)
 
-    def _proj(self, lin: Linear, x, gemm: bool):
-        return lin.gemm(x) if gemm else lin(x)
-
     def attention(self, h, pos, n_kv, kv: KVCache, rope: RopeTable, gemm: bool):
         T = h.shape[0]
         if self.wqkv is not None:
-            qkv = self._proj(self.wqkv, h, gemm)
+            qkv = proj(self.wqkv, h, gemm)
             a, b = self.splits
             q, k, v = qkv[:, :a], qkv[:, a:b], qkv[:, b:]
         else:
-            q, k, v = self._proj(self.wq, h, gemm), self._proj(self.wk, h, gemm), self._proj(self.wv, h, gemm)
+            q, k, v = proj(self.wq, h, gemm), proj(self.wk, h, gemm), proj(self.wv, h, gemm)
         q = np.ascontiguousarray(q).reshape(T, self.n_head, self.hd)
         k = np.ascontiguousarray(k).reshape(T, self.n_head_kv, self.hd)
         v = np.ascontiguousarray(v).reshape(T, self.n_head_kv, self.hd_v)
@@ -177,15 +195,9 @@ class AttentionBlock:
         K.attention(q, kc, vc, pos, n_kv, scale, self.n_swa, o)
         return o.reshape(T, -1)
 
-    def ffn(self, h, gemm: bool):
-        g = self._proj(self.w_gate, h, gemm)
-        u = self._proj(self.w_up, h, gemm)
-        self.act(g, u, g)
-        return self._proj(self.w_down, g, gemm)
-
     def __call__(self, x, pos, n_kv, kv, rope, gemm: bool):
         h = rms_norm(x, self.attn_norm, self.eps)
-        a = self._proj(self.wo, self.attention(h, pos, n_kv, kv, rope, gemm), gemm)
+        a = proj(self.wo, self.attention(h, pos, n_kv, kv, rope, gemm), gemm)
         if self.post_attn_norm is not None:
             a = rms_norm(a, self.post_attn_norm, self.eps)
         x += a

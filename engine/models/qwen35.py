@@ -1,0 +1,331 @@
+"""`qwen35` (Qwen3.5/3.6 dense): hybrid Gated DeltaNet + gated full attention, with an optional MTP (nextn)
+head. ENGINE_BRIEF §3.4 and §4.
+
+Trunk layer il < n_layer: x += Mixer(attn_norm(x)); x += SwiGLU(post_attention_norm(x)), where Mixer is a
+Gated DeltaNet (recurrent) layer or gated full attention. The MTP block blk.{n_layer} is a full-attention
+layer fed by eh_proj([enorm(embed(tok)) | hnorm(h_prev)]), with its own KV cache (`MTPHead`).
+
+Recurrent state (conv + ssm per GDN layer) cannot be truncated like a KV cache: a forward can record per-token
+snapshots (`snapshots=True`), and `truncate(n)` restores the one after position n-1.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from llamba.config import ModelConfig, base_config
+from llamba.errors import GGUFError, UnsupportedError
+from llamba.kernels import deltanet as D
+from llamba.kernels import ops as K
+from llamba.layers import Embedding, Linear, norm_weight
+from llamba.models.base import FFN, GEMM_MIN_BATCH, BaseModel, KVCache, RopeTable, proj, rms_norm
+
+
+def config_from_gguf(gf, arch: str = "qwen35") -> ModelConfig:
+    p = arch + "."
+    d = base_config(gf, arch, rope_neox=True)
+    n_all, n_next = d["n_layer_all"], d["n_nextn"]
+    n_layer = n_all - n_next
+    rec = gf.get(p + "attention.recurrent_layers")
+    if rec is not None:
+        rec = tuple(bool(b) for b in rec)
+        if len(rec) != n_all:
+            raise GGUFError(f"{gf.path}: {p}attention.recurrent_layers has {len(rec)} entries, expected {n_all}")
+        rec = tuple(r and i < n_layer for i, r in enumerate(rec))
+    else:
+        interval = int(gf.get(p + "full_attention_interval", 4))
+        rec = tuple(i < n_layer and (i + 1) % interval != 0 for i in range(n_all))
+    sections = gf.get(p + "rope.dimension_sections")
+    if sections is None:
+        raise GGUFError(f"{gf.path}: missing required metadata key '{p}rope.dimension_sections'")
+    d.update(
+        recurrent=rec,
+        ssm_d_conv=int(gf.require(p + "ssm.conv_kernel")),
+        ssm_d_state=int(gf.require(p + "ssm.state_size")),
+        ssm_n_k=int(gf.require(p + "ssm.group_count")),
+        ssm_n_v=int(gf.require(p + "ssm.time_step_rank")),
+        ssm_d_inner=int(gf.require(p + "ssm.inner_size")),
+    )
+    cfg = ModelConfig(**d)
+    if cfg.ssm_d_inner != cfg.ssm_n_v * cfg.ssm_d_state:
+        raise UnsupportedError(f"{gf.path}: ssm.inner_size {cfg.ssm_d_inner} != time_step_rank x state_size; "
+                               f"llamba (like llama.cpp) needs head_v_dim == state_size")
+    if cfg.ssm_n_v % cfg.ssm_n_k:
+        raise GGUFError(f"{gf.path}: {cfg.ssm_n_v} value heads is not a multiple of {cfg.ssm_n_k} key heads")
+    return cfg
+
+
+class GatedAttention:
+    """Qwen3.5 full attention: Q and an output gate interleaved per head in attn_q, QK-norm, partial NEOX rope
+    (IMROPE for text), out = attn_output(attn * sigmoid(gate))."""
+
+    def __init__(self, gf, cfg: ModelConfig, il: int):
+        p = f"blk.{il}."
+        E = cfg.n_embd
+        self.il = il
+        self.H, self.Hkv, self.hd = cfg.n_head[il], cfg.n_head_kv[il], cfg.head_dim
+        self.eps = cfg.eps
+        nq, nkv = self.H * self.hd, self.Hkv * self.hd
+        if gf.has(p + "attn_qkv.weight"):
+            self.wqkv = Linear(gf, p + "attn_qkv.weight", None, (2 * nq + 2 * nkv, E))
+        else:
+            self.wqkv = None
+            self.wq = Linear(gf, p + "attn_q.weight", None, (2 * nq, E))
+            self.wk = Linear(gf, p + "attn_k.weight", None, (nkv, E))
+            self.wv = Linear(gf, p + "attn_v.weight", None, (nkv, E))
+        self.q_norm = norm_weight(gf, p + "attn_q_norm.weight", self.hd)
+        self.k_norm = norm_weight(gf, p + "attn_k_norm.weight", self.hd)
+        self.wo = Linear(gf, p + "attn_output.weight", None, (E, nq))
+        self.n_rot = cfg.n_rot
+        self.base = cfg.rope_base
+        self.freq_scale = cfg.freq_scale
+
+    def __call__(self, h, pos, n_kv, kv: KVCache, rope: RopeTable, gemm: bool):
+        T = h.shape[0]
+        H, Hkv, hd = self.H, self.Hkv, self.hd
+        if self.wqkv is not None:
+            qkv = proj(self.wqkv, h, gemm)
+            qg = qkv[:, :2 * H * hd]
+            k = qkv[:, 2 * H * hd:2 * H * hd + Hkv * hd]
+            v = qkv[:, 2 * H * hd + Hkv * hd:]
+        else:
+            qg, k, v = proj(self.wq, h, gemm), proj(self.wk, h, gemm), proj(self.wv, h, gemm)
+        qg = qg.reshape(T, H, 2, hd)
+        q = rms_norm(np.ascontiguousarray(qg[:, :, 0]).reshape(-1, hd), self.q_norm, self.eps).reshape(T, H, hd)
+        gate = np.ascontiguousarray(qg[:, :, 1]).reshape(T, H * hd)
+        k = rms_norm(np.ascontiguousarray(k).reshape(-1, hd), self.k_norm, self.eps).reshape(T, Hkv, hd)
+        v = np.ascontiguousarray(v).reshape(T, Hkv, hd)
+        cos, sin = rope.get(pos, self.base, self.freq_scale)
+        K.rope_apply(q, cos, sin, self.n_rot, True)
+        K.rope_apply(k, cos, sin, self.n_rot, True)
+        kc, vc = kv.k[self.il], kv.v[self.il]
+        K.store_kv(k, v, kc, vc, int(pos[0]))
+        o = np.empty((T, H, hd), dtype=np.float32)
+        K.attention(q, kc, vc, pos, n_kv, 1.0 / np.sqrt(hd), 0, o)
+        sg = np.empty_like(gate)
+        K.sigmoid(gate, sg)
+        o = o.reshape(T, H * hd)
+        o *= sg
+        return proj(self.wo, o, gemm)
+
+
+class GatedDeltaNet:
+    """Qwen3.5 linear-attention layer (ENGINE_BRIEF §3.4): conv1d+SiLU over q|k|v channels, L2-normed q/k,
+    gated delta rule with tiled v-head -> k-head mapping, gated RMSNorm, ssm_out."""
+
+    def __init__(self, gf, cfg: ModelConfig, il: int):
+        p = f"blk.{il}."
+        E = cfg.n_embd
+        self.il = il
+        self.S, self.Hk, self.Hv, self.Dc = cfg.ssm_d_state, cfg.ssm_n_k, cfg.ssm_n_v, cfg.ssm_d_conv
+        self.key_dim = self.S * self.Hk
+        self.value_dim = self.S * self.Hv
+        self.conv_dim = 2 * self.key_dim + self.value_dim
+        self.eps = cfg.eps
+        self.w_qkv = Linear(gf, p + "attn_qkv.weight", None, (self.conv_dim, E))
+        self.w_gate = Linear(gf, p + "attn_gate.weight", None, (self.value_dim, E))
+        self.w_beta = Linear(gf, p + "ssm_beta.weight", None, (self.Hv, E))
+        self.w_alpha = Linear(gf, p + "ssm_alpha.weight", None, (self.Hv, E))
+        conv = gf.tensor(p + "ssm_conv1d.weight")
+        if conv.dtype != np.float32 or conv.shape != (self.conv_dim, self.Dc):
+            raise GGUFError(f"{gf.path}: {p}ssm_conv1d.weight must be F32 of shape ({self.conv_dim}, {self.Dc})")
+        self.conv_w = np.ascontiguousarray(conv)
+        self.dt_bias = norm_weight(gf, p + "ssm_dt.bias", self.Hv)
+        self.ssm_a = norm_weight(gf, p + "ssm_a", self.Hv)
+        self.ssm_norm = norm_weight(gf, p + "ssm_norm.weight", self.S)
+        self.w_out = Linear(gf, p + "ssm_out.weight", None, (E, self.value_dim))
+
+    def new_state(self):
+        return (np.zeros((self.conv_dim, self.Dc - 1), dtype=np.float32),
+                np.zeros((self.Hv, self.S, self.S), dtype=np.float32))
+
+    def __call__(self, h, state, snaps, gemm: bool, chunked: bool):
+        """snaps: None, or a list to which (conv_snapshots (T,C,D-1), ssm_snapshots (T,Hv,S,S)) is appended."""
+        T = h.shape[0]
+        S, Hk, Hv = self.S, self.Hk, self.Hv
+        conv_state, ssm = state
+        m = proj(self.w_qkv, h, gemm)
+        z = proj(self.w_gate, h, gemm)
+        b = proj(self.w_beta, h, gemm)
+        a = proj(self.w_alpha, h, gemm)
+        g = np.empty((T, Hv), dtype=np.float32)
+        beta = np.empty((T, Hv), dtype=np.float32)
+        D.gdn_gates(a, b, self.dt_bias, self.ssm_a, g, beta)
+        n_snap = T if snaps is not None else 0
+        conv_snap = np.empty((n_snap, self.conv_dim, self.Dc - 1), dtype=np.float32)
+        c = np.empty((T, self.conv_dim), dtype=np.float32)
+        D.conv1d_silu(m, conv_state, self.conv_w, c, conv_snap)
+        q = np.empty((T, Hk, S), dtype=np.float32)
+        k = np.empty((T, Hk, S), dtype=np.float32)
+        D.l2_norm_heads(np.ascontiguousarray(c[:, :self.key_dim]).reshape(T, Hk, S), self.eps, q)
+        D.l2_norm_heads(np.ascontiguousarray(c[:, self.key_dim:2 * self.key_dim]).reshape(T, Hk, S), self.eps, k)
+        v = np.ascontiguousarray(c[:, 2 * self.key_dim:]).reshape(T, Hv, S)
+        o = np.empty((T, Hv, S), dtype=np.float32)
+        if chunked and n_snap == 0:
+            D.gated_delta_rule_chunked(q, k, v, g, beta, ssm, o)
+        else:
+            ssm_snap = np.empty((n_snap, Hv, S, S), dtype=np.float32)
+            D.gated_delta_rule(q, k, v, g, beta, ssm, o, ssm_snap)
+            if snaps is not None:
+                snaps.append((conv_snap, ssm_snap))
+        y = np.empty_like(o)
+        D.gated_rms_norm(o, z.reshape(T, Hv, S), self.ssm_norm, self.eps, y)
+        return proj(self.w_out, y.reshape(T, self.value_dim), gemm)
+
+
+class Qwen35Block:
+    def __init__(self, gf, cfg, il: int):
+        p = f"blk.{il}."
+        E = cfg.n_embd
+        self.il = il
+        self.recurrent = cfg.recurrent[il]
+        self.eps = cfg.eps
+        self.attn_norm = norm_weight(gf, p + "attn_norm.weight", E)
+        self.mixer = GatedDeltaNet(gf, cfg, il) if self.recurrent else GatedAttention(gf, cfg, il)
+        self.post_attention_norm = norm_weight(gf, p + "post_attention_norm.weight", E)  # the pre-FFN norm
+        if gf.has(p + "ffn_gate_inp.weight"):
+            raise UnsupportedError(f"{gf.path}: MoE FFN layers are not supported for qwen35 yet")
+        self.ffn = FFN(gf, p, E, cfg.n_ff[il], "silu")
+
+    def ffn_part(self, x, gemm):
+        x += self.ffn(rms_norm(x, self.post_attention_norm, self.eps), gemm)
+        return x
+
+
+class Qwen35(BaseModel):
+    def __init__(self, gf, cfg: ModelConfig, n_ctx: int, load_mtp: bool = True):
+        self.gf = gf
+        self.config = cfg
+        self.n_ctx = n_ctx
+        self.token_embd = Embedding(gf, "token_embd.weight")
+        self.blocks = [Qwen35Block(gf, cfg, il) for il in range(cfg.n_layer)]
+        self.output_norm = norm_weight(gf, "output_norm.weight", cfg.n_embd)
+        self.output = Linear(gf, "output.weight" if gf.has("output.weight") else "token_embd.weight",
+                             shape=(cfg.n_vocab, cfg.n_embd))
+        self.rope = RopeTable(cfg, cfg.n_rot, None)
+        self.kv = KVCache(n_ctx, {b.il: (b.mixer.Hkv, b.mixer.hd, b.mixer.hd)
+                                  for b in self.blocks if not b.recurrent})
+        self.rec = {b.il: b.mixer.new_state() for b in self.blocks if b.recurrent}
+        self.n_past = 0
+        self.hidden = None
+        self._snap = None  # (n_past before the batch, {il: state before}, {il: (conv_snaps, ssm_snaps)})
+        self.mtp = MTPHead(gf, cfg, n_ctx, self) if (load_mtp and cfg.n_nextn > 0) else None
+
+    # ---- recurrent-state rollback
+    def can_truncate(self, n: int) -> bool:
+        if n == self.n_past or not self.rec:
+            return True
+        if n == 0:
+            return True
+        s = self._snap
+        return s is not None and s[0] <= n <= s[0] + s[3]
+
+    def truncate(self, n: int):
+        if n < 0 or n > self.n_past:
+            raise ValueError(f"cannot truncate to {n} with {self.n_past} positions cached")
+        if n != self.n_past and self.rec:
+            if n == 0:
+                for il, (cs, ss) in self.rec.items():
+                    cs[:] = 0
+                    ss[:] = 0
+            elif not self.can_truncate(n):
+                raise ValueError(f"cannot roll the recurrent state back to {n}: snapshots cover "
+                                 f"{'nothing' if self._snap is None else f'{self._snap[0]}..{self._snap[0] + self._snap[3]}'}")
+            else:
+                base, before, snaps, _ = self._snap
+                for il, (cs, ss) in self.rec.items():
+                    if n == base:
+                        cs[:], ss[:] = before[il]
+                    else:
+                        cs[:] = snaps[il][0][n - base - 1]
+                        ss[:] = snaps[il][1][n - base - 1]
+            self._snap = None
+        self.n_past = n
+
+    def forward(self, tokens, logits: str = "last", gemm: bool | None = None, keep_hidden: bool = False,
+                snapshots: bool = False):
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        T = tokens.shape[0]
+        if T == 0:
+            return np.empty((0, self.config.n_vocab), dtype=np.float32)
+        self.check_room(T)
+        if gemm is None:
+            gemm = T >= GEMM_MIN_BATCH
+        chunked = gemm  # the chunked delta rule only on the prefill path
+        pos = np.arange(self.n_past, self.n_past + T, dtype=np.int64)
+        n_kv = self.n_past + T
+        if snapshots:
+            before = {il: (cs.copy(), ss.copy()) for il, (cs, ss) in self.rec.items()}
+            snaps = {}
+        x = self.token_embd(tokens)
+        for blk in self.blocks:
+            h = rms_norm(x, blk.attn_norm, blk.eps)
+            if blk.recurrent:
+                lst = [] if snapshots else None
+                x += blk.mixer(h, self.rec[blk.il], lst, gemm, chunked)
+                if snapshots:
+                    snaps[blk.il] = lst[0]
+            else:
+                x += blk.mixer(h, pos, n_kv, self.kv, self.rope, gemm)
+            x = blk.ffn_part(x, gemm)
+        rows = self._logit_rows(T, logits)
+        hN = rms_norm(x if keep_hidden else np.ascontiguousarray(x[rows]), self.output_norm, self.config.eps)
+        self.hidden = hN if keep_hidden else None
+        self._snap = (self.n_past, before, snaps, T) if snapshots else None
+        self.n_past += T
+        return self.head(np.ascontiguousarray(hN[rows]) if keep_hidden else hN, gemm and hN.shape[0] > 1)
+
+
+class MTPHead(BaseModel):
+    """The nextn block as a drafter with its own KV cache (ENGINE_BRIEF §4.2-4.3).
+
+    forward(tokens, h_prev): row i pairs token i (at position n_past+i) with the post-norm hidden h_prev[i] that
+    predicted it; returns logits for the token after it and keeps its own post-norm hidden (`hidden`) for
+    chained drafts."""
+
+    def __init__(self, gf, cfg: ModelConfig, n_ctx: int, trunk: Qwen35):
+        L = cfg.n_layer
+        p = f"blk.{L}."
+        E = cfg.n_embd
+        self.config = cfg
+        self.n_ctx = n_ctx
+        self.il = L
+        self.eps = cfg.eps
+        self.embed = (Embedding(gf, p + "nextn.embed_tokens.weight") if gf.has(p + "nextn.embed_tokens.weight")
+                      else trunk.token_embd)
+        self.enorm = norm_weight(gf, p + "nextn.enorm.weight", E)
+        self.hnorm = norm_weight(gf, p + "nextn.hnorm.weight", E)
+        self.eh_proj = Linear(gf, p + "nextn.eh_proj.weight", None, (E, 2 * E))
+        self.block = Qwen35Block(gf, cfg, L)
+        self.head_norm = (norm_weight(gf, p + "nextn.shared_head_norm.weight", E)
+                          if gf.has(p + "nextn.shared_head_norm.weight") else trunk.output_norm)
+        self.output = (Linear(gf, p + "nextn.shared_head_head.weight", shape=(cfg.n_vocab, E))
+                       if gf.has(p + "nextn.shared_head_head.weight") else trunk.output)
+        self.rope = RopeTable(cfg, cfg.n_rot, None)
+        self.kv = KVCache(n_ctx, {L: (self.block.mixer.Hkv, self.block.mixer.hd, self.block.mixer.hd)})
+        self.n_past = 0
+        self.hidden = None
+
+    def forward(self, tokens, h_prev, logits: str = "last", gemm: bool | None = None):
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        T = tokens.shape[0]
+        self.check_room(T)
+        if gemm is None:
+            gemm = T >= GEMM_MIN_BATCH
+        pos = np.arange(self.n_past, self.n_past + T, dtype=np.int64)
+        e = rms_norm(self.embed(tokens), self.enorm, self.eps)
+        hh = rms_norm(np.ascontiguousarray(h_prev, dtype=np.float32).reshape(T, -1), self.hnorm, self.eps)
+        x = proj(self.eh_proj, np.concatenate([e, hh], axis=1), gemm)
+        blk = self.block
+        x += blk.mixer(rms_norm(x, blk.attn_norm, self.eps), pos, self.n_past + T, self.kv, self.rope, gemm)
+        x = blk.ffn_part(x, gemm)
+        rows = self._logit_rows(T, logits)
+        hM = rms_norm(np.ascontiguousarray(x[rows]), self.head_norm, self.eps)
+        self.hidden = hM
+        self.n_past += T
+        if logits == "none":
+            return None
+        return self.head(hM, False)
+
+
+def build(gf, n_ctx: int, **opts):
+    return Qwen35(gf, config_from_gguf(gf), n_ctx, load_mtp=opts.get("load_mtp", True))
