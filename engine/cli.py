@@ -36,6 +36,14 @@ def _add_sampling_args(p: argparse.ArgumentParser):
     p.add_argument("--seed", type=int, default=-1, help="RNG seed (-1: random)")
 
 
+def _add_spec_args(p: argparse.ArgumentParser):
+    p.add_argument("--spec", choices=["auto", "mtp", "draft", "ngram", "none"], default="auto",
+                   help="speculative decoding: auto = the model's MTP head when it has one")
+    p.add_argument("--draft-max", type=int, default=3, help="tokens drafted per step (default 3)")
+    p.add_argument("--draft-p-min", type=float, default=0.0, help="stop drafting below this probability")
+    p.add_argument("--draft-model", default=None, help="a smaller GGUF with the same vocabulary (--spec draft)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llamba", description="Local LLM inference on GGUF models.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -46,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
     run.add_argument("--special", action="store_true", help="parse special tokens in the prompt")
     _add_sampling_args(run)
+    _add_spec_args(run)
     info = sub.add_parser("info", help="describe a GGUF model")
     info.add_argument("model", nargs="?", help="GGUF model file")
     info.add_argument("--devices", action="store_true", help="list GPU devices")
@@ -72,7 +81,9 @@ def cmd_run(a) -> int:
     _warn_gpu(a.n_gpu_layers)
     t0 = time.perf_counter()
     llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, seed=RANDOM_SEED if a.seed < 0 else a.seed,
-                verbose=a.verbose)
+                verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
+                draft_model=a.draft_model)
+    llm._proposer()  # a bad --spec choice fails here, before any output
     t_load = time.perf_counter() - t0
     toks = llm.tokenize(prompt.encode("utf-8"), add_bos=not a.no_bos, special=a.special)
     if not toks:
@@ -93,6 +104,8 @@ def cmd_run(a) -> int:
     st = llm.last_stats
     print(f"llamba: load {t_load:.2f} s | prompt {st.n_prompt} tokens, {st.prompt_tps:.1f} tokens/s | "
           f"generated {st.n_gen} tokens, {st.gen_tps:.1f} tokens/s", file=sys.stderr)
+    if st.spec:
+        print(f"llamba: {st.spec.summary()}", file=sys.stderr)
     return 0
 
 

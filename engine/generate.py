@@ -57,28 +57,33 @@ class Session:
         del self.tokens[n:]
 
     def eval(self, tokens, logits: str = "last", gemm=None, keep_hidden=False):
-        out = self.model.forward(tokens, logits=logits, gemm=gemm, keep_hidden=keep_hidden)
+        if keep_hidden:
+            out = self.model.forward(tokens, logits=logits, gemm=gemm, keep_hidden=True)
+        else:
+            out = self.model.forward(tokens, logits=logits, gemm=gemm)
         self.tokens.extend(int(t) for t in tokens)
         return out
 
-    def prefill(self, prompt: list[int], stats: GenStats) -> np.ndarray:
-        """Bring the cache to `prompt`, reusing the common prefix; return the last prompt token's logits."""
+    def prefill_body(self, prompt: list[int], stats: GenStats, keep_hidden: bool = False, can_resume=None) -> int:
+        """Bring the cache to prompt[:-1], reusing the common prefix; returns how many tokens were reused.
+        `can_resume(keep)` lets a proposer veto a reuse point it cannot continue from (then start over)."""
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
-        self.model.check_room(0)
         if len(prompt) > self.model.n_ctx:
-            self.model.check_room(len(prompt))  # raises ContextOverflowError with the numbers
+            self.model.check_room(len(prompt) - self.model.n_past)  # raises ContextOverflowError with the numbers
         keep = min(common_prefix(self.tokens, prompt), len(prompt) - 1)
+        if not self.model.can_truncate(keep) or (can_resume is not None and not can_resume(keep)):
+            keep = 0  # recurrent state without a snapshot there, or a proposer out of step: start over
         if keep < len(self.tokens):
-            if not self.model.can_truncate(keep):  # recurrent state without a snapshot there: start over
-                keep = 0
             self.rollback(keep)
         stats.n_reused = keep
         stats.n_prompt = len(prompt) - keep
         body = prompt[keep:-1]
         if body:
-            self.eval(body, logits="none")
-        return self.eval(prompt[-1:], logits="last", gemm=False)[-1]
+            self.eval(body, logits="none", keep_hidden=keep_hidden)
+        elif keep_hidden:
+            self.model.hidden = np.empty((0, self.model.config.n_embd), dtype=np.float32)
+        return keep
 
 
 def generate(session: Session, prompt: list[int], sampler, max_tokens: int | None, stats: GenStats,
@@ -86,13 +91,17 @@ def generate(session: Session, prompt: list[int], sampler, max_tokens: int | Non
     """Yield generated token ids. Stops at an end-of-generation token (which is yielded), after
     `max_tokens`, or when the context is full. `proposer` enables speculative decoding."""
     t0 = time.perf_counter()
-    logits = session.prefill(prompt, stats)
     model = session.model
     budget = max_tokens if max_tokens is not None and max_tokens > 0 else model.n_ctx
     if proposer is not None:
         from llamba.speculative.verifier import speculative_generate
-        yield from speculative_generate(session, prompt, logits, sampler, budget, stats, is_eog, proposer, t0)
+        keep = session.prefill_body(prompt, stats, keep_hidden=proposer.needs_hidden,
+                                    can_resume=proposer.can_resume)
+        proposer.begin(session, keep)
+        yield from speculative_generate(session, prompt, sampler, budget, stats, is_eog, proposer, t0)
         return
+    session.prefill_body(prompt, stats)
+    logits = session.eval(prompt[-1:], logits="last", gemm=False)[-1]
     tok = sampler.sample_and_accept(logits)
     t1 = time.perf_counter()
     stats.t_prompt = stats.t_first = t1 - t0

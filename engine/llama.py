@@ -48,6 +48,7 @@ class Llama:
         self.session = None
         self.last_stats: GenStats | None = None
         self.spec_options = dict(spec=spec, draft_max=draft_max, draft_p_min=draft_p_min, draft_model=draft_model)
+        self._prop, self._prop_key = None, None
         if not vocab_only:
             from llamba.models import build_config, load_model
             cfg = build_config(self.gguf)
@@ -117,8 +118,18 @@ class Llama:
         return Sampler(params, n_ctx=self._n_ctx)
 
     def _proposer(self):
-        from llamba.speculative import make_proposer
-        return make_proposer(self, **self.spec_options)
+        """The speculative proposer, built once and kept (it holds the MTP / draft-model cache state)."""
+        if self._prop_key != self.spec_options:
+            from llamba.speculative import make_proposer
+            self._prop = make_proposer(self, **self.spec_options)
+            self._prop_key = dict(self.spec_options)
+        return self._prop
+
+    @property
+    def spec_stats(self):
+        """Speculative-decoding statistics of the last generation (SpecStats), or None."""
+        st = self.last_stats
+        return st.spec if st and st.spec else None
 
     def generate(self, tokens, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                  typical_p: float = 1.0, temp: float = 0.80, repeat_penalty: float = 1.0, reset: bool = True,
