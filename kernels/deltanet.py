@@ -1,0 +1,252 @@
+"""Gated DeltaNet kernels for qwen35 linear-attention layers (ENGINE_BRIEF §3.4, §4.5).
+
+All arrays are float32; outputs, state and snapshot buffers are passed in and written in place.
+Numerics follow llama.cpp's CPU ops (checked against libggml from llama-cpp-python 0.3.36):
+
+* `l2_norm_heads` is ggml_l2_norm: `x * 1/max(sqrt(sum x^2), eps)`. That is an eps *floor* on the norm,
+  not `1/sqrt(sum + eps)` as ENGINE_BRIEF §3.4 step 5 says.
+* `gated_delta_rule` is GGML_OP_GATED_DELTA_NET. The state is stored the way llama.cpp stores it,
+  transposed: `state[h, b, a] = M_h[a][b]` (b = value index outer, a = key index inner, contiguous). Each
+  value row b then decays, updates and reads out on its own, in one pass over S contiguous floats.
+  The 1/sqrt(S) query scale is applied to the output (`o = scale * sum_a M[a][b] q[a]`), as llama.cpp does.
+* Value head h uses key head `h % Hk` (the GGUF's tiled order, not HF's `h // (Hv/Hk)`).
+
+Snapshot order: `snapshots[t]` is the state after token t, oldest first. llama.cpp's own slots run the other
+way (slot s = s tokens before the end).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+# Reassociation lets LLVM vectorize the dot products. Each value depends only on the compiled code,
+# never on T, so splitting a batch into T=1 calls gives bit-identical results.
+_FM = {"reassoc", "contract"}
+CHUNK = 64  # chunk length of the chunked (WY) form, as llama.cpp's graph fallback uses
+
+
+@njit(cache=True)
+def _silu(x):
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+@njit(cache=True, parallel=True, fastmath={"contract"})  # FMA, fixed order: as ggml_ssm_conv
+def conv1d_silu(m, conv_state, w, out, snapshots):
+    """Causal depthwise conv over [conv_state | m] per channel, then SiLU; conv_state advances in place.
+
+    m (T, C), conv_state (C, D-1) oldest column first, w (C, D), out (T, C).
+    snapshots (S, C, D-1): snapshots[t] = conv state after token t for t < min(T, S); pass a
+    (0, C, D-1) array when none are wanted. Sums run i = 0..D-1 (oldest first) with float32 FMAs, as ggml_ssm_conv.
+    """
+    T, C = m.shape
+    D = w.shape[1]
+    dm1 = D - 1
+    wt = np.empty((D, C), np.float32)  # w.T, so every inner loop below runs over contiguous channels
+    for i in range(D):
+        for c in range(C):
+            wt[i, c] = w[c, i]
+    nblk = (T + 15) // 16
+    for blk in prange(nblk):  # blocks of 16 tokens
+        acc = np.empty(C, np.float32)
+        for t in range(blk * 16, min(T, blk * 16 + 16)):
+            acc[:] = 0.0
+            for i in range(D):
+                j = t + i - dm1  # column t + i of X; j < 0 lies in conv_state
+                wi = wt[i]
+                if j >= 0:
+                    src = m[j]
+                    for c in range(C):
+                        acc[c] += src[c] * wi[c]
+                else:
+                    for c in range(C):
+                        acc[c] += conv_state[c, j + dm1] * wi[c]
+            dst = out[t]
+            for c in range(C):
+                dst[c] = _silu(acc[c])
+    for t in range(min(T, snapshots.shape[0])):
+        for i in range(dm1):
+            j = t + 1 + i - dm1
+            for c in range(C):
+                snapshots[t, c, i] = m[j, c] if j >= 0 else conv_state[c, j + dm1]
+    for i in range(dm1):  # reads column T + i >= i of X, so updating in place is safe
+        j = T + i - dm1
+        for c in range(C):
+            conv_state[c, i] = m[j, c] if j >= 0 else conv_state[c, j + dm1]
+
+
+@njit(cache=True, parallel=True)
+def l2_norm_heads(x, eps, out):
+    """ggml_l2_norm per head: out = x * (1 / max(sqrt(sum x^2), eps)), with the sum in float64.
+
+    x (T, H, S), out (T, H, S); out may be x.
+    """
+    T, H, S = x.shape
+    epsf = np.float32(eps)
+    for t in prange(T):
+        for h in range(H):
+            s = 0.0
+            for i in range(S):
+                s += np.float64(x[t, h, i] * x[t, h, i])
+            scale = np.float32(1.0) / max(np.sqrt(np.float32(s)), epsf)
+            for i in range(S):
+                out[t, h, i] = x[t, h, i] * scale
+
+
+@njit(cache=True, parallel=True, fastmath=_FM)
+def gated_delta_rule(q, k, v, g, beta, state, out, snapshots):
+    """Gated delta rule, one token at a time (llama.cpp's GATED_DELTA_NET op, decode and prefill alike).
+
+    q, k (T, Hk, S) L2-normalized; v (T, Hv, S); g, beta (T, Hv); state (Hv, S, S) as [h, value, key];
+    out (T, Hv, S). snapshots (N, Hv, S, S): snapshots[t] = state after token t for t < min(T, N);
+    pass a (0, Hv, S, S) array when none are wanted. Per value row b of head h, key head kh = h % Hk:
+    row *= exp(g); d = (v[b] - row.k) * beta; row += d * k; out[b] = (row.q) / sqrt(S).
+    """
+    T, Hk, S = q.shape
+    Hv = v.shape[1]
+    scale = np.float32(1.0 / np.sqrt(S))
+    n_snap = min(T, snapshots.shape[0])
+    for h in prange(Hv):
+        kh = h % Hk
+        st = state[h]
+        kt = np.empty(S, np.float32)  # contiguous copies: q/k may be strided views of the conv output
+        qt = np.empty(S, np.float32)
+        for t in range(T):
+            for a in range(S):
+                kt[a] = k[t, kh, a]
+                qt[a] = q[t, kh, a]
+            decay = np.float32(np.exp(g[t, h]))
+            bt = beta[t, h]
+            for b in range(S):
+                sk = np.float32(0.0)
+                for a in range(S):
+                    x = st[b, a] * decay
+                    st[b, a] = x
+                    sk += x * kt[a]
+                d = (v[t, h, b] - sk) * bt
+                sq = np.float32(0.0)
+                for a in range(S):
+                    x = st[b, a] + kt[a] * d
+                    st[b, a] = x
+                    sq += x * qt[a]
+                out[t, h, b] = sq * scale
+            if t < n_snap:
+                snapshots[t, h] = st
+
+
+@njit(cache=True, parallel=True, fastmath=_FM)
+def gated_delta_rule_chunked(q, k, v, g, beta, state, out):
+    """Chunked (WY) form of `gated_delta_rule`, chunks of 64 tokens; same math, different rounding.
+
+    Same arrays and state layout as `gated_delta_rule`, no snapshots. Per chunk (n <= 64 rows, G = cumsum g,
+    M = state at chunk start): U = (I + L)^-1 (beta*V - beta*e^G*(K M)) by forward substitution, with
+    L[i,j] = beta_i e^(G_i-G_j) k_i.k_j for j < i; O = ((e^G*Q) M + A U) / sqrt(S), A[i,j] = e^(G_i-G_j) q_i.k_j
+    for j <= i; M <- e^(G_last) M + sum_j e^(G_last-G_j) k_j (x) u_j. Allocates ~(3*64*S + 2*64*64) floats per head.
+    """
+    T, Hk, S = q.shape
+    Hv = v.shape[1]
+    scale = np.float32(1.0 / np.sqrt(S))
+    for h in prange(Hv):
+        kh = h % Hk
+        st = state[h]                                   # (S value, S key)
+        K = np.empty((CHUNK, S), np.float32)
+        Q = np.empty((CHUNK, S), np.float32)
+        U = np.empty((CHUNK, S), np.float32)            # first K M, then U
+        QM = np.empty((CHUNK, S), np.float32)
+        KK = np.empty((CHUNK, CHUNK), np.float32)       # KK[i, j] = k_i.k_j, j < i
+        QK = np.empty((CHUNK, CHUNK), np.float32)       # QK[i, j] = q_i.k_j, j <= i
+        G = np.empty(CHUNK, np.float32)
+        for t0 in range(0, T, CHUNK):
+            n = min(CHUNK, T - t0)
+            acc = np.float32(0.0)
+            for i in range(n):
+                acc += g[t0 + i, h]
+                G[i] = acc
+                for a in range(S):
+                    K[i, a] = k[t0 + i, kh, a]
+                    Q[i, a] = q[t0 + i, kh, a]
+            for i in range(n):
+                for j in range(i + 1):
+                    sk = np.float32(0.0)
+                    sq = np.float32(0.0)
+                    for a in range(S):
+                        sk += K[i, a] * K[j, a]
+                        sq += Q[i, a] * K[j, a]
+                    KK[i, j] = sk
+                    QK[i, j] = sq
+            for b in range(S):                          # K M and Q M against the chunk-start state
+                for i in range(n):
+                    sk = np.float32(0.0)
+                    sq = np.float32(0.0)
+                    for a in range(S):
+                        sk += K[i, a] * st[b, a]
+                        sq += Q[i, a] * st[b, a]
+                    U[i, b] = sk
+                    QM[i, b] = sq
+            for i in range(n):                          # forward substitution: (I + L) U = RHS
+                bi = beta[t0 + i, h]
+                egi = np.float32(np.exp(G[i]))
+                for b in range(S):
+                    U[i, b] = bi * (v[t0 + i, h, b] - egi * U[i, b])
+                for j in range(i):
+                    c = bi * np.float32(np.exp(G[i] - G[j])) * KK[i, j]
+                    for b in range(S):
+                        U[i, b] -= c * U[j, b]
+            for i in range(n):                          # outputs
+                egi = np.float32(np.exp(G[i]))
+                for b in range(S):
+                    QM[i, b] *= egi
+                for j in range(i + 1):
+                    c = np.float32(np.exp(G[i] - G[j])) * QK[i, j]
+                    for b in range(S):
+                        QM[i, b] += c * U[j, b]
+                for b in range(S):
+                    out[t0 + i, h, b] = QM[i, b] * scale
+            gl = G[n - 1]
+            egl = np.float32(np.exp(gl))
+            for j in range(n):                          # fold the decay weight into U's rows
+                wj = np.float32(np.exp(gl - G[j]))
+                for b in range(S):
+                    U[j, b] *= wj
+            for b in range(S):                          # state update, one value row at a time
+                for a in range(S):
+                    st[b, a] *= egl
+                for j in range(n):
+                    c = U[j, b]
+                    for a in range(S):
+                        st[b, a] += c * K[j, a]
+
+
+@njit(cache=True, parallel=True)
+def gated_rms_norm(o, z, w, eps, out):
+    """out = RMSNorm(o_head) * w * silu(z_head), per (token, head) over S; llama.cpp's rms_norm, mul, mul.
+
+    o, z, out (T, Hv, S); w (S,). Sum of squares in float64, mean + eps in float32; out may be o.
+    """
+    T, H, S = o.shape
+    epsf = np.float32(eps)
+    for t in prange(T):
+        for h in range(H):
+            s = 0.0
+            for i in range(S):
+                s += np.float64(o[t, h, i] * o[t, h, i])
+            mean = np.float32(s / S)
+            scale = np.float32(1.0) / np.sqrt(mean + epsf)
+            for i in range(S):
+                out[t, h, i] = ((o[t, h, i] * scale) * w[i]) * _silu(z[t, h, i])
+
+
+@njit(cache=True)
+def gdn_gates(alpha, beta_raw, dt_bias, ssm_a, g_out, beta_out):
+    """beta = sigmoid(beta_raw); g = softplus(alpha + dt_bias) * ssm_a (ssm_a already holds -exp(A_log)).
+
+    alpha, beta_raw, g_out, beta_out (T, Hv); dt_bias, ssm_a (Hv,). softplus(x) = x if x > 20 else log(1 + e^x),
+    in float32 as ggml's softplus op.
+    """
+    T, H = alpha.shape
+    one = np.float32(1.0)
+    for t in range(T):
+        for h in range(H):
+            x = alpha[t, h] + dt_bias[h]
+            sp = x if x > np.float32(20.0) else np.log(one + np.exp(x))
+            g_out[t, h] = sp * ssm_a[h]
+            beta_out[t, h] = one / (one + np.exp(-beta_raw[t, h]))
