@@ -124,3 +124,97 @@ def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_qwen35(path, *, n_vocab: int = 320, n_embd: int = 64, n_layer: int = 4, n_head: int = 2,
+                 n_head_kv: int = 1, head_dim: int = 32, n_ff: int = 96, n_rot: int = 8, d_state: int = 16,
+                 n_k_heads: int = 2, n_v_heads: int = 4, d_conv: int = 4, mtp: bool = True,
+                 qtype: QT = QT.F32, seed: int = 0, n_ctx: int = 512, interval: int = 2, weight_scale: float = 1.0):
+    """A random qwen35 model: layers with (il+1) % interval == 0 are full attention, the others Gated DeltaNet;
+    plus one MTP (nextn) block when `mtp`. Weights scaled by `weight_scale` (larger = peakier logits)."""
+    rng = np.random.default_rng(seed)
+    arch = "qwen35"
+    n_all = n_layer + (1 if mtp else 0)
+    w = GGUFWriter(str(path), arch)
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_all)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(1e7)
+    w.add_rope_dimension_count(n_rot)
+    w.add_array(f"{arch}.rope.dimension_sections", [n_rot // 4, n_rot // 4, n_rot // 2 - 2 * (n_rot // 4), 0])
+    w.add_uint32(f"{arch}.nextn_predict_layers", 1 if mtp else 0)
+    w.add_uint32(f"{arch}.ssm.conv_kernel", d_conv)
+    w.add_uint32(f"{arch}.ssm.state_size", d_state)
+    w.add_uint32(f"{arch}.ssm.group_count", n_k_heads)
+    w.add_uint32(f"{arch}.ssm.time_step_rank", n_v_heads)
+    w.add_uint32(f"{arch}.ssm.inner_size", d_state * n_v_heads)
+    w.add_uint32(f"{arch}.full_attention_interval", interval)
+    toks, types, merges = bpe_vocab(n_vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen35")
+    w.add_token_list(toks)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(len(toks) - 3)
+    w.add_add_bos_token(False)
+
+    def mat(o, i):
+        return rng.standard_normal((o, i)).astype(np.float32) * (weight_scale / np.sqrt(i))
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    key_dim, value_dim = d_state * n_k_heads, d_state * n_v_heads
+    conv_dim = 2 * key_dim + value_dim
+    _add_tensor(w, "token_embd.weight", rng.standard_normal((n_vocab, n_embd)).astype(np.float32), qtype)
+    _add_tensor(w, "output_norm.weight", norm(n_embd), QT.F32)
+
+    def attn_layer(p):
+        _add_tensor(w, p + "attn_q.weight", mat(2 * n_head * head_dim, n_embd), qtype)
+        _add_tensor(w, p + "attn_k.weight", mat(n_head_kv * head_dim, n_embd), qtype)
+        _add_tensor(w, p + "attn_v.weight", mat(n_head_kv * head_dim, n_embd), qtype)
+        _add_tensor(w, p + "attn_q_norm.weight", norm(head_dim), QT.F32)
+        _add_tensor(w, p + "attn_k_norm.weight", norm(head_dim), QT.F32)
+        _add_tensor(w, p + "attn_output.weight", mat(n_embd, n_head * head_dim), qtype)
+
+    def common(p):
+        _add_tensor(w, p + "attn_norm.weight", norm(n_embd), QT.F32)
+        _add_tensor(w, p + "post_attention_norm.weight", norm(n_embd), QT.F32)
+        _add_tensor(w, p + "ffn_gate.weight", mat(n_ff, n_embd), qtype)
+        _add_tensor(w, p + "ffn_up.weight", mat(n_ff, n_embd), qtype)
+        _add_tensor(w, p + "ffn_down.weight", mat(n_embd, n_ff), qtype)
+
+    for il in range(n_layer):
+        p = f"blk.{il}."
+        common(p)
+        if (il + 1) % interval == 0:
+            attn_layer(p)
+        else:
+            _add_tensor(w, p + "attn_qkv.weight", mat(conv_dim, n_embd), qtype)
+            _add_tensor(w, p + "attn_gate.weight", mat(value_dim, n_embd), qtype)
+            _add_tensor(w, p + "ssm_conv1d.weight", (0.5 * rng.standard_normal((conv_dim, d_conv))).astype(np.float32), QT.F32)
+            _add_tensor(w, p + "ssm_dt.bias", rng.standard_normal(n_v_heads).astype(np.float32), QT.F32)
+            _add_tensor(w, p + "ssm_a", (-np.exp(rng.standard_normal(n_v_heads))).astype(np.float32), QT.F32)
+            _add_tensor(w, p + "ssm_alpha.weight", mat(n_v_heads, n_embd), qtype if n_embd % 256 == 0 or qtype != QT.Q4_K else QT.F32)
+            _add_tensor(w, p + "ssm_beta.weight", mat(n_v_heads, n_embd), qtype if n_embd % 256 == 0 or qtype != QT.Q4_K else QT.F32)
+            _add_tensor(w, p + "ssm_norm.weight", norm(d_state), QT.F32)
+            _add_tensor(w, p + "ssm_out.weight", mat(n_embd, value_dim), qtype)
+    if mtp:
+        p = f"blk.{n_layer}."
+        common(p)
+        attn_layer(p)
+        _add_tensor(w, p + "nextn.eh_proj.weight", mat(n_embd, 2 * n_embd), qtype)
+        _add_tensor(w, p + "nextn.enorm.weight", norm(n_embd), QT.F32)
+        _add_tensor(w, p + "nextn.hnorm.weight", norm(n_embd), QT.F32)
+        _add_tensor(w, p + "nextn.shared_head_norm.weight", norm(n_embd), QT.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
