@@ -160,7 +160,7 @@ def test_sampling_identical_stream_same_seed(tiny, kind):
 def test_sampling_distribution_agrees(tmp_path):
     """First generated tokens over many seeds: speculation does not change their distribution (chi-square
     two-sample test on a small vocabulary, fixed seeds, threshold at the 0.999 quantile)."""
-    path = str(write_qwen35(tmp_path / "small.gguf", n_vocab=300, seed=11, weight_scale=0.3))
+    path = str(write_qwen35(tmp_path / "small.gguf", n_vocab=300, seed=11, embd_scale=0.05))
     plain, spec = _pair(path, spec="mtp", draft_max=2)
     kw = dict(temp=1.5, top_k=8, top_p=1.0, min_p=0.0, max_tokens=2)
     a = [tuple(plain.generate([7, 8], seed=s, **kw))[1] for s in range(400)]

@@ -129,7 +129,8 @@ def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 
 def write_qwen35(path, *, n_vocab: int = 320, n_embd: int = 64, n_layer: int = 4, n_head: int = 2,
                  n_head_kv: int = 1, head_dim: int = 32, n_ff: int = 96, n_rot: int = 8, d_state: int = 16,
                  n_k_heads: int = 2, n_v_heads: int = 4, d_conv: int = 4, mtp: bool = True,
-                 qtype: QT = QT.F32, seed: int = 0, n_ctx: int = 512, interval: int = 2, weight_scale: float = 1.0):
+                 qtype: QT = QT.F32, seed: int = 0, n_ctx: int = 512, interval: int = 2, weight_scale: float = 1.0,
+                 embd_scale: float = 1.0):
     """A random qwen35 model: layers with (il+1) % interval == 0 are full attention, the others Gated DeltaNet;
     plus one MTP (nextn) block when `mtp`. Weights scaled by `weight_scale` (larger = peakier logits)."""
     rng = np.random.default_rng(seed)
@@ -172,7 +173,7 @@ def write_qwen35(path, *, n_vocab: int = 320, n_embd: int = 64, n_layer: int = 4
 
     key_dim, value_dim = d_state * n_k_heads, d_state * n_v_heads
     conv_dim = 2 * key_dim + value_dim
-    _add_tensor(w, "token_embd.weight", rng.standard_normal((n_vocab, n_embd)).astype(np.float32), qtype)
+    _add_tensor(w, "token_embd.weight", embd_scale * rng.standard_normal((n_vocab, n_embd)).astype(np.float32), qtype)
     _add_tensor(w, "output_norm.weight", norm(n_embd), QT.F32)
 
     def attn_layer(p):

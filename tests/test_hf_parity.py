@@ -1,0 +1,176 @@
+"""Independent check of the qwen3 and qwen35 forward passes against Hugging Face transformers.
+
+Tiny random transformers models (float32, eager attention) are converted to GGUF by tests/hf_convert.py (the
+transforms of llama.cpp's convert_hf_to_gguf.py) and llamba's logits are compared with the transformers logits:
+max|llamba - hf| / max|hf| < 1e-3. llamba rounds Q and the KV cache to fp16 like llama.cpp, which alone gives
+~1e-4. Paths covered: batched prefill (>= 32 tokens: dequantize+BLAS, chunked delta rule over two 64-token
+chunks), a short batch (row-exact matmuls, token loop delta rule), token-by-token decode, and prefill followed
+by decode. For qwen35 with n_v_heads = 2 x n_k_heads, a GGUF converted *without* the tiled v-head reorder must
+be far off, which proves the test exercises that reorder.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
+if not hasattr(transformers, "Qwen3_5ForCausalLM"):
+    pytest.skip(f"transformers {transformers.__version__} has no Qwen3_5ForCausalLM", allow_module_level=True)
+
+from hf_convert import convert  # noqa: E402
+from llamba import Llama  # noqa: E402
+
+TOL = 1e-3
+N_TOK = 72  # > 32: the batched prefill path; > 64: two delta-rule chunks (llamba and transformers both use 64)
+N_CTX = 128
+
+
+def _rel(a, b) -> float:
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def _qwen3():
+    cfg = transformers.Qwen3Config(
+        vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32,  # head_dim != hidden/heads: key_length must be honoured
+        max_position_embeddings=N_CTX, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg._attn_implementation = "eager"
+    return transformers.Qwen3ForCausalLM(cfg)
+
+
+def _qwen35(n_k: int, n_v: int, head_dim: int, partial: float, sections, layer_types, tied: bool):
+    cfg = transformers.Qwen3_5TextConfig(
+        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=len(layer_types),
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+        linear_num_key_heads=n_k, linear_num_value_heads=n_v, linear_key_head_dim=32, linear_value_head_dim=32,
+        linear_conv_kernel_dim=4, layer_types=layer_types, max_position_embeddings=N_CTX, rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial,
+                         "mrope_section": list(sections), "mrope_interleaved": True})
+    cfg._attn_implementation = "eager"
+    return transformers.Qwen3_5ForCausalLM(cfg)
+
+
+def _randomize(model, seed: int, zero_centred_norms: bool):
+    """Weights with O(1) effects everywhere (the transformers init leaves norms at their neutral value, tiny
+    projections and fast-decaying DeltaNet states, which would hide mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):  # decay exp(-A softplus(.)) per token: keep some memory
+                p.copy_(torch.log(torch.empty(p.shape).uniform_(0.05, 1.0, generator=g)))
+            elif name.endswith("dt_bias"):
+                p.copy_(0.5 * randn(*p.shape))
+            elif p.ndim == 1 and "norm" in name:
+                zc = zero_centred_norms and not name.endswith("linear_attn.norm.weight")
+                p.copy_((0.0 if zc else 1.0) + 0.2 * randn(*p.shape))
+            elif "conv1d" in name:
+                p.copy_(0.5 * randn(*p.shape))
+            elif "embed_tokens" in name:
+                p.copy_(randn(*p.shape))
+            else:
+                p.copy_(randn(*p.shape) / np.sqrt(p.shape[-1]))
+    model.eval()
+    return model
+
+
+CASES = {
+    "qwen3": lambda: _randomize(_qwen3(), 11, zero_centred_norms=False),
+    # n_v == n_k, rope on 1/4 of head_dim 64 (n_rot 16), full attention at layers 1 and 3
+    "qwen35-nv1x": lambda: _randomize(_qwen35(2, 2, 64, 0.25, (3, 3, 2), [
+        "linear_attention", "full_attention", "linear_attention", "full_attention"], tied=False), 12, True),
+    # n_v = 2 n_k: the tiled v-head order; rope on 1/2 of head_dim 32; the default 3:1 layer pattern
+    "qwen35-nv2x": lambda: _randomize(_qwen35(2, 4, 32, 0.5, (3, 3, 2), [
+        "linear_attention", "linear_attention", "linear_attention", "full_attention"], tied=True), 13, True),
+}
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("hf")
+    toks = np.random.default_rng(5).integers(0, 320, N_TOK).tolist()
+    out = {}
+    for name, make in CASES.items():
+        model = make()
+        with torch.no_grad():
+            ref = model(torch.tensor([toks]), use_cache=False).logits[0].double().numpy()
+        path = convert(model, d / f"{name}.gguf")
+        out[name] = (model, path, ref)
+    return toks, out
+
+
+@pytest.fixture(scope="module")
+def llms(cases):
+    _, out = cases
+    return {name: Llama(str(path), n_ctx=N_CTX, verbose=False) for name, (_, path, _) in out.items()}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_matches_hf(cases, llms, case, monkeypatch):
+    toks, out = cases
+    ref = out[case][2]
+    from llamba.kernels import deltanet
+    chunked = deltanet.gated_delta_rule_chunked
+    calls = []
+    monkeypatch.setattr(deltanet, "gated_delta_rule_chunked", lambda *a: calls.append(1) or chunked(*a))
+    got = llms[case].eval_logits(toks)  # 72 tokens: dequantize+BLAS matmuls, chunked delta rule
+    assert got.shape == ref.shape
+    if case.startswith("qwen35"):
+        assert calls, "the batched prefill did not use the chunked delta rule"
+    rel = _rel(got, ref)
+    print(f"{case} prefill ({N_TOK} tokens) max rel diff {rel:.2e}")
+    assert rel < TOL
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_short_batch_matches_hf(cases, llms, case):
+    toks, out = cases
+    ref = out[case][2][:20]  # causal: the first 20 rows do not depend on later tokens
+    got = llms[case].eval_logits(toks[:20])  # < 32 tokens: row-exact matmuls, token-loop delta rule
+    rel = _rel(got, ref)
+    print(f"{case} short batch (20 tokens) max rel diff {rel:.2e}")
+    assert rel < TOL
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_decode_matches_hf(cases, llms, case):
+    toks, out = cases
+    ref = out[case][2]
+    llm = llms[case]
+    llm.reset()
+    got = np.concatenate([llm.eval([t]) for t in toks])  # one token at a time: the decode path
+    rel = _rel(got, ref)
+    print(f"{case} token-by-token ({N_TOK} tokens) max rel diff {rel:.2e}")
+    assert rel < TOL
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_then_decode_matches_hf(cases, llms, case):
+    toks, out = cases
+    ref = out[case][2]
+    llm = llms[case]
+    llm.reset()
+    first = llm.eval(toks[:40])  # batched prefill, then the state (KV / conv / ssm) carries into decode
+    rest = [llm.eval([t]) for t in toks[40:]]
+    rel = _rel(np.concatenate([first, *rest]), ref)
+    print(f"{case} prefill 40 + decode {N_TOK - 40} max rel diff {rel:.2e}")
+    assert rel < TOL
+
+
+def test_tiled_v_head_order_is_exercised(cases, tmp_path):
+    """Without the grouped -> tiled v-head reorder the GGUF must be far off: the nv2x case really tests it."""
+    toks, out = cases
+    model, _, ref = out["qwen35-nv2x"]
+    assert model.config.linear_num_value_heads == 2 * model.config.linear_num_key_heads
+    bad = convert(model, tmp_path / "grouped.gguf", reorder_v=False)
+    got = Llama(str(bad), n_ctx=N_CTX, verbose=False).eval_logits(toks)
+    rel = _rel(got, ref)
+    print(f"qwen35-nv2x without the v-head reorder: max rel diff {rel:.2e}")
+    assert rel > 50 * TOL
