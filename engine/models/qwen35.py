@@ -190,6 +190,15 @@ class Qwen35Block:
         x += self.ffn(rms_norm(x, self.post_attention_norm, self.eps), gemm)
         return x
 
+    def __call__(self, x, pos, n_kv, kv, rope, gemm: bool, rec_state=None, snaps=None, chunked: bool = False):
+        """x (T, n_embd) -> x after this block. Recurrent blocks use rec_state and append snapshots to snaps."""
+        h = rms_norm(x, self.attn_norm, self.eps)
+        if self.recurrent:
+            x += self.mixer(h, rec_state, snaps, gemm, chunked)
+        else:
+            x += self.mixer(h, pos, n_kv, kv, rope, gemm)
+        return self.ffn_part(x, gemm)
+
 
 class Qwen35(BaseModel):
     def __init__(self, gf, cfg: ModelConfig, n_ctx: int, load_mtp: bool = True):
@@ -258,15 +267,13 @@ class Qwen35(BaseModel):
             snaps = {}
         x = self.token_embd(tokens)
         for blk in self.blocks:
-            h = rms_norm(x, blk.attn_norm, blk.eps)
             if blk.recurrent:
                 lst = [] if snapshots else None
-                x += blk.mixer(h, self.rec[blk.il], lst, gemm, chunked)
+                x = blk(x, pos, n_kv, self.kv, self.rope, gemm, self.rec[blk.il], lst, chunked)
                 if snapshots:
                     snaps[blk.il] = lst[0]
             else:
-                x += blk.mixer(h, pos, n_kv, self.kv, self.rope, gemm)
-            x = blk.ffn_part(x, gemm)
+                x = blk(x, pos, n_kv, self.kv, self.rope, gemm)
         rows = self._logit_rows(T, logits)
         hN = rms_norm(x if keep_hidden else np.ascontiguousarray(x[rows]), self.output_norm, self.config.eps)
         self.hidden = hN if keep_hidden else None
@@ -315,9 +322,7 @@ class MTPHead(BaseModel):
         e = rms_norm(self.embed(tokens), self.enorm, self.eps)
         hh = rms_norm(np.ascontiguousarray(h_prev, dtype=np.float32).reshape(T, -1), self.hnorm, self.eps)
         x = proj(self.eh_proj, np.concatenate([e, hh], axis=1), gemm)
-        blk = self.block
-        x += blk.mixer(rms_norm(x, blk.attn_norm, self.eps), pos, self.n_past + T, self.kv, self.rope, gemm)
-        x = blk.ffn_part(x, gemm)
+        x = self.block(x, pos, self.n_past + T, self.kv, self.rope, gemm)
         rows = self._logit_rows(T, logits)
         hM = rms_norm(np.ascontiguousarray(x[rows]), self.head_norm, self.eps)
         self.hidden = hM
