@@ -1,0 +1,125 @@
+"""What speculative decoding buys: tokens/s without speculation and with a proposer at draft-max 1..4,
+acceptance per draft position, and the cost of one verify step of k tokens relative to one decode step.
+
+    python bench/bench_speculative.py -m MODEL.gguf [--spec mtp|ngram|draft] [--draft-model PATH]
+                                      [--threads 2] [-n 64] [--draft-max 1,2,3,4] [--reps 3]
+
+Greedy; each run checks that the speculative text equals the plain greedy text (lossless). Prompts: the five
+Python prompts of the qwen35 fixture (../shared/models/README.md), or --prompt (repeatable).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+
+PROMPTS = [
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    "import os\nimport sys\n\n\ndef main():\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+    "    for i in range(len(self.data)):\n",
+    "def read_file(path):\n    with open(path, 'r') as f:\n",
+]
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def gen_speed(llm, prompts, n, reps):
+    """Median over reps of total generated tokens / total decode time (first token excluded, as llama-bench)."""
+    outs, rates = [], []
+    for r in range(reps):
+        toks, secs = 0, 0.0
+        outs = []
+        for p in prompts:
+            ids = llm.tokenize(p.encode())
+            llm.reset()
+            out = list(llm.generate(ids, temp=0, max_tokens=n))
+            st = llm.last_stats
+            toks += st.n_gen - 1
+            secs += st.t_gen
+            outs.append(out)
+        rates.append(toks / secs)
+    return statistics.median(rates), outs
+
+
+def verify_cost(llm, ks, reps=20):
+    """Seconds of one row-exact forward of k tokens (after a 64-token context), relative to k = 1."""
+    model = llm.model
+    rng = np.random.default_rng(0)
+    ctx = [int(t) for t in rng.integers(10, llm.n_vocab() - 10, 64)]
+    res = {}
+    for k in ks:
+        ts = []
+        for _ in range(reps):
+            llm.reset()
+            llm.session.eval(ctx, logits="none")
+            batch = [int(t) for t in rng.integers(10, llm.n_vocab() - 10, k)]
+            kw = {"snapshots": True} if getattr(model, "rec", None) else {}
+            t = time.perf_counter()
+            model.forward(batch, logits="all", gemm=False, **kw)
+            ts.append(time.perf_counter() - t)
+        res[k] = statistics.median(ts)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("--spec", default="mtp", choices=["mtp", "ngram", "draft"])
+    ap.add_argument("--draft-model", default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("-n", type=int, default=64)
+    ap.add_argument("--draft-max", default="1,2,3,4")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prompt", action="append")
+    ap.add_argument("--verify-only", action="store_true", help="only measure verify-step cost")
+    a = ap.parse_args(argv)
+    from llamba import Llama
+    prompts = a.prompt or PROMPTS
+    log(f"loading {a.model}...")
+    plain = Llama(a.model, n_ctx=2048, n_threads=a.threads, verbose=False)
+    # warm-up: compile every kernel on this path
+    list(plain.generate(plain.tokenize(prompts[0].encode()), temp=0, max_tokens=4))
+    ks = [1, 2, 3, 4, 5]
+    log("verify-step cost...")
+    vc = verify_cost(plain, ks)
+    print(f"model: {a.model}, threads {a.threads}")
+    print("verify step of k tokens / one decode step: " +
+          ", ".join(f"k={k}: {vc[k] / vc[1]:.2f}x ({vc[k] * 1e3:.2f} ms)" for k in ks))
+    if a.verify_only:
+        return
+    log("plain greedy...")
+    base_tps, base_out = gen_speed(plain, prompts, a.n, a.reps)
+    print(f"no speculation: {base_tps:.1f} tokens/s")
+    print(f"{'draft-max':>9} {'tokens/s':>9} {'speed-up':>8} {'accepted/drafted':>17} {'rate':>6} {'mean len':>8}  "
+          f"acceptance per position")
+    for dm in [int(x) for x in a.draft_max.split(",")]:
+        log(f"{a.spec} draft-max {dm}...")
+        spec = Llama(a.model, n_ctx=2048, n_threads=a.threads, verbose=False, spec=a.spec, draft_max=dm,
+                     draft_model=a.draft_model)
+        list(spec.generate(spec.tokenize(prompts[0].encode()), temp=0, max_tokens=4))
+        tps, outs = gen_speed(spec, prompts, a.n, a.reps)
+        lossless = outs == base_out
+        # acceptance over one pass of all prompts
+        acc = dr = steps = 0
+        pos_a, pos_d = [0] * dm, [0] * dm
+        for p in prompts:
+            spec.reset()
+            list(spec.generate(spec.tokenize(p.encode()), temp=0, max_tokens=a.n))
+            s = spec.spec_stats
+            acc, dr, steps = acc + s.n_accepted, dr + s.n_drafted, steps + s.n_steps
+            for i in range(min(dm, len(s.drafted_at))):
+                pos_a[i] += s.accepted_at[i]
+                pos_d[i] += s.drafted_at[i]
+        per_pos = ", ".join(f"{x / y:.2f}" if y else "-" for x, y in zip(pos_a, pos_d))
+        print(f"{dm:>9} {tps:9.1f} {tps / base_tps:7.2f}x {acc:>8}/{dr:<8} {acc / max(dr, 1):6.1%} "
+              f"{1 + acc / max(steps, 1):8.2f}  ({per_pos}){'' if lossless else '  NOT LOSSLESS'}")
+
+
+if __name__ == "__main__":
+    main()
