@@ -34,8 +34,10 @@ class Llama:
     def __init__(self, model_path: str, *, n_ctx: int = 512, n_threads: int | None = None,
                  seed: int = RANDOM_SEED, vocab_only: bool = False, verbose: bool = True,
                  n_gpu_layers: int = 0, n_batch: int = 512, logits_all: bool = False,
+                 tensor_split=None, main_gpu: int = 0, split_mode="layer",
                  spec: str = "none", draft_max: int = 3, draft_p_min: float = 0.0,
-                 draft_model: str | None = None, **kwargs):
+                 draft_model: str | None = None, chat_format: str | None = None,
+                 chat_template: str | None = None, **kwargs):
         t0 = time.perf_counter()
         self.model_path = str(model_path)
         self.verbose = verbose
@@ -55,8 +57,16 @@ class Llama:
             if n_ctx is None or n_ctx <= 0:
                 n_ctx = cfg.n_ctx_train
             self.model = load_model(self.gguf, n_ctx, n_gpu_layers=n_gpu_layers)
+            if n_gpu_layers:  # GPU offload (llamba.offload); without a usable GPU: one warning, CPU
+                from llamba.offload import offload_model
+                offload_model(self.model, n_gpu_layers, tensor_split=tensor_split, main_gpu=main_gpu,
+                              split_mode=split_mode, verbose=verbose)
             self.session = Session(self.model)
         self._n_ctx = n_ctx
+        self._chat_opt = chat_template or chat_format  # NAME | FILE | template text; None: the model's own
+        self._chat = None
+        if self._chat_opt:
+            self.get_chat_template()  # a bad name or file fails here, not at the first chat
         self.load_time = time.perf_counter() - t0
         if verbose and not vocab_only:
             c = self.model.config
@@ -85,7 +95,12 @@ class Llama:
         return self.tokenizer.encode(text, add_bos=add_bos, special=special)
 
     def detokenize(self, tokens, prev_tokens=None, special: bool = False) -> bytes:
-        return self.tokenizer.decode(list(tokens), special=special)
+        """Bytes of `tokens`; like llama-cpp-python, one leading space after a leading BOS is dropped."""
+        tokens = [int(t) for t in tokens]
+        out = b"".join(self.tokenizer.token_to_piece(t, special=special) for t in tokens)
+        if tokens and tokens[0] == self.tokenizer.bos_id and out[:1] == b" ":
+            out = out[1:]
+        return out
 
     def reset(self):
         if self.session:
@@ -242,6 +257,96 @@ class Llama:
                 yield pending[:hit], "stop"
                 return
         yield pending, "length"
+
+    # ---- chat
+    def get_chat_template(self):
+        """The ChatTemplate used for chat: `chat_template`/`chat_format` if given, else the model's own."""
+        if self._chat is None:
+            from llamba.chat import ChatTemplate
+            self._chat = ChatTemplate.for_model(self.metadata, self.tokenizer, self._chat_opt)
+        return self._chat
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None, tokenize: bool = False,
+                            **kwargs):
+        """Render `messages` (HF `apply_chat_template`); `tokenize=True` returns the prompt token ids."""
+        text = self.get_chat_template().render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                               **kwargs)
+        if not tokenize:
+            return text
+        from llamba.chat import encode_chat_prompt
+        return encode_chat_prompt(self.tokenizer, text)
+
+    def create_chat_completion(self, messages, temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
+                               min_p: float = 0.05, typical_p: float = 1.0, stream: bool = False, stop=None,
+                               seed: int | None = None, max_tokens: int | None = None,
+                               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                               repeat_penalty: float = 1.0, logit_bias=None, tools=None, tool_choice=None,
+                               response_format=None, chat_template_kwargs: dict | None = None, **kwargs):
+        """OpenAI-style chat completion (a `chat.completion` dict, or `chat.completion.chunk` dicts when
+        streaming), like llama-cpp-python. `tools` and `chat_template_kwargs` (e.g. {"enable_thinking": False};
+        `enable_thinking=` also works) go to the template; `tool_choice`/`response_format` are ignored."""
+        self._need_model()
+        tkw = dict(chat_template_kwargs or {})
+        if "enable_thinking" in kwargs:
+            tkw["enable_thinking"] = kwargs.pop("enable_thinking")
+        toks = self.apply_chat_template(messages, add_generation_prompt=True, tools=tools, tokenize=True, **tkw)
+        return self._chat_completion_from_tokens(
+            toks, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
+            stream=stream, stop=stop, seed=seed, max_tokens=max_tokens, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, logit_bias=logit_bias)
+
+    def _chat_stream_pieces(self, toks, temperature=0.2, top_p=0.95, top_k=40, min_p=0.05, typical_p=1.0,
+                            stop=None, seed=None, max_tokens=None, presence_penalty=0.0, frequency_penalty=0.0,
+                            repeat_penalty=1.0, logit_bias=None):
+        """Check a rendered chat prompt and return `_completion_stream`'s (piece, finish) iterator for it."""
+        self._need_model()
+        if not toks:
+            raise LlambaError("the chat prompt is empty")
+        if len(toks) >= self._n_ctx:
+            from llamba.errors import ContextOverflowError
+            raise ContextOverflowError(f"the chat prompt has {len(toks)} tokens but the context holds "
+                                       f"{self._n_ctx}; raise n_ctx or shorten the conversation")
+        if max_tokens is None or max_tokens <= 0:
+            max_tokens = self._n_ctx - len(toks)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops += [s for s in self.get_chat_template().stop if s not in stops]
+        return self._completion_stream(list(toks), max_tokens, temperature, top_k, top_p, min_p, typical_p,
+                                       repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias)
+
+    def _chat_completion_from_tokens(self, toks, stream: bool = False, **kw):
+        it = self._chat_stream_pieces(toks, **kw)
+        cid = f"chatcmpl-{uuid.uuid4()}"
+        created = int(time.time())
+        if stream:
+            return self._chat_chunks(it, cid, created)
+        pieces, finish = [], "length"
+        for piece, fin in it:
+            pieces.append(piece)
+            if fin:
+                finish = fin
+        n_gen = self.last_stats.n_gen if self.last_stats else 0
+        return {
+            "id": cid, "object": "chat.completion", "created": created, "model": self.model_path,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                         "logprobs": None, "finish_reason": finish}],
+            "usage": {"prompt_tokens": len(toks), "completion_tokens": n_gen, "total_tokens": len(toks) + n_gen},
+        }
+
+    def _chat_chunks(self, it, cid, created):
+        def chunk(delta, finish):
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_path,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        try:
+            yield chunk({"role": "assistant"}, None)
+            finish = "length"
+            for piece, fin in it:
+                if piece:
+                    yield chunk({"content": piece}, None)
+                if fin:
+                    finish = fin
+            yield chunk({}, finish)
+        finally:
+            it.close()  # a consumer that stops early ends the generation here
 
     def __call__(self, prompt, *args, **kwargs):
         return self.create_completion(prompt, *args, **kwargs)

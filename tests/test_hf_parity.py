@@ -3,10 +3,11 @@
 Tiny random transformers models (float32, eager attention) are converted to GGUF by tests/hf_convert.py (the
 transforms of llama.cpp's convert_hf_to_gguf.py) and llamba's logits are compared with the transformers logits:
 max|llamba - hf| / max|hf| < 1e-3. llamba rounds Q and the KV cache to fp16 like llama.cpp, which alone gives
-~1e-4. Paths covered: batched prefill (>= 32 tokens: dequantize+BLAS, chunked delta rule over two 64-token
-chunks), a short batch (row-exact matmuls, token loop delta rule), token-by-token decode, and prefill followed
-by decode. For qwen35 with n_v_heads = 2 x n_k_heads, a GGUF converted *without* the tiled v-head reorder must
-be far off, which proves the test exercises that reorder.
+~1e-4. Paths covered: batched prefill (>= 32 tokens: dequantize+BLAS matmuls), the same prefill with the chunked
+(WY) delta rule forced in (two 64-token chunks), a short batch (row-exact matmuls), token-by-token decode, and
+prefill followed by decode. For qwen35 with n_v_heads = 2 x n_k_heads, a GGUF converted *without* the tiled
+v-head reorder must be far off, which proves the test exercises that reorder. The MTP block (not in transformers'
+Qwen3_5ForCausalLM) is checked against transformers' own decoder-layer and norm modules wired as llama.cpp does.
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ if not hasattr(transformers, "Qwen3_5ForCausalLM"):
 from hf_convert import convert  # noqa: E402
 from llamba import Llama  # noqa: E402
 
+transformers.logging.set_verbosity_error()  # no "falling back to the reference PyTorch kernel" notices
+
 TOL = 1e-3
-N_TOK = 72  # > 32: the batched prefill path; > 64: two delta-rule chunks (llamba and transformers both use 64)
+N_TOK = 72  # > 32: the batched prefill path; > 64: two delta-rule chunks (llamba and transformers use 64)
 N_CTX = 128
 
 
@@ -116,16 +119,41 @@ def llms(cases):
 def test_prefill_matches_hf(cases, llms, case, monkeypatch):
     toks, out = cases
     ref = out[case][2]
-    from llamba.kernels import deltanet
-    chunked = deltanet.gated_delta_rule_chunked
-    calls = []
-    monkeypatch.setattr(deltanet, "gated_delta_rule_chunked", lambda *a: calls.append(1) or chunked(*a))
-    got = llms[case].eval_logits(toks)  # 72 tokens: dequantize+BLAS matmuls, chunked delta rule
+    from llamba.layers import Linear
+    gemm, calls = Linear.gemm, []
+    monkeypatch.setattr(Linear, "gemm", lambda self, *a, **k: calls.append(1) or gemm(self, *a, **k))
+    got = llms[case].eval_logits(toks)  # 72 tokens: the dequantize+BLAS matmul path
+    assert calls, "a 72-token prompt did not take the batched (gemm) prefill path"
     assert got.shape == ref.shape
-    if case.startswith("qwen35"):
-        assert calls, "the batched prefill did not use the chunked delta rule"
     rel = _rel(got, ref)
     print(f"{case} prefill ({N_TOK} tokens) max rel diff {rel:.2e}")
+    assert rel < TOL
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.startswith("qwen35")])
+def test_chunked_delta_rule_prefill_matches_hf(cases, llms, case, monkeypatch):
+    """The chunked (WY) delta rule in a whole-model prefill, whether or not the engine picks it by default:
+    every multi-token, snapshot-free call of the token-loop kernel is routed to the chunked kernel."""
+    toks, out = cases
+    ref = out[case][2]
+    from llamba.kernels import deltanet
+    loop, chunked, calls = deltanet.gated_delta_rule, deltanet.gated_delta_rule_chunked, []
+
+    def chunked_counted(q, k, v, g, beta, state, o):
+        calls.append(q.shape[0])
+        return chunked(q, k, v, g, beta, state, o)
+
+    def route(q, k, v, g, beta, state, o, snapshots):
+        if q.shape[0] > 1 and snapshots.shape[0] == 0:
+            return chunked_counted(q, k, v, g, beta, state, o)
+        return loop(q, k, v, g, beta, state, o, snapshots)
+
+    monkeypatch.setattr(deltanet, "gated_delta_rule", route)
+    monkeypatch.setattr(deltanet, "gated_delta_rule_chunked", chunked_counted)
+    got = llms[case].eval_logits(toks)
+    assert calls and all(t == N_TOK for t in calls), f"the chunked kernel was not used for the prefill: {calls}"
+    rel = _rel(got, ref)
+    print(f"{case} prefill with the chunked delta rule ({N_TOK} tokens, 2 chunks) max rel diff {rel:.2e}")
     assert rel < TOL
 
 
@@ -174,3 +202,58 @@ def test_tiled_v_head_order_is_exercised(cases, tmp_path):
     rel = _rel(got, ref)
     print(f"qwen35-nv2x without the v-head reorder: max rel diff {rel:.2e}")
     assert rel > 50 * TOL
+
+
+class _HFMtp(torch.nn.Module):
+    """Qwen3.5's MTP block under the checkpoint names (`mtp.fc`, `mtp.pre_fc_norm_embedding`,
+    `mtp.pre_fc_norm_hidden`, `mtp.norm`, `mtp.layers.0.*`), built from transformers' own Qwen3.5 modules.
+    transformers' Qwen3_5ForCausalLM has no MTP module (it drops `mtp.*` at load), so only the wiring is ours,
+    as ENGINE_BRIEF §4.2 / llama.cpp: hM = norm(layer(fc([enorm(embed(x_p)) | hnorm(h_{p-1})]))), where h is the
+    trunk's post-final-norm hidden state and the layer is an ordinary full-attention decoder layer."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        import copy
+
+        from transformers.models.qwen3_5 import modeling_qwen3_5 as M
+        c = copy.deepcopy(cfg)
+        c.layer_types, c.num_hidden_layers = ["full_attention"], 1
+        E, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.fc = torch.nn.Linear(2 * E, E, bias=False)
+        self.pre_fc_norm_embedding = M.Qwen3_5RMSNorm(E, eps)
+        self.pre_fc_norm_hidden = M.Qwen3_5RMSNorm(E, eps)
+        self.norm = M.Qwen3_5RMSNorm(E, eps)
+        self.layers = torch.nn.ModuleList([M.Qwen3_5DecoderLayer(c, 0)])
+        self.rotary = M.Qwen3_5TextRotaryEmbedding(c)
+
+    def forward(self, emb, h):
+        x = self.fc(torch.cat([self.pre_fc_norm_embedding(emb), self.pre_fc_norm_hidden(h)], dim=-1))
+        T = x.shape[1]
+        mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+        x = self.layers[0](x, position_embeddings=self.rotary(x, torch.arange(T)[None]), attention_mask=mask)
+        return self.norm(x)
+
+
+def test_mtp_block_matches_hf_modules(cases, tmp_path):
+    """The converter's mtp.* -> blk.{n_layer}.nextn.* renaming (+1 on every MTP norm) and llamba's MTP head."""
+    toks, _ = cases
+    model = CASES["qwen35-nv1x"]()  # untied: the MTP head falls back to output.weight
+    mtp = _randomize(_HFMtp(model.config), 14, zero_centred_norms=True)
+    sd = {**model.state_dict(), **{"mtp." + k: v for k, v in mtp.state_dict().items()}}
+    path = convert(model, tmp_path / "mtp.gguf", state_dict=sd)
+    ids = torch.tensor([toks])
+    with torch.no_grad():
+        hN = model.model(ids, use_cache=False).last_hidden_state  # post-final-norm
+        ref_trunk = model.lm_head(hN)[0].double().numpy()
+        ref = model.lm_head(mtp(model.model.embed_tokens(ids[:, 1:]), hN[:, :-1]))[0].double().numpy()
+    llm = Llama(str(path), n_ctx=N_CTX, verbose=False)
+    m = llm.model
+    assert m.config.n_layer == model.config.num_hidden_layers and m.config.n_nextn == 1 and m.mtp is not None
+    llm.reset()
+    trunk = llm.session.eval(toks, logits="all", keep_hidden=True)
+    rel_trunk = _rel(trunk, ref_trunk)
+    m.mtp.truncate(0)
+    got = m.mtp.forward(toks[1:], m.hidden[:-1], logits="all")  # row i: token i+1 with the hidden of row i
+    rel = _rel(got, ref)
+    print(f"qwen35 + MTP: trunk max rel diff {rel_trunk:.2e}, MTP head max rel diff {rel:.2e}")
+    assert rel_trunk < TOL and rel < TOL

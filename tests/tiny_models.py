@@ -47,12 +47,34 @@ def bpe_vocab(n_vocab: int):
     return toks, types, merges
 
 
+# K-quants gguf-py cannot quantize: random blocks with sane scales. byte offsets of the fp16 d (and dmin) fields
+_KQ_SCALE_FIELDS = {QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,),
+                    QT.IQ4_XS: (0,)}
+
+
+def _random_blocks(arr: np.ndarray, qtype: QT) -> np.ndarray:
+    """Random raw blocks whose dequantized values have about the scale of `arr` (rows, cols)."""
+    from gguf.constants import GGML_QUANT_SIZES
+    be, bb = GGML_QUANT_SIZES[qtype]
+    rows, cols = arr.shape
+    rng = np.random.default_rng(int(abs(arr[0, 0]) * 1e6) % (2**32))
+    raw = rng.integers(0, 256, size=(rows, cols // be, bb), dtype=np.uint8)
+    target = float(np.abs(arr).mean()) or 1.0
+    for off in _KQ_SCALE_FIELDS[qtype]:
+        d = (rng.uniform(0.5, 1.5, size=(rows, cols // be)) * target / 200).astype(np.float16)
+        raw[:, :, off:off + 2] = d.view(np.uint8).reshape(rows, cols // be, 2)
+    return raw.reshape(rows, cols // be * bb)
+
+
 def _add_tensor(w: GGUFWriter, name: str, arr: np.ndarray, qtype: QT):
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if qtype == QT.F32 or arr.ndim == 1:
         w.add_tensor(name, arr)
     elif qtype == QT.F16:
         w.add_tensor(name, arr.astype(np.float16))
+    elif qtype in _KQ_SCALE_FIELDS:
+        q = _random_blocks(arr, qtype)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
     else:
         q = quantize(arr, qtype)
         w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
@@ -61,7 +83,7 @@ def _add_tensor(w: GGUFWriter, name: str, arr: np.ndarray, qtype: QT):
 def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 64, n_layer: int = 2,
                 n_head: int = 4, n_head_kv: int = 2, head_dim: int | None = None, n_ff: int = 128,
                 qtype: QT = QT.F32, seed: int = 0, tied: bool = True, n_ctx: int = 256,
-                sliding_window: int = 8, extra_meta: dict | None = None):
+                sliding_window: int = 8, extra_meta: dict | None = None, chat_template: str | None = None):
     rng = np.random.default_rng(seed)
     hd = head_dim or n_embd // n_head
     w = GGUFWriter(str(path), arch)
@@ -91,6 +113,8 @@ def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 
     w.add_token_merges(merges)
     w.add_eos_token_id(len(toks) - 3)
     w.add_add_bos_token(False)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
     def mat(o, i, scale=None):
         return rng.standard_normal((o, i)).astype(np.float32) * (scale or 1.0 / np.sqrt(i))
