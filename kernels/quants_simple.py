@@ -1,0 +1,1180 @@
+"""Numba kernels for the block-32 quant types and the plain float types (ENGINE_BRIEF §2.1, §2.3).
+
+Types: F32 (0), F16 (1), BF16 (30), Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), IQ4_NL (20).
+
+Public API (every name below is a plain Python function; the work happens in ``@njit`` kernels):
+
+* ``dequant_<t>(w, out)``: ``w`` is the raw weight view (quant types: ``uint8 (rows, row_bytes)``;
+  F32: ``float32 (rows, ncols)``; F16: ``float16 (rows, ncols)``; BF16: ``uint16 (rows, ncols)`` raw bits),
+  ``out`` a preallocated ``float32 (rows, ncols)``.  Bit-exact against ``gguf.quants.dequantize``.
+* ``act_q8_0(x) -> (qs, d)``, ``act_q8_1(x) -> (qs, d, s)``, ``act_f32(x) -> (x,)``,
+  ``act_f16(x) -> (x16,)``, ``act_bf16(x) -> (xbf,)``: activation conversion to a weight type's
+  ``vec_dot_type`` (traits.py), ``x`` float32 ``(T, n)``.
+* ``matmul_<t>(w, *act, out)``: ``out[t, r] = dot(W[r], x[t])`` computed like llama.cpp's CPU vec_dot:
+  per 32-block an exact integer sum, then ``acc += (d_w*d_a)*isum`` (``+ m_w*s_a`` for Q4_1/Q5_1) in
+  float32, blocks in order, no FMA.  Float types: 32 lane partial sums ``acc[j] += w[32k+j]*x[32k+j]``
+  in order of k, then the fixed tree ``acc[:16]+acc[16:]``, ... down to one lane.
+* ``KERNELS = {type_id: (dequant_fn, matmul_fn)}``, ``ACT = {vec_dot_type: act_fn}``.
+
+Row-exactness: ``out[t]`` depends only on ``W`` and ``x[t]`` (no fastmath, no FMA, the same float
+operations for every T), so a batch gives bit-identical rows to one-row calls.
+``llamba.kernels.ref.quants_simple`` holds the numpy twins, which reproduce these operation orders
+exactly (the tests compare bit for bit).
+
+Implementation notes:
+
+* LLVM (as driven by Numba, which leaves SLP vectorization off) fully unrolls 16/32-trip inner loops of
+  block formats and then scalarizes or gathers the block loop.  The per-block work is therefore written
+  as small LLVM-IR intrinsics on explicit vector types; the loops around them are ordinary Numba code.
+* Weight blocks are unpacked to unsigned bytes ``u = q + BIAS`` (Q4_0: 8, Q5_0: 16, Q8_0/IQ4_NL: 128,
+  Q4_1/Q5_1: 0), and ``sum q*a = sum u*a - BIAS*sum a`` exactly, so one u8 x s8 dot serves every type:
+  ``vpdpbusd`` where the CPU has AVX512-VNNI or AVX-VNNI, otherwise a generic IR pattern that x86
+  lowers to ``vpmaddwd``.  IQ4_NL's table lookup is ``pshufb`` (x86) / ``tbl`` (AArch64), else selects.
+* Quantized matmul, T == 1 (decode): 4 weight rows at a time, blocks read straight from the packed
+  weights, 4 blocks per step with one transposed integer reduction.  T > 1: each weight block is
+  unpacked once for a group of 4 activation rows and the 4 float chains run as lanes of one vector.
+* fp16 fields use ``fpext half`` (F16C on x86, native on AArch64); ``dequant_f16`` uses an exact bitwise
+  conversion instead, which keeps signalling-NaN payloads the way numpy does.
+* Target-specific instructions follow Numba's target CPU (``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``
+  are honoured; with ``NUMBA_CPU_NAME=generic`` only target-independent IR is emitted).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import binding as _llb
+from llvmlite import ir
+from numba import njit, prange
+from numba.core import cgutils, types
+from numba.extending import intrinsic
+
+__all__ = [
+    "dequant_f32", "dequant_f16", "dequant_bf16", "dequant_q4_0", "dequant_q4_1", "dequant_q5_0",
+    "dequant_q5_1", "dequant_q8_0", "dequant_iq4_nl",
+    "matmul_f32", "matmul_f16", "matmul_bf16", "matmul_q4_0", "matmul_q4_1", "matmul_q5_0",
+    "matmul_q5_1", "matmul_q8_0", "matmul_iq4_nl",
+    "act_q8_0", "act_q8_1", "act_f32", "act_f16", "act_bf16",
+    "KERNELS", "ACT", "KVALUES_IQ4NL",
+]
+
+# ggml type ids handled here
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, BF16 = 0, 1, 2, 3, 6, 7, 8, 20, 30
+QK = 32
+BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, IQ4_NL: 18}
+KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+_RG = 4  # weight rows processed together by the quantized matmul (independent float chains)
+
+# --------------------------------------------------------------------------------------------------
+# LLVM-IR building blocks
+# --------------------------------------------------------------------------------------------------
+_I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+_F32T = ir.FloatType()
+
+
+def _target_features():
+    """CPU features Numba compiles for: the host's, unless NUMBA_CPU_NAME/NUMBA_CPU_FEATURES override."""
+    if numba.config.CPU_FEATURES is not None:
+        return {f[1:]: f[0] == "+" for f in numba.config.CPU_FEATURES.split(",") if f}
+    if numba.config.CPU_NAME is not None:
+        return {}  # e.g. "generic" for portable caches: use only target-independent IR
+    return dict(_llb.get_host_cpu_features())
+
+
+_FEATURES = _target_features()
+_TRIPLE = _llb.get_process_triple()
+_X86 = _TRIPLE.startswith(("x86_64", "i686", "i386"))
+_USE_PSHUFB = _X86 and _FEATURES.get("ssse3", False)
+_USE_TBL = _TRIPLE.startswith(("aarch64", "arm64")) and numba.config.CPU_NAME is None
+_USE_VNNI = _X86 and (_FEATURES.get("avxvnni", False)
+                      or (_FEATURES.get("avx512vnni", False) and _FEATURES.get("avx512vl", False)))
+
+
+# hardware fp16 <-> fp32 conversion (``fpext``/``fptrunc half``); without it LLVM would emit libcalls
+# that Numba's JIT cannot resolve, so the bitwise versions below are used instead
+_HW_F16 = (_X86 and _FEATURES.get("f16c", False)) or _USE_TBL
+
+
+def _vt(t, n):
+    return ir.VectorType(t, n)
+
+
+def _splat(t, n, v):
+    return ir.Constant(_vt(t, n), [ir.Constant(t, v)] * n)
+
+
+def _idx(*vals):
+    return ir.Constant(_vt(_I32, len(vals)), list(vals))
+
+
+def _ptr(context, builder, arrty, arr, off, offty, elty):
+    """Pointer (typed ``elty*``) to element ``off`` of a contiguous array."""
+    ary = context.make_array(arrty)(context, builder, arr)
+    off = context.cast(builder, off, offty, types.intp)
+    return builder.bitcast(builder.gep(ary.data, [off]), elty.as_pointer())
+
+
+def _like(ty, v):
+    """Constant ``v`` of integer type ``ty`` (scalar or splat vector)."""
+    if isinstance(ty, ir.VectorType):
+        return ir.Constant(ty, [ir.Constant(ty.element, v)] * ty.count)
+    return ir.Constant(ty, v)
+
+
+def _h2f_ir(builder, h):
+    """fp16 bits (i16 or <N x i16>) -> float32 (float or <N x float>), exact for every value."""
+    vec = isinstance(h.type, ir.VectorType)
+    fty = _vt(_F32T, h.type.count) if vec else _F32T
+    if _HW_F16:
+        return builder.fpext(builder.bitcast(h, _vt(ir.HalfType(), h.type.count) if vec else ir.HalfType()), fty)
+    ity = _vt(_I32, h.type.count) if vec else _I32
+    w = builder.zext(h, ity)
+    sign = builder.shl(builder.and_(w, _like(ity, 0x8000)), _like(ity, 16))
+    em = builder.and_(w, _like(ity, 0x7FFF))
+    c = ir.Constant(_F32T, 2.0 ** -24)
+    two_m24 = ir.Constant(fty, [c] * h.type.count) if vec else c
+    sub = builder.bitcast(builder.fmul(builder.uitofp(em, fty), two_m24), ity)   # subnormal: em * 2^-24
+    sh = builder.shl(em, _like(ity, 13))
+    nrm = builder.add(sh, _like(ity, 0x38000000))
+    inf = builder.add(sh, _like(ity, 0x70000000))                                   # inf / NaN (payload kept)
+    bits = builder.select(builder.icmp_unsigned("<", em, _like(ity, 0x400)), sub,
+                          builder.select(builder.icmp_unsigned(">=", em, _like(ity, 0x7C00)), inf, nrm))
+    return builder.bitcast(builder.or_(bits, sign), fty)
+
+
+def _load(builder, p, align=1):
+    return builder.load(p, align=align)
+
+
+def _nibbles(builder, qs16):
+    """<16 x i8> packed bytes -> <32 x i8>: low nibbles (elements 0..15) then high nibbles (16..31)."""
+    lo = builder.and_(qs16, _splat(_I8, 16, 15))
+    hi = builder.lshr(qs16, _splat(_I8, 16, 4))
+    return builder.shuffle_vector(lo, hi, _idx(*range(32)))
+
+
+def _high_bits(builder, qh32):
+    """i32 qh -> <32 x i8> holding bit j of qh at bit 4 (value 16 or 0) for element j.
+
+    Byte-wise: element j tests bit j % 8 of byte j // 8 (little-endian), which is bit j of qh."""
+    qb = builder.bitcast(qh32, _vt(_I8, 4))
+    rep = builder.shuffle_vector(qb, ir.Constant(_vt(_I8, 4), None), _idx(*[j // 8 for j in range(32)]))
+    bit = builder.and_(rep, ir.Constant(_vt(_I8, 32), [ir.Constant(_I8, 1 << (j % 8)) for j in range(32)]))
+    return builder.select(builder.icmp_unsigned("!=", bit, _splat(_I8, 32, 0)), _splat(_I8, 32, 16), _splat(_I8, 32, 0))
+
+
+def _lut16(builder, idx16, table):
+    """Per-lane table lookup ``table[idx]`` (table: 16 byte values) for a <16 x i8> of indices 0..15."""
+    tab = ir.Constant(_vt(_I8, 16), [ir.Constant(_I8, int(v) & 0xFF) for v in table])
+    vt = _vt(_I8, 16)
+    if _USE_PSHUFB:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt]),
+                                            "llvm.x86.ssse3.pshuf.b.128")
+        return builder.call(fn, [tab, idx16])
+    if _USE_TBL:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vt, [vt, vt]),
+                                            "llvm.aarch64.neon.tbl1.v16i8")
+        return builder.call(fn, [tab, idx16])
+    res = _splat(_I8, 16, int(table[0]) & 0xFF)
+    for k in range(1, 16):
+        eq = builder.icmp_unsigned("==", idx16, _splat(_I8, 16, k))
+        res = builder.select(eq, _splat(_I8, 16, int(table[k]) & 0xFF), res)
+    return res
+
+
+# Unpacked weights are stored as unsigned bytes u = q + BIAS[kind] (u in 0..255), so that one
+# u8 x s8 dot product (VNNI vpdpbusd where available) serves every type:
+#   sum_j q_j a_j = sum_j u_j a_j - BIAS * sum_j a_j      (exact in int32)
+BIAS = {Q4_0: 8, Q4_1: 0, Q5_0: 16, Q5_1: 0, Q8_0: 128, IQ4_NL: 128}
+_KV_U8 = (KVALUES_IQ4NL.astype(np.int32) + 128).astype(np.uint8)
+
+
+def _block_u(kind, builder, p):
+    """IR: the 32 unsigned values u = q + BIAS[kind] of the block whose first byte is at i8* ``p``."""
+    def at(off, ty):
+        return builder.bitcast(builder.gep(p, [ir.Constant(_I64, off)]), ty.as_pointer())
+    if kind == Q8_0:
+        return builder.xor(_load(builder, at(2, _vt(_I8, 32))), _splat(_I8, 32, 0x80))
+    if kind == IQ4_NL:
+        qs = _load(builder, at(2, _vt(_I8, 16)))
+        lo = builder.and_(qs, _splat(_I8, 16, 15))
+        hi = builder.lshr(qs, _splat(_I8, 16, 4))
+        return builder.shuffle_vector(_lut16(builder, lo, _KV_U8), _lut16(builder, hi, _KV_U8), _idx(*range(32)))
+    if kind in (Q4_0, Q4_1):
+        return _nibbles(builder, _load(builder, at(2 if kind == Q4_0 else 4, _vt(_I8, 16))))
+    if kind in (Q5_0, Q5_1):
+        qh_off, qs_off = (2, 6) if kind == Q5_0 else (4, 8)
+        q = _nibbles(builder, _load(builder, at(qs_off, _vt(_I8, 16))))
+        return builder.or_(q, _high_bits(builder, _load(builder, at(qh_off, _I32))))
+    raise ValueError(kind)
+
+
+def _make_unpack(kind):
+    """intrinsic(src_u8, src_off, dst_u8, dst_off): u = q + BIAS of the block at src[src_off:] -> dst."""
+    @intrinsic
+    def unpack(typingctx, src, src_off, dst, dst_off):
+        def codegen(context, builder, sig, args):
+            p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _I8)
+            u = _block_u(kind, builder, p)
+            dp = _ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3], _vt(_I8, 32))
+            builder.store(u, dp, align=1)
+            return context.get_dummy_value()
+        return types.none(src, src_off, dst, dst_off), codegen
+    return unpack
+
+
+_unpack_q4_0 = _make_unpack(Q4_0)
+_unpack_q4_1 = _make_unpack(Q4_1)
+_unpack_q5_0 = _make_unpack(Q5_0)
+_unpack_q5_1 = _make_unpack(Q5_1)
+_unpack_q8_0 = _make_unpack(Q8_0)
+_unpack_iq4_nl = _make_unpack(IQ4_NL)
+
+
+def _udot(builder, uv, av):
+    """<32 x i8> u (unsigned), a (signed) -> vector of int32 partial sums of u*a (8 or 16 lanes)."""
+    if _USE_VNNI:
+        v8 = _vt(_I32, 8)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8, v8]),
+                                            "llvm.x86.avx512.vpdpbusd.256")
+        return builder.call(fn, [ir.Constant(v8, [ir.Constant(_I32, 0)] * 8),
+                                 builder.bitcast(uv, v8), builder.bitcast(av, v8)])
+    # i32 multiply then even/odd lane add: LLVM's x86 backend emits vpmaddwd for this
+    p = builder.mul(builder.zext(uv, _vt(_I32, 32)), builder.sext(av, _vt(_I32, 32)))
+    return builder.add(builder.shuffle_vector(p, p, _idx(*range(0, 32, 2))),
+                       builder.shuffle_vector(p, p, _idx(*range(1, 32, 2))))
+
+
+def _add_shuf(builder, x, y, sel_a, sel_b):
+    return builder.add(builder.shuffle_vector(x, y, _idx(*sel_a)), builder.shuffle_vector(x, y, _idx(*sel_b)))
+
+
+def _reduce4(builder, ps):
+    """Four <L x i32> vectors -> <4 x i32> of their lane sums (transposed add tree; integer, exact)."""
+    L = ps[0].type.count
+    h = L // 2
+    lo = list(range(h)) + list(range(L, L + h))
+    hi = list(range(h, L)) + list(range(L + h, 2 * L))
+    x01 = _add_shuf(builder, ps[0], ps[1], lo, hi)          # L lanes: L/2 per block
+    x23 = _add_shuf(builder, ps[2], ps[3], lo, hi)
+    seg, q = L // 2, L // 4                                 # in x01|x23: 4 segments of L/2 lanes
+    sel_a = [s * seg + i for s in range(4) for i in range(q)]
+    sel_b = [s * seg + q + i for s in range(4) for i in range(q)]
+    y = _add_shuf(builder, x01, x23, sel_a, sel_b)          # L lanes: L/4 per block
+    per = q
+    while per > 1:
+        half = per // 2
+        sa = [s * per + i for s in range(4) for i in range(half)]
+        sb = [s * per + half + i for s in range(4) for i in range(half)]
+        y = _add_shuf(builder, y, y, sa, sb)
+        per = half
+    return y
+
+
+def _store_isum4(context, builder, sig, args, s):
+    """isum[ioff:ioff+4] = s - bias*asum[ioff:ioff+4] for the (.., asum, bias, isum, ioff) arguments 4..7."""
+    sp = _ptr(context, builder, sig.args[4], args[4], args[7], sig.args[7], _vt(_I32, 4))
+    b = context.cast(builder, args[5], sig.args[5], types.int32)
+    bv = builder.shuffle_vector(builder.insert_element(ir.Constant(_vt(_I32, 4), None), b, ir.Constant(_I32, 0)),
+                                ir.Constant(_vt(_I32, 4), None), _idx(0, 0, 0, 0))
+    s = builder.sub(s, builder.mul(bv, _load(builder, sp, align=4)))
+    op = _ptr(context, builder, sig.args[6], args[6], args[7], sig.args[7], _vt(_I32, 4))
+    builder.store(s, op, align=4)
+
+
+@intrinsic
+def _idot1(typingctx, wu, woff, aq, aoff):
+    """sum_j wu[woff+j]*aq[aoff+j] for j < 32 (wu unsigned bytes, aq int8; exact int32)."""
+    def codegen(context, builder, sig, args):
+        uv = _load(builder, _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _vt(_I8, 32)))
+        av = _load(builder, _ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3], _vt(_I8, 32)))
+        p = _udot(builder, uv, av)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [p.type]),
+                                            f"llvm.vector.reduce.add.v{p.type.count}i32")
+        return builder.call(fn, [p])
+    return types.int32(wu, woff, aq, aoff), codegen
+
+
+def _make_qdot4(kind):
+    """intrinsic(w_row_u8, woff, aq, aoff, asum, bias, isum, ioff, dw, mw): for the 4 packed blocks at
+    w_row[woff:] (unpacked in registers; the T == 1 decode path) and the activation blocks at aq[aoff:],
+    isum[ioff+k] = sum_j q_j*a_j = sum_j u_j*a_j - bias*asum[ioff+k] (exact int32), and their scales
+    dw[ioff+k] (and mins mw[ioff+k] for Q4_1/Q5_1) as float32, k < 4."""
+    bb = BLOCK_BYTES[kind]
+    has_min = kind in (Q4_1, Q5_1)
+
+    @intrinsic
+    def qdot4(typingctx, w, woff, aq, aoff, asum, bias, isum, ioff, dw, mw):
+        def codegen(context, builder, sig, args):
+            wp = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _I8)
+            ap = _ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3], _I8)
+            ps = []
+            for k in range(4):
+                uv = _block_u(kind, builder, builder.gep(wp, [ir.Constant(_I64, bb * k)]))
+                av = _load(builder, builder.bitcast(builder.gep(ap, [ir.Constant(_I64, 32 * k)]),
+                                                    _vt(_I8, 32).as_pointer()))
+                ps.append(_udot(builder, uv, av))
+            _store_isum4(context, builder, sig, args, _reduce4(builder, ps))
+            for field, arg in ((0, 8), (2, 9)) if has_min else ((0, 8),):
+                h = ir.Constant(_vt(_I16, 4), None)
+                for k in range(4):
+                    hp = builder.bitcast(builder.gep(wp, [ir.Constant(_I64, bb * k + field)]), _I16.as_pointer())
+                    h = builder.insert_element(h, builder.load(hp, align=1), ir.Constant(_I32, k))
+                f = _h2f_ir(builder, h)
+                builder.store(f, _ptr(context, builder, sig.args[arg], args[arg], args[7], sig.args[7],
+                                      _vt(_F32T, 4)), align=4)
+            return context.get_dummy_value()
+        return types.none(w, woff, aq, aoff, asum, bias, isum, ioff, dw, mw), codegen
+    return qdot4
+
+
+_qdot4_q4_0 = _make_qdot4(Q4_0)
+_qdot4_q4_1 = _make_qdot4(Q4_1)
+_qdot4_q5_0 = _make_qdot4(Q5_0)
+_qdot4_q5_1 = _make_qdot4(Q5_1)
+_qdot4_q8_0 = _make_qdot4(Q8_0)
+_qdot4_iq4_nl = _make_qdot4(IQ4_NL)
+
+
+def _make_qdot1x4(kind):
+    """intrinsic(w, woff, aq, o0, o1, o2, o3, asum4, bias, isum4, soff): one packed weight block at
+    w[woff:] (unpacked once, in registers) against the 4 activation blocks aq[o0:], .., aq[o3:]:
+    isum4[soff+k] = sum_j q_j*aq[ok+j] = sum_j u_j*aq[ok+j] - bias*asum4[soff+k] for k < 4 (exact)."""
+    @intrinsic
+    def qdot1x4(typingctx, w, woff, aq, o0, o1, o2, o3, asum4, bias, isum4, soff):
+        def codegen(context, builder, sig, args):
+            u = _block_u(kind, builder, _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _I8))
+            ps = []
+            for k in range(4):
+                av = _load(builder, _ptr(context, builder, sig.args[2], args[2], args[3 + k], sig.args[3 + k],
+                                         _vt(_I8, 32)))
+                ps.append(_udot(builder, u, av))
+            s = _reduce4(builder, ps)
+            sp = _ptr(context, builder, sig.args[7], args[7], args[10], sig.args[10], _vt(_I32, 4))
+            b = context.cast(builder, args[8], sig.args[8], types.int32)
+            bv = builder.shuffle_vector(builder.insert_element(ir.Constant(_vt(_I32, 4), None), b,
+                                                               ir.Constant(_I32, 0)),
+                                        ir.Constant(_vt(_I32, 4), None), _idx(0, 0, 0, 0))
+            s = builder.sub(s, builder.mul(bv, _load(builder, sp, align=4)))
+            builder.store(s, _ptr(context, builder, sig.args[9], args[9], args[10], sig.args[10], _vt(_I32, 4)),
+                          align=4)
+            return context.get_dummy_value()
+        return types.none(w, woff, aq, o0, o1, o2, o3, asum4, bias, isum4, soff), codegen
+    return qdot1x4
+
+
+_qdot1x4_q4_0 = _make_qdot1x4(Q4_0)
+_qdot1x4_q4_1 = _make_qdot1x4(Q4_1)
+_qdot1x4_q5_0 = _make_qdot1x4(Q5_0)
+_qdot1x4_q5_1 = _make_qdot1x4(Q5_1)
+_qdot1x4_q8_0 = _make_qdot1x4(Q8_0)
+_qdot1x4_iq4_nl = _make_qdot1x4(IQ4_NL)
+
+
+@intrinsic
+def _facc4(typingctx, dw, mw, isum4, ad4, as4, nb, has_min, res):
+    """Four activation rows at once, one float32 lane each (lane k = row t0+k):
+    acc = 0; for b < nb in order: acc = acc + ((dw[b]*ad4[b,k])*float(isum4[b,k]) [+ mw[b]*as4[b,k]]);
+    res[k] = acc.  Lane-wise the very operations of the scalar T == 1 path (no FMA, no reordering)."""
+    def codegen(context, builder, sig, args):
+        zero = ir.Constant(_I64, 0)
+        v4f = _vt(_F32T, 4)
+        dwp = _ptr(context, builder, sig.args[0], args[0], zero, types.int64, _F32T)
+        mwp = _ptr(context, builder, sig.args[1], args[1], zero, types.int64, _F32T)
+        isp = _ptr(context, builder, sig.args[2], args[2], zero, types.int64, _vt(_I32, 4))
+        adp = _ptr(context, builder, sig.args[3], args[3], zero, types.int64, v4f)
+        asp = _ptr(context, builder, sig.args[4], args[4], zero, types.int64, v4f)
+        n = context.cast(builder, args[5], sig.args[5], types.intp)
+        hm = context.cast(builder, args[6], sig.args[6], types.boolean)
+        slot = cgutils.alloca_once_value(builder, ir.Constant(v4f, [ir.Constant(_F32T, 0.0)] * 4))
+
+        def splat4(v):
+            x = builder.insert_element(ir.Constant(v4f, None), v, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(x, ir.Constant(v4f, None), _idx(0, 0, 0, 0))
+
+        def body(with_min):
+            with cgutils.for_range(builder, n) as loop:
+                i = loop.index
+                term = builder.fmul(builder.fmul(splat4(builder.load(builder.gep(dwp, [i]))),
+                                                 _load(builder, builder.gep(adp, [i]), align=4)),
+                                    builder.sitofp(_load(builder, builder.gep(isp, [i]), align=4), v4f))
+                if with_min:
+                    term = builder.fadd(term, builder.fmul(splat4(builder.load(builder.gep(mwp, [i]))),
+                                                           _load(builder, builder.gep(asp, [i]), align=4)))
+                builder.store(builder.fadd(builder.load(slot), term), slot)
+
+        with builder.if_else(hm) as (then, otherwise):
+            with then:
+                body(True)
+            with otherwise:
+                body(False)
+        builder.store(builder.load(slot), _ptr(context, builder, sig.args[7], args[7], zero, types.int64, v4f),
+                      align=4)
+        return context.get_dummy_value()
+    return types.none(dw, mw, isum4, ad4, as4, nb, has_min, res), codegen
+
+
+@intrinsic
+def _dequant_block(typingctx, wu, woff, bias, d, m, has_min, out, ooff):
+    """out[ooff+j] = d*float(wu[woff+j] - bias) (+ m if has_min) for j < 32, float32, unfused."""
+    def codegen(context, builder, sig, args):
+        uv = _load(builder, _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _vt(_I8, 32)))
+        b = context.cast(builder, args[2], sig.args[2], types.int32)
+        bv = builder.shuffle_vector(builder.insert_element(ir.Constant(_vt(_I32, 32), None), b, ir.Constant(_I32, 0)),
+                                    ir.Constant(_vt(_I32, 32), None), _idx(*([0] * 32)))
+        q = builder.sub(builder.zext(uv, _vt(_I32, 32)), bv)
+        f = builder.sitofp(q, _vt(_F32T, 32))
+
+        def fsplat(v):
+            x = builder.insert_element(ir.Constant(_vt(_F32T, 32), None), v, ir.Constant(_I32, 0))
+            return builder.shuffle_vector(x, ir.Constant(_vt(_F32T, 32), None), _idx(*([0] * 32)))
+        y = builder.fmul(fsplat(args[3]), f)
+        y_min = builder.fadd(y, fsplat(args[4]))
+        y = builder.select(context.cast(builder, args[5], sig.args[5], types.boolean), y_min, y)
+        op = _ptr(context, builder, sig.args[6], args[6], args[7], sig.args[7], _vt(_F32T, 32))
+        builder.store(y, op, align=4)
+        return context.get_dummy_value()
+    return types.none(wu, woff, bias, types.float32, types.float32, has_min, out, ooff), codegen
+
+
+@intrinsic
+def _f16_at(typingctx, src, off):
+    """fp16 (little-endian, at byte/element offset ``off`` of a uint8/uint16 array) -> float32."""
+    def codegen(context, builder, sig, args):
+        p = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _I16)
+        h = builder.load(p, align=1)
+        return _h2f_ir(builder, h)
+    return types.float32(src, off), codegen
+
+
+@intrinsic
+def _absmax32(typingctx, x, off):
+    """max_j |x[off+j]| for j < 32 (float32; exact, order-independent for non-NaN inputs)."""
+    def codegen(context, builder, sig, args):
+        v = _load(builder, _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _vt(_F32T, 32)), 4)
+        a = builder.bitcast(builder.and_(builder.bitcast(v, _vt(_I32, 32)), _splat(_I32, 32, 0x7FFFFFFF)),
+                            _vt(_F32T, 32))
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32T, [a.type]),
+                                            "llvm.vector.reduce.fmax.v32f32")
+        return builder.call(fn, [a])
+    return types.float32(x, off), codegen
+
+
+@intrinsic
+def _quant32(typingctx, x, off, idv, qs, qoff):
+    """qs[qoff+j] = int8(round_half_even(x[off+j]*id)) for j < 32; returns sum_j qs[qoff+j] (int32)."""
+    def codegen(context, builder, sig, args):
+        v = _load(builder, _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _vt(_F32T, 32)), 4)
+        i = builder.insert_element(ir.Constant(_vt(_F32T, 32), None), args[2], ir.Constant(_I32, 0))
+        i = builder.shuffle_vector(i, ir.Constant(_vt(_F32T, 32), None), _idx(*([0] * 32)))
+        rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type]), "llvm.rint.v32f32")
+        q = builder.fptosi(builder.call(rint, [builder.fmul(v, i)]), _vt(_I32, 32))
+        builder.store(builder.trunc(q, _vt(_I8, 32)),
+                      _ptr(context, builder, sig.args[3], args[3], args[4], sig.args[4], _vt(_I8, 32)), align=1)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [q.type]),
+                                            "llvm.vector.reduce.add.v32i32")
+        return builder.call(fn, [q])
+    return types.int32(x, off, types.float32, qs, qoff), codegen
+
+
+@intrinsic
+def _round_f16_hw(typingctx, x):
+    """float32 -> nearest fp16 (round to nearest even) -> float32, hardware conversion."""
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), _F32T)
+    return types.float32(types.float32), codegen
+
+
+def _make_fdot(wkind, nt):
+    """intrinsic(w, woff, x, o_1..o_nt, n, res): res[k] = dot(w[woff:woff+n], x[o_k:o_k+n]) for k < nt.
+
+    ``w`` is float32 (F32), uint16 fp16 bits (F16) or uint16 bf16 bits (BF16); ``x`` float32 (flat
+    offsets).  Per dot: 32 lane sums acc[j] += w[32i+j]*x[32i+j] for i in order, the n % 32 tail
+    added to lanes 0..n%32-1, then the tree acc[:16]+acc[16:], ..., down to one lane.  Each weight
+    chunk is loaded and converted once for the ``nt`` activation rows."""
+    v32f = _vt(_F32T, 32)
+
+    def widen(builder, wv):
+        if wkind == F16:
+            return _h2f_ir(builder, wv)
+        if wkind == BF16:
+            return builder.bitcast(builder.shl(builder.zext(wv, _vt(_I32, wv.type.count)),
+                                               _splat(_I32, wv.type.count, 16)), _vt(_F32T, wv.type.count))
+        return wv
+
+    def codegen(context, builder, sig, args):
+        welt = _F32T if wkind == F32 else _I16
+        wp = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], welt)
+        xps = [_ptr(context, builder, sig.args[2], args[2], args[3 + k], sig.args[3 + k], _F32T) for k in range(nt)]
+        n = context.cast(builder, args[3 + nt], sig.args[3 + nt], types.intp)
+        full = builder.udiv(n, ir.Constant(_I64, 32))
+        rem = builder.urem(n, ir.Constant(_I64, 32))
+        slots = [cgutils.alloca_once_value(builder, ir.Constant(v32f, [ir.Constant(_F32T, 0.0)] * 32))
+                 for _ in range(nt)]
+
+        def vec_at(p, i, ty):
+            return builder.bitcast(builder.gep(p, [builder.mul(i, ir.Constant(_I64, 32))]), ty.as_pointer())
+        with cgutils.for_range(builder, full) as loop:
+            wv = widen(builder, _load(builder, vec_at(wp, loop.index, _vt(welt, 32)), align=2))
+            for k in range(nt):
+                xv = _load(builder, vec_at(xps[k], loop.index, v32f), align=4)
+                builder.store(builder.fadd(builder.load(slots[k]), builder.fmul(wv, xv)), slots[k])
+        base = builder.mul(full, ir.Constant(_I64, 32))
+        with cgutils.for_range(builder, rem) as loop:  # tail: lane j gets element base + j
+            j = loop.index
+            e = builder.add(base, j)
+            wv = builder.load(builder.gep(wp, [e]), align=2)
+            if wkind != F32:
+                wv = builder.extract_element(widen(builder, builder.insert_element(
+                    ir.Constant(_vt(_I16, 1), None), wv, ir.Constant(_I32, 0))), ir.Constant(_I32, 0))
+            lane = builder.trunc(j, _I32)
+            for k in range(nt):
+                acc = builder.load(slots[k])
+                v = builder.fadd(builder.extract_element(acc, lane),
+                                 builder.fmul(wv, builder.load(builder.gep(xps[k], [e]), align=4)))
+                builder.store(builder.insert_element(acc, v, lane), slots[k])
+        resp = _ptr(context, builder, sig.args[4 + nt], args[4 + nt], ir.Constant(_I64, 0), types.int64, _F32T)
+        for k in range(nt):
+            v = builder.load(slots[k])
+            h = 16
+            while h >= 1:
+                v = builder.fadd(builder.shuffle_vector(v, v, _idx(*range(h))),
+                                 builder.shuffle_vector(v, v, _idx(*range(h, 2 * h))))
+                h //= 2
+            builder.store(builder.extract_element(v, ir.Constant(_I32, 0)),
+                          builder.gep(resp, [ir.Constant(_I64, k)]), align=4)
+        return context.get_dummy_value()
+
+    if nt == 1:
+        @intrinsic
+        def fdot(typingctx, w, woff, x, o0, n, res):
+            return types.none(w, woff, x, o0, n, res), codegen
+    else:
+        @intrinsic
+        def fdot(typingctx, w, woff, x, o0, o1, o2, o3, n, res):
+            return types.none(w, woff, x, o0, o1, o2, o3, n, res), codegen
+    return fdot
+
+
+_fdot1_f32, _fdot4_f32 = _make_fdot(F32, 1), _make_fdot(F32, 4)
+_fdot1_f16, _fdot4_f16 = _make_fdot(F16, 1), _make_fdot(F16, 4)
+_fdot1_bf16, _fdot4_bf16 = _make_fdot(BF16, 1), _make_fdot(BF16, 4)
+
+# --------------------------------------------------------------------------------------------------
+# scalar helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _h2f_exact(h):
+    """fp16 bits -> float32, bitwise (keeps NaN payloads unquieted, as numpy does)."""
+    h = np.uint32(h)
+    s = np.uint32((h & np.uint32(0x8000)) << np.uint32(16))
+    em = np.uint32(h & np.uint32(0x7FFF))
+    sub = np.float32(np.float32(em) * np.float32(5.9604644775390625e-08)).view(np.uint32)  # em * 2^-24
+    nrm = np.uint32((em << np.uint32(13)) + np.uint32(0x38000000))
+    inf = np.uint32((em << np.uint32(13)) + np.uint32(0x70000000))
+    b = sub if em < np.uint32(0x400) else (inf if em >= np.uint32(0x7C00) else nrm)
+    return np.uint32(b | s).view(np.float32)
+
+
+@njit(cache=True)
+def _round_f16_sw(x):
+    """float32 -> nearest fp16 (round to nearest even, as numpy's npy_floatbits_to_halfbits) -> float32."""
+    f = np.float32(x).view(np.uint32)
+    hs = np.uint32((f & np.uint32(0x80000000)) >> np.uint32(16))
+    fe = np.uint32(f & np.uint32(0x7F800000))
+    fm = np.uint32(f & np.uint32(0x007FFFFF))
+    if fe >= np.uint32(0x47800000):            # overflow to inf, or inf / NaN
+        if fe == np.uint32(0x7F800000) and fm != np.uint32(0):
+            hb = np.uint32(np.uint32(0x7C00) + (fm >> np.uint32(13)))
+            if hb == np.uint32(0x7C00):
+                hb = np.uint32(0x7C01)
+        else:
+            hb = np.uint32(0x7C00)
+    elif fe <= np.uint32(0x38000000):          # half subnormal or zero
+        if fe < np.uint32(0x33000000):
+            hb = np.uint32(0)
+        else:
+            e = np.uint32(fe >> np.uint32(23))
+            sig = np.uint32(np.uint32(0x00800000) + fm)
+            sig = np.uint32(sig >> np.uint32(np.uint32(113) - e))
+            tie = np.uint32(sig & np.uint32(0x3FFF)) == np.uint32(0x1000)
+            if not tie or np.uint32(f & np.uint32(0x7FF)) != np.uint32(0):
+                sig = np.uint32(sig + np.uint32(0x1000))
+            hb = np.uint32(sig >> np.uint32(13))
+    else:
+        he = np.uint32((fe - np.uint32(0x38000000)) >> np.uint32(13))
+        if np.uint32(fm & np.uint32(0x3FFF)) != np.uint32(0x1000):
+            fm = np.uint32(fm + np.uint32(0x1000))
+        hb = np.uint32(he + (fm >> np.uint32(13)))
+    return _h2f_exact(np.uint32(hs | hb))
+
+
+_round_f16 = _round_f16_hw if _HW_F16 else _round_f16_sw
+
+
+@njit(cache=True, inline="always")
+def _round_bf16(x):
+    """float32 -> bf16 (round to nearest even, NaN forced quiet; ggml_compute_fp32_to_bf16) -> float32."""
+    u = np.float32(x).view(np.uint32)
+    nan = np.uint32(u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    qnan = np.uint32(np.uint32(u & np.uint32(0xFFFF0000)) | np.uint32(0x00400000))
+    rne = np.uint32(np.uint32(u + np.uint32(np.uint32(0x7FFF) + np.uint32((u >> np.uint32(16)) & np.uint32(1))))
+                    & np.uint32(0xFFFF0000))
+    return np.uint32(qnan if nan else rne).view(np.float32)
+
+
+@njit(cache=True)
+def _chunks(n_items, nthreads):
+    return max(1, min(n_items, nthreads))
+
+
+# --------------------------------------------------------------------------------------------------
+# block unpacking (one weight row at a time)
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _bias(kind):
+    if kind == Q4_0:
+        return 8
+    if kind == Q5_0:
+        return 16
+    if kind == Q8_0 or kind == IQ4_NL:
+        return 128
+    return 0
+
+
+@njit(cache=True, inline="always")
+def _scales_row(kind, wr, dw, mw):
+    """d (and m for Q4_1/Q5_1) of every block of one quantized weight row, as float32."""
+    nb = dw.shape[0]
+    if kind == Q4_1:
+        for b in range(nb):
+            dw[b] = _f16_at(wr, b * 20)
+            mw[b] = _f16_at(wr, b * 20 + 2)
+    elif kind == Q5_1:
+        for b in range(nb):
+            dw[b] = _f16_at(wr, b * 24)
+            mw[b] = _f16_at(wr, b * 24 + 2)
+    elif kind == Q5_0:
+        for b in range(nb):
+            dw[b] = _f16_at(wr, b * 22)
+    elif kind == Q8_0:
+        for b in range(nb):
+            dw[b] = _f16_at(wr, b * 34)
+    else:  # Q4_0, IQ4_NL
+        for b in range(nb):
+            dw[b] = _f16_at(wr, b * 18)
+
+
+@njit(cache=True, inline="always")
+def _block_bytes(kind):
+    if kind == Q4_1:
+        return 20
+    if kind == Q5_0:
+        return 22
+    if kind == Q5_1:
+        return 24
+    if kind == Q8_0:
+        return 34
+    return 18  # Q4_0, IQ4_NL
+
+
+@njit(cache=True)
+def _unpack_row(kind, wr, u, nb):
+    """u[32b + j] = q + BIAS (uint8) for every block b < nb of one quantized weight row."""
+    if kind == Q4_0:
+        for b in range(nb):
+            _unpack_q4_0(wr, b * 18, u, b * QK)
+    elif kind == Q4_1:
+        for b in range(nb):
+            _unpack_q4_1(wr, b * 20, u, b * QK)
+    elif kind == Q5_0:
+        for b in range(nb):
+            _unpack_q5_0(wr, b * 22, u, b * QK)
+    elif kind == Q5_1:
+        for b in range(nb):
+            _unpack_q5_1(wr, b * 24, u, b * QK)
+    elif kind == Q8_0:
+        for b in range(nb):
+            _unpack_q8_0(wr, b * 34, u, b * QK)
+    else:  # IQ4_NL
+        for b in range(nb):
+            _unpack_iq4_nl(wr, b * 18, u, b * QK)
+
+
+@njit(cache=True, inline="always")
+def _qdot_row(kind, wr, aq, asum, bias, isum, dw, mw, ubuf, nb):
+    """isum[b] = exact int dot of block b of one packed weight row with aq (no unpacked copy); also the
+    row's scales into dw (and mins into mw)."""
+    nb4 = nb - nb % 4
+    if kind == Q4_0:
+        for b in range(0, nb4, 4):
+            _qdot4_q4_0(wr, b * 18, aq, b * QK, asum, bias, isum, b, dw, mw)
+    elif kind == Q4_1:
+        for b in range(0, nb4, 4):
+            _qdot4_q4_1(wr, b * 20, aq, b * QK, asum, bias, isum, b, dw, mw)
+    elif kind == Q5_0:
+        for b in range(0, nb4, 4):
+            _qdot4_q5_0(wr, b * 22, aq, b * QK, asum, bias, isum, b, dw, mw)
+    elif kind == Q5_1:
+        for b in range(0, nb4, 4):
+            _qdot4_q5_1(wr, b * 24, aq, b * QK, asum, bias, isum, b, dw, mw)
+    elif kind == Q8_0:
+        for b in range(0, nb4, 4):
+            _qdot4_q8_0(wr, b * 34, aq, b * QK, asum, bias, isum, b, dw, mw)
+    else:
+        for b in range(0, nb4, 4):
+            _qdot4_iq4_nl(wr, b * 18, aq, b * QK, asum, bias, isum, b, dw, mw)
+    if nb4 < nb:  # the last nb % 4 blocks: unpack the row's tail, then single-block dots
+        bb = _block_bytes(kind)
+        tail = wr[nb4 * bb:]
+        _unpack_row(kind, tail, ubuf, nb - nb4)
+        _scales_row(kind, tail, dw[nb4:], mw[nb4:])
+        for b in range(nb4, nb):
+            isum[b] = _idot1(ubuf, (b - nb4) * QK, aq, b * QK) - bias * asum[b]
+
+
+@njit(cache=True, inline="always")
+def _qdot_row_x4(kind, w, woff, aq, o0, o1, o2, o3, asum4, bias, isum4, nb):
+    """isum4[b, k] = exact int dot of block b of the packed weight row at w[woff:] with 4 activation rows
+    (flat offsets o0..o3 into aq); each weight block is unpacked once for the 4 rows."""
+    if kind == Q4_0:
+        for b in range(nb):
+            _qdot1x4_q4_0(w, woff + b * 18, aq, o0 + b * QK, o1 + b * QK, o2 + b * QK, o3 + b * QK,
+                          asum4, bias, isum4, 4 * b)
+    elif kind == Q4_1:
+        for b in range(nb):
+            _qdot1x4_q4_1(w, woff + b * 20, aq, o0 + b * QK, o1 + b * QK, o2 + b * QK, o3 + b * QK,
+                          asum4, bias, isum4, 4 * b)
+    elif kind == Q5_0:
+        for b in range(nb):
+            _qdot1x4_q5_0(w, woff + b * 22, aq, o0 + b * QK, o1 + b * QK, o2 + b * QK, o3 + b * QK,
+                          asum4, bias, isum4, 4 * b)
+    elif kind == Q5_1:
+        for b in range(nb):
+            _qdot1x4_q5_1(w, woff + b * 24, aq, o0 + b * QK, o1 + b * QK, o2 + b * QK, o3 + b * QK,
+                          asum4, bias, isum4, 4 * b)
+    elif kind == Q8_0:
+        for b in range(nb):
+            _qdot1x4_q8_0(w, woff + b * 34, aq, o0 + b * QK, o1 + b * QK, o2 + b * QK, o3 + b * QK,
+                          asum4, bias, isum4, 4 * b)
+    else:
+        for b in range(nb):
+            _qdot1x4_iq4_nl(w, woff + b * 18, aq, o0 + b * QK, o1 + b * QK, o2 + b * QK, o3 + b * QK,
+                            asum4, bias, isum4, 4 * b)
+
+
+# --------------------------------------------------------------------------------------------------
+# dequantization
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True)
+def _dequant_quant(w, kind, out, nthreads):
+    rows, ncols = out.shape
+    nb = ncols // QK
+    has_min = kind == Q4_1 or kind == Q5_1
+    bias = _bias(kind)
+    nch = _chunks(rows, 4 * nthreads)
+    for c in prange(nch):
+        u = np.empty(ncols, np.uint8)
+        dw = np.empty(nb, np.float32)
+        mw = np.zeros(nb, np.float32)
+        for r in range(c * rows // nch, (c + 1) * rows // nch):
+            _scales_row(kind, w[r], dw, mw)
+            _unpack_row(kind, w[r], u, nb)
+            orow = out[r]
+            for b in range(nb):
+                _dequant_block(u, b * QK, bias, dw[b], mw[b], has_min, orow, b * QK)
+
+
+@njit(cache=True, parallel=True)
+def _dequant_f16_kernel(w, out):
+    rows, ncols = out.shape
+    for r in prange(rows):
+        for i in range(ncols):
+            out[r, i] = _h2f_exact(w[r, i])
+
+
+@njit(cache=True, parallel=True)
+def _dequant_bf16_kernel(w, out):
+    rows, ncols = out.shape
+    for r in prange(rows):
+        for i in range(ncols):
+            out[r, i] = np.uint32(np.uint32(w[r, i]) << np.uint32(16)).view(np.float32)
+
+
+def _check_quant(w, out, kind):
+    rows, ncols = out.shape
+    if ncols % QK or w.shape != (rows, ncols // QK * BLOCK_BYTES[kind]) or w.dtype != np.uint8:
+        raise ValueError(f"weight {w.dtype}{w.shape} does not match output {out.shape} for type {kind}")
+    if out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("out must be a C-contiguous float32 array")
+    return np.ascontiguousarray(w)
+
+
+def _make_dequant(kind, name):
+    def dequant(w, out):
+        _dequant_quant(_check_quant(w, out, kind), kind, out, numba.get_num_threads())
+        return out
+    dequant.__name__ = dequant.__qualname__ = f"dequant_{name}"
+    dequant.__doc__ = f"Dequantize a {name.upper()} weight (uint8 (rows, row_bytes)) into out float32 (rows, ncols)."
+    return dequant
+
+
+dequant_q4_0 = _make_dequant(Q4_0, "q4_0")
+dequant_q4_1 = _make_dequant(Q4_1, "q4_1")
+dequant_q5_0 = _make_dequant(Q5_0, "q5_0")
+dequant_q5_1 = _make_dequant(Q5_1, "q5_1")
+dequant_q8_0 = _make_dequant(Q8_0, "q8_0")
+dequant_iq4_nl = _make_dequant(IQ4_NL, "iq4_nl")
+
+
+def dequant_f32(w, out):
+    """F32 weight float32 (rows, ncols) -> out (a copy)."""
+    out[...] = w
+    return out
+
+
+def dequant_f16(w, out):
+    """F16 weight float16 (rows, ncols) -> out float32 (exact, NaN payloads kept as numpy does)."""
+    _dequant_f16_kernel(np.ascontiguousarray(w).view(np.uint16), out)
+    return out
+
+
+def dequant_bf16(w, out):
+    """BF16 weight as raw uint16 bits (rows, ncols) -> out float32 (exact)."""
+    _dequant_bf16_kernel(np.ascontiguousarray(w).view(np.uint16), out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# activation quantizers
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True)
+def _act_q8_kernel(x, qs, d, s, with_sum):
+    """llama.cpp quantize_row_q8_0/q8_1 (x86 SIMD path): per block amax, d = amax/127, id = 127/amax,
+    q = round_half_even(x*id); d stored as fp16; s = fp16(d * sum(q)) with the unrounded d."""
+    T, n = x.shape
+    nb = n // QK
+    c127 = np.float32(127.0)
+    for t in prange(T):
+        xr = x[t]
+        qr = qs[t]
+        for b in range(nb):
+            amax = _absmax32(xr, b * QK)
+            db = amax / c127
+            idb = c127 / amax if amax != np.float32(0.0) else np.float32(0.0)
+            isum = _quant32(xr, b * QK, idb, qr, b * QK)
+            d[t, b] = _round_f16(db)
+            if with_sum:
+                s[t, b] = _round_f16(db * np.float32(isum))
+
+
+def _act_input(x):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"activations must be 2-D (T, n), got shape {x.shape}")
+    return x
+
+
+def act_q8_0(x):
+    """x float32 (T, n), n % 32 == 0 -> (qs int8 (T, n), d float32 (T, n//32), d fp16-rounded)."""
+    x = _act_input(x)
+    T, n = x.shape
+    if n % QK:
+        raise ValueError(f"q8_0 activations need n % 32 == 0, got n={n}")
+    qs = np.empty((T, n), np.int8)
+    d = np.empty((T, n // QK), np.float32)
+    _act_q8_kernel(x, qs, d, d, False)
+    return qs, d
+
+
+def act_q8_1(x):
+    """x float32 (T, n) -> (qs int8 (T, n), d float32 (T, n//32), s float32 (T, n//32)), d and s fp16-rounded."""
+    x = _act_input(x)
+    T, n = x.shape
+    if n % QK:
+        raise ValueError(f"q8_1 activations need n % 32 == 0, got n={n}")
+    qs = np.empty((T, n), np.int8)
+    d = np.empty((T, n // QK), np.float32)
+    s = np.empty((T, n // QK), np.float32)
+    _act_q8_kernel(x, qs, d, s, True)
+    return qs, d, s
+
+
+@njit(cache=True, parallel=True)
+def _act_f16_kernel(x, out):
+    T, n = x.shape
+    for t in prange(T):
+        for i in range(n):
+            out[t, i] = _round_f16(x[t, i])
+
+
+@njit(cache=True, parallel=True)
+def _act_bf16_kernel(x, out):
+    T, n = x.shape
+    for t in prange(T):
+        for i in range(n):
+            out[t, i] = _round_bf16(x[t, i])
+
+
+def act_f32(x):
+    """x float32 (T, n) -> (x,) (C-contiguous float32)."""
+    return (_act_input(x),)
+
+
+def act_f16(x):
+    """x float32 (T, n) -> (x rounded to fp16 (nearest even), as float32,)."""
+    x = _act_input(x)
+    out = np.empty_like(x)
+    _act_f16_kernel(x, out)
+    return (out,)
+
+
+def act_bf16(x):
+    """x float32 (T, n) -> (x rounded to bf16 (nearest even, ggml_compute_fp32_to_bf16), as float32,)."""
+    x = _act_input(x)
+    out = np.empty_like(x)
+    _act_bf16_kernel(x, out)
+    return (out,)
+
+
+# --------------------------------------------------------------------------------------------------
+# quantized matmul
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True)
+def _act_block_sums(aq, out):
+    T, n = aq.shape
+    for t in prange(T):
+        for b in range(n // QK):
+            s = 0
+            for j in range(QK):
+                s += aq[t, b * QK + j]
+            out[t, b] = s
+
+
+@njit(cache=True, parallel=True)
+def _mm_quant(w, kind, aq, ad, as_, out, nthreads):
+    """out[t, r] = sum over blocks b, in order, of (dw*da)*isum (+ mw*sa for Q4_1/Q5_1), float32.
+
+    T == 1 (decode): 4 weight rows at a time, dots straight from the packed blocks, 4 scalar chains.
+    T > 1: per weight row, activation rows in groups of 4 (the last group repeats row T-1): each weight
+    block is unpacked once per group and the 4 float chains run as the lanes of one vector.
+    The integer sums are exact and the float operations per (t, r) are the same in both paths."""
+    rows = w.shape[0]
+    T, n = aq.shape
+    nb = n // QK
+    rb = w.shape[1]
+    has_min = kind == Q4_1 or kind == Q5_1
+    bias = _bias(kind)
+    asum = np.empty((T, nb), np.int32)
+    _act_block_sums(aq, asum)
+    if T == 1:
+        ngroups = (rows + _RG - 1) // _RG
+        nch = _chunks(ngroups, nthreads)
+        for c in prange(nch):
+            ubuf = np.zeros(4 * QK, np.uint8)
+            dw = np.zeros((_RG, nb), np.float32)
+            mw = np.zeros((_RG, nb), np.float32)
+            isum = np.zeros((_RG, nb), np.int32)
+            for g in range(c * ngroups // nch, (c + 1) * ngroups // nch):
+                r0 = g * _RG
+                nr = min(_RG, rows - r0)
+                for k in range(nr):
+                    _qdot_row(kind, w[r0 + k], aq[0], asum[0], bias, isum[k], dw[k], mw[k], ubuf, nb)
+                for k in range(nr, _RG):  # tail group: harmless zero rows, never stored
+                    dw[k, :] = 0.0
+                    mw[k, :] = 0.0
+                    isum[k, :] = 0
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                if has_min:
+                    for b in range(nb):
+                        da = ad[0, b]
+                        sa = as_[0, b]
+                        a0 += (dw[0, b] * da) * np.float32(isum[0, b]) + mw[0, b] * sa
+                        a1 += (dw[1, b] * da) * np.float32(isum[1, b]) + mw[1, b] * sa
+                        a2 += (dw[2, b] * da) * np.float32(isum[2, b]) + mw[2, b] * sa
+                        a3 += (dw[3, b] * da) * np.float32(isum[3, b]) + mw[3, b] * sa
+                else:
+                    for b in range(nb):
+                        da = ad[0, b]
+                        a0 += (dw[0, b] * da) * np.float32(isum[0, b])
+                        a1 += (dw[1, b] * da) * np.float32(isum[1, b])
+                        a2 += (dw[2, b] * da) * np.float32(isum[2, b])
+                        a3 += (dw[3, b] * da) * np.float32(isum[3, b])
+                out[0, r0] = a0
+                if nr > 1:
+                    out[0, r0 + 1] = a1
+                if nr > 2:
+                    out[0, r0 + 2] = a2
+                if nr > 3:
+                    out[0, r0 + 3] = a3
+        return
+    # T > 1: activation scales / sums regrouped as (T4, nb, 4), lane k = row min(4*g+k, T-1)
+    T4 = (T + 3) // 4
+    ad4 = np.empty((T4, nb, 4), np.float32)
+    as4 = np.empty((T4, nb, 4), np.float32)
+    asum4 = np.empty((T4, nb, 4), np.int32)
+    for g4 in range(T4):
+        for k in range(4):
+            t = min(4 * g4 + k, T - 1)
+            for b in range(nb):
+                ad4[g4, b, k] = ad[t, b]
+                as4[g4, b, k] = as_[t, b]
+                asum4[g4, b, k] = asum[t, b]
+    nch = _chunks(rows, nthreads)
+    for c in prange(nch):
+        dw = np.zeros(nb, np.float32)
+        mw = np.zeros(nb, np.float32)
+        isum4 = np.zeros((nb, 4), np.int32)
+        res = np.zeros(4, np.float32)
+        for r in range(c * rows // nch, (c + 1) * rows // nch):
+            _scales_row(kind, w[r], dw, mw)
+            for g4 in range(T4):
+                t0 = 4 * g4
+                _qdot_row_x4(kind, w, r * rb, aq, t0 * n, min(t0 + 1, T - 1) * n, min(t0 + 2, T - 1) * n,
+                             min(t0 + 3, T - 1) * n, asum4[g4], bias, isum4, nb)
+                _facc4(dw, mw, isum4, ad4[g4], as4[g4], nb, has_min, res)
+                for k in range(min(4, T - t0)):
+                    out[t0 + k, r] = res[k]
+
+
+def _check_mm(w, kind, qs, d, out):
+    T, n = qs.shape
+    rows = w.shape[0]
+    if n % QK or w.dtype != np.uint8 or w.shape != (rows, n // QK * BLOCK_BYTES[kind]):
+        raise ValueError(f"weight {w.dtype}{w.shape} does not match activations {qs.shape} for type {kind}")
+    if qs.dtype != np.int8 or d.shape != (T, n // QK):
+        raise ValueError("activations must be (qs int8 (T, n), d float32 (T, n//32), ...)")
+    if out.shape != (T, rows) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {(T, rows)}, got {out.dtype}{out.shape}")
+    return np.ascontiguousarray(w), np.ascontiguousarray(qs), np.ascontiguousarray(d, dtype=np.float32)
+
+
+def _make_mm_q8_0(kind, name):
+    def matmul(w, qs, d, out):
+        w, qs, d = _check_mm(w, kind, qs, d, out)
+        _mm_quant(w, kind, qs, d, d, out, numba.get_num_threads())
+        return out
+    matmul.__name__ = matmul.__qualname__ = f"matmul_{name}"
+    matmul.__doc__ = (f"out[t, r] = W[r] . x[t] for a {name.upper()} weight and act_q8_0 activations "
+                      "(qs, d); out float32 (T, rows).")
+    return matmul
+
+
+def _make_mm_q8_1(kind, name):
+    def matmul(w, qs, d, s, out):
+        w, qs, d = _check_mm(w, kind, qs, d, out)
+        _mm_quant(w, kind, qs, d, np.ascontiguousarray(s, dtype=np.float32), out, numba.get_num_threads())
+        return out
+    matmul.__name__ = matmul.__qualname__ = f"matmul_{name}"
+    matmul.__doc__ = (f"out[t, r] = W[r] . x[t] for a {name.upper()} weight and act_q8_1 activations "
+                      "(qs, d, s); out float32 (T, rows).")
+    return matmul
+
+
+matmul_q4_0 = _make_mm_q8_0(Q4_0, "q4_0")
+matmul_q5_0 = _make_mm_q8_0(Q5_0, "q5_0")
+matmul_q8_0 = _make_mm_q8_0(Q8_0, "q8_0")
+matmul_iq4_nl = _make_mm_q8_0(IQ4_NL, "iq4_nl")
+matmul_q4_1 = _make_mm_q8_1(Q4_1, "q4_1")
+matmul_q5_1 = _make_mm_q8_1(Q5_1, "q5_1")
+
+# --------------------------------------------------------------------------------------------------
+# float matmul (F32 / F16 / BF16 weights)
+# --------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True)
+def _mm_float(w, wkind, x, out, nthreads):
+    """out[t, r] = dot(w[r], x[t]) (see ``_make_fdot`` for the fixed order); activation rows in groups
+    of 4 per weight-row pass (the last group repeats row T-1), T == 1 on its own."""
+    rows, n = w.shape
+    T = x.shape[0]
+    nch = _chunks(rows, nthreads)
+    for c in prange(nch):
+        res = np.zeros(4, np.float32)
+        for r in range(c * rows // nch, (c + 1) * rows // nch):
+            wo = r * n
+            if T == 1:
+                if wkind == F32:
+                    _fdot1_f32(w, wo, x, 0, n, res)
+                elif wkind == F16:
+                    _fdot1_f16(w, wo, x, 0, n, res)
+                else:
+                    _fdot1_bf16(w, wo, x, 0, n, res)
+                out[0, r] = res[0]
+                continue
+            for t0 in range(0, T, 4):
+                o0 = t0 * n
+                o1 = min(t0 + 1, T - 1) * n
+                o2 = min(t0 + 2, T - 1) * n
+                o3 = min(t0 + 3, T - 1) * n
+                if wkind == F32:
+                    _fdot4_f32(w, wo, x, o0, o1, o2, o3, n, res)
+                elif wkind == F16:
+                    _fdot4_f16(w, wo, x, o0, o1, o2, o3, n, res)
+                else:
+                    _fdot4_bf16(w, wo, x, o0, o1, o2, o3, n, res)
+                for k in range(min(4, T - t0)):
+                    out[t0 + k, r] = res[k]
+
+
+def _check_float_mm(w, x, out):
+    rows, n = w.shape
+    if x.ndim != 2 or x.shape[1] != n or x.dtype != np.float32:
+        raise ValueError(f"activations must be float32 (T, {n}), got {x.dtype}{x.shape}")
+    if out.shape != (x.shape[0], rows) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {(x.shape[0], rows)}, got {out.dtype}{out.shape}")
+    return np.ascontiguousarray(x)
+
+
+def matmul_f32(w, x, out):
+    """out[t, r] = W[r] . x[t] for an F32 weight (rows, n) and act_f32 activations; float32, fixed order."""
+    x = _check_float_mm(w, x, out)
+    _mm_float(np.ascontiguousarray(w, dtype=np.float32), F32, x, out, numba.get_num_threads())
+    return out
+
+
+def matmul_f16(w, x, out):
+    """out[t, r] = W[r] . x[t] for an F16 weight (float16 (rows, n)) and act_f16 activations."""
+    x = _check_float_mm(w, x, out)
+    _mm_float(np.ascontiguousarray(w).view(np.uint16), F16, x, out, numba.get_num_threads())
+    return out
+
+
+def matmul_bf16(w, x, out):
+    """out[t, r] = W[r] . x[t] for a BF16 weight (uint16 bits (rows, n)) and act_bf16 activations."""
+    x = _check_float_mm(w, x, out)
+    _mm_float(np.ascontiguousarray(w).view(np.uint16), BF16, x, out, numba.get_num_threads())
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# registries
+# --------------------------------------------------------------------------------------------------
+
+KERNELS = {
+    F32: (dequant_f32, matmul_f32),
+    F16: (dequant_f16, matmul_f16),
+    BF16: (dequant_bf16, matmul_bf16),
+    Q4_0: (dequant_q4_0, matmul_q4_0),
+    Q4_1: (dequant_q4_1, matmul_q4_1),
+    Q5_0: (dequant_q5_0, matmul_q5_0),
+    Q5_1: (dequant_q5_1, matmul_q5_1),
+    Q8_0: (dequant_q8_0, matmul_q8_0),
+    IQ4_NL: (dequant_iq4_nl, matmul_iq4_nl),
+}
+
+ACT = {"q8_0": act_q8_0, "q8_1": act_q8_1, "f32": act_f32, "f16": act_f16, "bf16": act_bf16}
