@@ -3,6 +3,8 @@
     llamba run [-m MODEL] -p PROMPT [-n N] [-t THREADS] [-c CTX] [--temp T] [--top-k K] [--top-p P] [--min-p P]
                [--repeat-penalty R] [--seed S]
     llamba info MODEL
+    llamba chat [-m MODEL] [--system TEXT] [--chat-template NAME|FILE] [sampling flags]   (interactive REPL)
+    llamba serve [-m MODEL] [--host 127.0.0.1] [--port 8080] [--api-key KEY]   (OpenAI-compatible HTTP server)
 
 Errors print one line to stderr and exit with status 1 (no traceback).
 """
@@ -23,6 +25,9 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", default="0",
                    help="layers to offload to the GPU (N, -1 or 'all')")
     p.add_argument("--tensor-split", default=None, help="GPU split proportions, e.g. 3,1")
+    p.add_argument("--split-mode", "-sm", default="layer", choices=["none", "layer", "row"],
+                   help="how to use several GPUs: layer (contiguous layer ranges, default) or none (--main-gpu)")
+    p.add_argument("--main-gpu", "-mg", type=int, default=0, help="the GPU used with --split-mode none")
     p.add_argument("--verbose", action="store_true", help="print load details")
 
 
@@ -55,6 +60,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--special", action="store_true", help="parse special tokens in the prompt")
     _add_sampling_args(run)
     _add_spec_args(run)
+    chat = sub.add_parser("chat", help="interactive chat in the terminal (multi-turn, reuses the KV cache)",
+                          description="Chat with a model through its chat template. Commands: /reset clears the "
+                                      "conversation, /exit (or Ctrl-D) quits; Ctrl-C stops an answer and keeps it.")
+    _add_model_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                      help="chat template to use instead of the model's: a built-in name (chatml, gemma, llama3, "
+                           "llama2, zephyr, phi3) or a Jinja file")
+    chat.add_argument("-n", "--n-predict", type=int, default=-1, help="max tokens per answer (-1: until end/context)")
+    chat.add_argument("--ignore-eos", action="store_true", help="never stop at end-of-generation tokens (testing)")
+    _add_sampling_args(chat)
+    _add_spec_args(chat)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)",
+                           description="OpenAI-compatible HTTP server on the standard library. One model, one KV "
+                                       "cache: requests are served one at a time in arrival order (n-parallel = 1; "
+                                       "no batched decoding), the others wait in a queue.")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8080, help="port (0: pick a free one; it is printed)")
+    serve.add_argument("-np", "--n-parallel", type=int, default=1,
+                       help="requests decoded at once: llamba supports 1 (others are queued in arrival order)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait before 503 (default 64)")
+    serve.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    serve.add_argument("--timeout", type=float, default=600.0, help="socket timeout in seconds (default 600)")
+    serve.add_argument("--alias", default=None, help="model name reported by the API (default: the file name)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    serve.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                       help="chat template instead of the model's (built-in name or Jinja file)")
+    serve.add_argument("--seed", type=int, default=-1, help="RNG seed for requests without one (-1: random)")
+    _add_spec_args(serve)
     info = sub.add_parser("info", help="describe a GGUF model")
     info.add_argument("model", nargs="?", help="GGUF model file")
     info.add_argument("--devices", action="store_true", help="list GPU devices")
@@ -68,9 +103,18 @@ def _model_path(arg: str | None) -> str:
     return default_model_path()
 
 
-def _warn_gpu(ngl: str):
-    if str(ngl) not in ("0", ""):
-        print("llamba: warning: GPU offload is not available in this build; running on the CPU", file=sys.stderr)
+def _gpu_kwargs(a) -> dict:
+    """The offload options of `_add_model_args` as Llama keyword arguments."""
+    from llamba.backend import parse_ngl
+    return dict(n_gpu_layers=parse_ngl(a.n_gpu_layers), tensor_split=a.tensor_split, split_mode=a.split_mode,
+                main_gpu=a.main_gpu)
+
+
+def _warn_gpu(ngl):
+    """For a command that does not offload: one warning line when -ngl asks for GPU layers."""
+    from llamba.backend import parse_ngl, warn_once
+    if parse_ngl(ngl) != 0:
+        warn_once(f"-ngl {ngl} ignored: this command runs on the CPU")
 
 
 def cmd_run(a) -> int:
@@ -78,11 +122,10 @@ def cmd_run(a) -> int:
     from llamba.sampling import RANDOM_SEED
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     path = _model_path(a.model)
-    _warn_gpu(a.n_gpu_layers)
     t0 = time.perf_counter()
     llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, seed=RANDOM_SEED if a.seed < 0 else a.seed,
                 verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
-                draft_model=a.draft_model)
+                draft_model=a.draft_model, **_gpu_kwargs(a))
     llm._proposer()  # a bad --spec choice fails here, before any output
     t_load = time.perf_counter() - t0
     toks = llm.tokenize(prompt.encode("utf-8"), add_bos=not a.no_bos, special=a.special)
@@ -109,9 +152,157 @@ def cmd_run(a) -> int:
     return 0
 
 
+def _load_for_chat(a):
+    """A Llama for `chat` / `serve`, with a chat template (the built-in gemma one for template-less Gemma)."""
+    from llamba.chat import ChatTemplate
+    from llamba.llama import Llama
+    from llamba.sampling import RANDOM_SEED
+    path = _model_path(a.model)
+    llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, seed=RANDOM_SEED if a.seed < 0 else a.seed,
+                verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
+                draft_model=a.draft_model, chat_template=a.chat_template, **_gpu_kwargs(a))
+    llm._proposer()  # a bad --spec choice fails here
+    if not a.chat_template and not llm.metadata.get("tokenizer.chat_template"):
+        arch = str(llm.metadata.get("general.architecture", ""))
+        if arch.startswith("gemma"):
+            print(f"llamba: {os.path.basename(path)} has no chat template (a base model?); using the built-in "
+                  f"'gemma' template", file=sys.stderr)
+            llm._chat = ChatTemplate.load("gemma", metadata=llm.metadata, tokenizer=llm.tokenizer)
+    return llm
+
+
+def _read_line(prompt: str, use_readline: bool):
+    """One line from stdin without its newline, or None at end of input."""
+    if use_readline:
+        try:
+            return input(prompt)
+        except EOFError:
+            return None
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    line = sys.stdin.readline()
+    return None if line == "" else line.rstrip("\n")
+
+
+def cmd_chat(a) -> int:
+    import signal
+    from llamba.chat import ChatSession
+    llm = _load_for_chat(a)
+    tmpl = llm.get_chat_template()  # no template at all: a clear error before the prompt
+    bias = {int(t): float("-inf") for t in llm.tokenizer.eog_ids} if a.ignore_eos else None
+    sess = ChatSession(llm, system=a.system, temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                       repeat_penalty=a.repeat_penalty, max_tokens=a.n_predict if a.n_predict > 0 else None,
+                       logit_bias=bias)
+    use_readline = False
+    if sys.stdin.isatty() and os.environ.get("TERM", "dumb") != "dumb":
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+            use_readline = True
+        except ImportError:
+            pass
+    out = sys.stdout
+    print(f"llamba: chatting with {os.path.basename(llm.model_path)} (template: {tmpl.name}). /reset clears the "
+          f"conversation, /exit or Ctrl-D quits, Ctrl-C stops an answer.", file=sys.stderr, flush=True)
+    turn = 0
+    while True:
+        try:
+            line = _read_line("> ", use_readline)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: drop the line
+            out.write("\n")
+            continue
+        if line is None:
+            out.write("\n")
+            out.flush()
+            return 0
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit", "/bye"):
+            return 0
+        if cmd == "/reset":
+            sess.reset()
+            turn = 0
+            print("llamba: conversation cleared", file=sys.stderr, flush=True)
+            continue
+        if cmd in ("/help", "/?"):
+            print("commands: /reset (clear the conversation), /exit (quit); Ctrl-C stops an answer", file=sys.stderr)
+            continue
+        stop = {"requested": False}
+
+        def on_sigint(signum, frame):
+            if stop["requested"]:  # a second Ctrl-C: stop even where no text comes out
+                raise KeyboardInterrupt
+            stop["requested"] = True
+
+        old = signal.signal(signal.SIGINT, on_sigint)
+        gen = sess.send(line)
+        forced = False
+        try:
+            for piece in gen:
+                out.write(piece)
+                out.flush()
+                if stop["requested"]:
+                    break
+        except KeyboardInterrupt:
+            forced = True
+        except LlambaError as e:
+            from llamba.errors import ContextOverflowError
+            hint = " (/reset starts a new conversation)" if isinstance(e, ContextOverflowError) else ""
+            print(f"llamba: error: {e}{hint}", file=sys.stderr, flush=True)
+            continue
+        finally:
+            gen.close()
+            signal.signal(signal.SIGINT, old)
+        out.write("\n")
+        out.flush()
+        m = llm.model
+        if forced or (m is not None and getattr(m, "n_past", len(llm.session.tokens)) != len(llm.session.tokens)):
+            llm.reset()  # interrupted inside the model: start the cache over (the history is kept)
+        turn += 1
+        if stop["requested"]:
+            print("llamba: answer interrupted (kept in the conversation)", file=sys.stderr, flush=True)
+        if a.verbose and sess.last:
+            x = sess.last
+            st = x["stats"]
+            note = ""
+            if turn > 1 and not x["extends"]:
+                note = " (the template re-rendered the history: reuse stops where it differs)"
+            print(f"llamba: turn {turn}: prompt {x['n_prompt_tokens']} tokens = {x['n_reused']} reused + "
+                  f"{x['n_new']} new ({st.prompt_tps if st else 0:.1f} tokens/s) | generated {x['n_gen']} "
+                  f"tokens ({st.gen_tps if st else 0:.1f} tokens/s){note}", file=sys.stderr, flush=True)
+
+
+def cmd_serve(a) -> int:
+    from llamba.server import make_server
+    llm = _load_for_chat(a)
+    try:
+        llm.get_chat_template()
+    except LlambaError as e:
+        print(f"llamba: warning: /v1/chat/completions is unavailable: {e}", file=sys.stderr)
+    if a.n_parallel != 1:
+        print(f"llamba: note: --n-parallel {a.n_parallel}: llamba decodes one request at a time; the others wait "
+              f"in a queue", file=sys.stderr)
+    srv = make_server(llm, a.host, a.port, alias=a.alias, max_body=a.max_body, max_queue=a.max_queue,
+                      timeout=a.timeout if a.timeout > 0 else None, verbose=a.verbose, api_key=a.api_key)
+    host, port = srv.server_address[:2]
+    if host not in ("127.0.0.1", "::1", "localhost") and not a.api_key:
+        print(f"llamba: warning: listening on {host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+    print(f"llamba: serving {srv.service.alias} on http://{host}:{port} (n-parallel 1: requests are queued and "
+          f"served one at a time; Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+    finally:
+        srv.server_close()
+    return 0
+
+
 def cmd_info(a) -> int:
     if a.devices:
-        print("devices: none (GPU offload is not built into this llamba)")
+        from llamba.backend import describe_devices
+        print("\n".join(describe_devices()))
         if not a.model:
             return 0
     from llamba.gguf import GGUFFile
@@ -151,6 +342,10 @@ def main(argv=None) -> int:
             return cmd_run(a)
         if a.cmd == "info":
             return cmd_info(a)
+        if a.cmd == "chat":
+            return cmd_chat(a)
+        if a.cmd == "serve":
+            return cmd_serve(a)
     except LlambaError as e:
         print(f"llamba: error: {e}", file=sys.stderr)
         return 1

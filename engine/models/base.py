@@ -65,6 +65,7 @@ class BaseModel:
 
     config = None
     n_past = 0
+    out_dev = None  # GPU offload (llamba.offload): the output layer on its device, set by offload_model
 
     def check_room(self, n_tokens: int):
         if self.n_past + n_tokens > self.n_ctx:
@@ -254,6 +255,10 @@ class Transformer(BaseModel):
         for blk in self.blocks:
             x = blk(x, pos, n_kv, self.kv, self.rope, gemm)
         rows = self._logit_rows(T, logits)
+        if self.out_dev is not None:  # offload: norm + head on the output device; host hidden/logits back
+            self.hidden, out = self.out_dev(x, rows, keep_hidden, gemm)
+            self.n_past += T
+            return out
         hN = rms_norm(x if keep_hidden else np.ascontiguousarray(x[rows]), self.output_norm, self.config.eps)
         self.hidden = hN if keep_hidden else None
         self.n_past += T

@@ -275,6 +275,11 @@ class Qwen35(BaseModel):
             else:
                 x = blk(x, pos, n_kv, self.kv, self.rope, gemm)
         rows = self._logit_rows(T, logits)
+        if self.out_dev is not None:  # offload: norm + head on the output device; host hidden/logits back
+            self.hidden, out = self.out_dev(x, rows, keep_hidden, gemm)
+            self._snap = (self.n_past, before, snaps, T) if snapshots else None
+            self.n_past += T
+            return out
         hN = rms_norm(x if keep_hidden else np.ascontiguousarray(x[rows]), self.output_norm, self.config.eps)
         self.hidden = hN if keep_hidden else None
         self._snap = (self.n_past, before, snaps, T) if snapshots else None
@@ -319,6 +324,10 @@ class MTPHead(BaseModel):
         if gemm is None:
             gemm = T >= GEMM_MIN_BATCH
         pos = np.arange(self.n_past, self.n_past + T, dtype=np.int64)
+        if self.out_dev is not None:  # offload: the whole nextn layer on its device; host hidden/logits back
+            self.hidden, out = self.out_dev(self, tokens, h_prev, pos, self._logit_rows(T, logits), gemm)
+            self.n_past += T
+            return None if logits == "none" else out
         e = rms_norm(self.embed(tokens), self.enorm, self.eps)
         hh = rms_norm(np.ascontiguousarray(h_prev, dtype=np.float32).reshape(T, -1), self.hnorm, self.eps)
         x = proj(self.eh_proj, np.concatenate([e, hh], axis=1), gemm)
