@@ -44,6 +44,9 @@ class Llama:
         self.seed = seed
         self.gguf = GGUFFile(self.model_path)
         self.metadata = self.gguf.metadata
+        if not vocab_only:  # an unsupported architecture is the first thing to report
+            from llamba.models import build_config
+            build_config(self.gguf)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
         self.n_threads = set_threads(n_threads)
         self.model = None
