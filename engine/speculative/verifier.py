@@ -68,6 +68,11 @@ class SpecStats:
                 f"mean accepted length {self.mean_accepted_len:.2f} per verify step ({self.n_steps} steps)")
 
 
+def draft_limit(draft_max: int, room: int, budget: int, n_gen: int) -> int:
+    """Tokens to draft this step: draft_max, clipped by the context left and the generation budget."""
+    return max(0, min(draft_max, room, budget - n_gen - 1))
+
+
 def speculative_generate(session, prompt, sampler, budget, stats, is_eog, proposer, t0):
     """Generator of token ids; the prompt body (all but the last token) is already in the cache."""
     model = session.model
@@ -82,7 +87,7 @@ def speculative_generate(session, prompt, sampler, budget, stats, is_eog, propos
         room = model.n_ctx - n_past - 1  # the verify batch is 1 + n_draft tokens
         if room < 0:
             break
-        n_max = max(0, min(proposer.draft_max, room, budget - n_gen - 1))
+        n_max = draft_limit(proposer.draft_max, room, budget, n_gen)
         td = time.perf_counter()
         draft = proposer.draft(session, id_last, n_max) if n_max > 0 else []
         tv = time.perf_counter()
