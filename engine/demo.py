@@ -22,7 +22,12 @@ def cache_dir() -> Path:
 
 
 def progress(done: int, total: int, label: str, stream=sys.stderr):
-    if not stream.isatty() and done not in (0, total):
+    if not stream.isatty():  # a log file: one line at the start and one at the end, no carriage returns
+        if done == 0:
+            stream.write(f"{label} ({total / 2**20:.0f} MiB)...\n")
+        elif done >= total:
+            stream.write(f"{label}: done\n")
+        stream.flush()
         return
     width = 30
     frac = done / total if total else 1.0
