@@ -117,11 +117,21 @@ def _warn_gpu(ngl):
         warn_once(f"-ngl {ngl} ignored: this command runs on the CPU")
 
 
+def _compile_notice():
+    """Numba compiles the kernels on the first run and caches them; say so when the cache is empty."""
+    import glob
+    import llamba.kernels as kpkg
+    cache = os.path.join(os.path.dirname(kpkg.__file__), "__pycache__")
+    if not glob.glob(os.path.join(cache, "*.nbi")):
+        print("llamba: first run: compiling the kernels (about a minute; cached afterwards)...", file=sys.stderr)
+
+
 def cmd_run(a) -> int:
     from llamba.llama import Llama
     from llamba.sampling import RANDOM_SEED
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     path = _model_path(a.model)
+    _compile_notice()
     t0 = time.perf_counter()
     llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, seed=RANDOM_SEED if a.seed < 0 else a.seed,
                 verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
