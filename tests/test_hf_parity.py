@@ -122,7 +122,9 @@ def test_prefill_matches_hf(cases, llms, case, monkeypatch):
     from llamba.layers import Linear
     gemm, calls = Linear.gemm, []
     monkeypatch.setattr(Linear, "gemm", lambda self, *a, **k: calls.append(1) or gemm(self, *a, **k))
-    got = llms[case].eval_logits(toks)  # 72 tokens: the dequantize+BLAS matmul path
+    llm = llms[case]
+    llm.reset()
+    got = llm.model.forward(toks, logits="all", gemm=True)  # 72 tokens: the dequantize+BLAS matmul path
     assert calls, "a 72-token prompt did not take the batched (gemm) prefill path"
     assert got.shape == ref.shape
     rel = _rel(got, ref)

