@@ -9,6 +9,7 @@ Two compute paths for a Linear:
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from llamba.errors import GGUFError
@@ -16,6 +17,10 @@ from llamba.kernels.quant import ops_for
 from llamba.kernels.traits import TYPES
 
 GEMM_TILE_FLOATS = 1 << 19  # 2 MiB of float32 per dequantized weight tile
+FUSED_MAX_T = 4  # LinearGroup: batches up to this size use the fused kernel (llamba.kernels.fused)
+
+# LinearGroup input transforms (llamba.kernels.fused modes)
+IDENTITY, RMS_NORM, SWIGLU, GEGLU = 0, 1, 2, 3
 
 
 class Linear:
@@ -78,6 +83,84 @@ class Linear:
         out = np.empty((self.rows, self.cols), dtype=np.float32)
         self.ops.dequant(self.w, out)
         return out
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    v = np.ascontiguousarray(a).view()
+    v.flags.writeable = False
+    return v
+
+
+class LinearGroup:
+    """Linears that read the same input (Q|K|V, gate|up, or one matrix), optionally after a transform of it:
+    `group(x, mode, x2, norm_w, eps)` returns [lin(f(x)) for lin in lins] with f = identity, rms_norm(x, norm_w),
+    silu(x)*x2 or gelu_tanh(x)*x2 (modes IDENTITY, RMS_NORM, SWIGLU, GEGLU).
+
+    Small batches (T <= FUSED_MAX_T: decode and speculative verify) of the quantized weights take one fused
+    kernel call (llamba.kernels.fused: one shared activation quantization, one parallel region); other weights
+    (float types), larger batches and the BLAS path run the transform and the Linears one by one. Both give
+    bit-identical numbers."""
+
+    def __init__(self, lins: list[Linear]):
+        from llamba.kernels import fused as F
+        self.lins = list(lins)
+        cols = {lin.cols for lin in self.lins}
+        if len(cols) != 1:
+            raise ValueError("a LinearGroup's matrices must all read the same input width")
+        # one fused call per weight family (block-32 / K-quants), at most F.SLOTS matrices each
+        self.calls = []  # (kernel, padded weights, padded kinds, [index into lins], rows per slot)
+        fused = set()
+        for fam in (F.BLOCK32, F.KQUANTS):
+            idx = [i for i, lin in enumerate(self.lins) if lin.type_id in fam and lin.w.dtype == np.uint8]
+            for j in range(0, len(idx), F.SLOTS):
+                part = idx[j:j + F.SLOTS]
+                ws, kinds = F.pad([_readonly(self.lins[i].w) for i in part], [self.lins[i].type_id for i in part])
+                rows = [self.lins[i].rows for i in part] + [0] * (F.SLOTS - len(part))
+                self.calls.append((F.kernel_for(kinds), ws, kinds, part, rows))
+                fused.update(part)
+        self.other_idx = [i for i in range(len(self.lins)) if i not in fused]
+        self.fused = bool(self.calls)
+        self._none = np.empty((1, 1), dtype=np.float32)
+
+    @staticmethod
+    def transform(x, mode=IDENTITY, x2=None, norm_w=None, eps=0.0):
+        """f(x) with the unfused kernels (llamba.kernels.ops)."""
+        from llamba.kernels import ops as K
+        if mode == IDENTITY:
+            return x
+        out = np.empty_like(x)
+        if mode == RMS_NORM:
+            K.rms_norm(x, norm_w, eps, out)
+        elif mode == SWIGLU:
+            K.swiglu(x, x2, out)
+        else:
+            K.geglu_tanh(x, x2, out)
+        return out
+
+    def __call__(self, x, mode=IDENTITY, x2=None, norm_w=None, eps=0.0, gemm=False) -> list[np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x2 is not None:
+            x2 = np.ascontiguousarray(x2, dtype=np.float32)
+        T = x.shape[0]
+        if not (self.fused and not gemm and 0 < T <= FUSED_MAX_T):
+            h = self.transform(x, mode, x2, norm_w, eps)
+            return [lin.gemm(h) if gemm else lin(h) for lin in self.lins]
+        res = [None] * len(self.lins)
+        x2 = self._none if x2 is None else x2
+        nw = self._none[0] if norm_w is None else norm_w
+        nt = numba.get_num_threads()
+        for fn, ws, kinds, part, rows in self.calls:
+            outs = tuple(np.empty((T, r), dtype=np.float32) for r in rows)
+            fn(mode, x, x2, nw, float(eps), ws, kinds, outs, nt)
+            for i, o in zip(part, outs):
+                if self.lins[i].bias is not None:
+                    o += self.lins[i].bias
+                res[i] = o
+        if self.other_idx:
+            h = self.transform(x, mode, x2, norm_w, eps)
+            for i in self.other_idx:
+                res[i] = self.lins[i](h)
+        return res
 
 
 class Embedding:

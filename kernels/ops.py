@@ -9,9 +9,11 @@ Conventions:
 * Arithmetic is float32 in the order llama.cpp's CPU backend uses, without fastmath: no reassociation and
   no FMA contraction, so each output depends only on its own inputs and this compiled code. In particular
   no result depends on the batch size T or on the thread count (what makes speculative decoding lossless).
-* Transcendentals are libm's (expf, cosf, sinf, logf, tanhf as LLVM lowers them). llama.cpp's x86 SIMD paths
-  use their own polynomial `ggml_v_expf` in SwiGLU and softmax, so those two agree with llama.cpp to an ulp
-  or two, not bitwise.
+* Transcendentals are libm's (cosf, sinf, logf, tanhf as LLVM lowers them), except the exp of SiLU, sigmoid and
+  the attention softmax: `_expf`, evaluated in float64 and rounded once (equal to numpy's float64 exp rounded to
+  float32 for all but 2 of the 2^32 float32 inputs, which differ by one ulp), written without calls or branches
+  so that those loops vectorize. llama.cpp's x86 SIMD paths use their own polynomial `ggml_v_expf` in SwiGLU
+  and softmax, so those agree with llama.cpp to an ulp or two, not bitwise.
 
 fp16: llama.cpp stores the KV cache as F16 and converts Q to F16 for the flash-attention K·Q products.
 Here K/V are rounded to fp16 when stored (`store_kv`) but kept as float32 arrays holding fp16 values, and Q
@@ -138,8 +140,12 @@ def round_f16(x, out):
         return
     nb = (n + _BLOCK - 1) // _BLOCK
     for b in prange(nb):
-        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
-            of[i] = f16_round(xf[i])
+        a0 = b * _BLOCK
+        a1 = min(n, a0 + _BLOCK)
+        ofb = of[a0:a1]  # slices from 0: no negative-index check, so the loop vectorizes
+        xfb = xf[a0:a1]
+        for i in range(a1 - a0):
+            ofb[i] = f16_round(xfb[i])
 
 
 def _build_f16_tables():
@@ -376,14 +382,71 @@ def softmax_rows(x, out):
         _softmax_row(x, out, r, n)
 
 
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.6931471787393093  # 0x1.62e42fe000000p-1: 28 significant bits, so k*_LN2_HI is exact for |k| < 2^25
+_LN2_LO = 1.8206359985041462e-09  # log(2) - _LN2_HI
+_EXP_C = (1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040, 1.0 / 40320, 1.0 / 362880,
+          1.0 / 3628800, 1.0 / 39916800)
+
+
+@njit(cache=True, inline="always")
+def _expf(x):
+    """float32 expf computed in float64 and rounded once: x = k*ln2 + r (|r| <= ln2/2), exp(r) by its degree-11
+    Taylor polynomial (relative error < 1e-14), times 2^k. So the result is the correctly rounded expf except
+    within ~1e-14 of a rounding tie (like glibc's expf, which is also evaluated in double). Branch-free and
+    call-free, so loops over it vectorize (libm's expf does not). Overflow -> inf, underflow -> 0, nan -> nan."""
+    xc = x if x > np.float32(-160.0) else np.float32(-160.0)  # exp < 2^-230: rounds to 0 (nan: fixed below)
+    xc = xc if xc < np.float32(100.0) else np.float32(100.0)  # exp > 2^144: rounds to inf
+    xd = np.float64(xc)
+    kd = np.rint(xd * _LOG2E)
+    r = (xd - kd * _LN2_HI) - kd * _LN2_LO
+    p = _EXP_C[11]
+    p = p * r + _EXP_C[10]
+    p = p * r + _EXP_C[9]
+    p = p * r + _EXP_C[8]
+    p = p * r + _EXP_C[7]
+    p = p * r + _EXP_C[6]
+    p = p * r + _EXP_C[5]
+    p = p * r + _EXP_C[4]
+    p = p * r + _EXP_C[3]
+    p = p * r + _EXP_C[2]
+    p = p * r + _EXP_C[1]
+    p = p * r + _EXP_C[0]
+    scale = np.int64((np.int64(kd) + 1023) << 52)
+    y = np.float32(p * _i64_f64(scale))
+    return y if x == x else x
+
+
+@intrinsic
+def _i64_f64(typingctx, i):
+    """int64 bit pattern -> float64."""
+    if i != types.int64:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], _llir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+@intrinsic
+def _fdiv(typingctx, a, b):
+    """a / b for float32, IEEE (no ZeroDivisionError check, whose branch would stop loops from vectorizing)."""
+    if a != types.float32 or b != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fdiv(args[0], args[1])
+    return types.float32(types.float32, types.float32), codegen
+
+
 @njit(cache=True, inline="always")
 def _silu1(g):
-    return g / (_ONE + np.exp(-g))
+    return _fdiv(g, _ONE + _expf(-g))
 
 
 @njit(cache=True, inline="always")
 def _sigmoid1(g):
-    return _ONE / (_ONE + np.exp(-g))
+    return _fdiv(_ONE, _ONE + _expf(-g))
 
 
 @njit(cache=True, inline="always")
@@ -416,8 +479,13 @@ def swiglu(gate, up, out):
         return
     nb = (n + _BLOCK - 1) // _BLOCK
     for b in prange(nb):
-        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
-            o[i] = _silu1(g[i]) * u[i]
+        a0 = b * _BLOCK
+        a1 = min(n, a0 + _BLOCK)
+        ob = o[a0:a1]  # slices from 0: no negative-index check, so the loop vectorizes
+        gb = g[a0:a1]
+        ub = u[a0:a1]
+        for i in range(a1 - a0):
+            ob[i] = _silu1(gb[i]) * ub[i]
 
 
 @njit(cache=True, parallel=True)
@@ -435,8 +503,13 @@ def geglu_tanh(gate, up, out):
         return
     nb = (n + _BLOCK - 1) // _BLOCK
     for b in prange(nb):
-        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
-            o[i] = _gelu1(g[i]) * u[i]
+        a0 = b * _BLOCK
+        a1 = min(n, a0 + _BLOCK)
+        ob = o[a0:a1]  # slices from 0: no negative-index check, so the loop vectorizes
+        gb = g[a0:a1]
+        ub = u[a0:a1]
+        for i in range(a1 - a0):
+            ob[i] = _gelu1(gb[i]) * ub[i]
 
 
 @njit(cache=True, parallel=True)
@@ -452,8 +525,12 @@ def gelu_tanh(x, out):
         return
     nb = (n + _BLOCK - 1) // _BLOCK
     for b in prange(nb):
-        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
-            o[i] = _gelu1(g[i])
+        a0 = b * _BLOCK
+        a1 = min(n, a0 + _BLOCK)
+        ob = o[a0:a1]  # slices from 0: no negative-index check, so the loop vectorizes
+        gb = g[a0:a1]
+        for i in range(a1 - a0):
+            ob[i] = _gelu1(gb[i])
 
 
 @njit(cache=True, parallel=True)
@@ -469,8 +546,12 @@ def silu(x, out):
         return
     nb = (n + _BLOCK - 1) // _BLOCK
     for b in prange(nb):
-        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
-            o[i] = _silu1(g[i])
+        a0 = b * _BLOCK
+        a1 = min(n, a0 + _BLOCK)
+        ob = o[a0:a1]  # slices from 0: no negative-index check, so the loop vectorizes
+        gb = g[a0:a1]
+        for i in range(a1 - a0):
+            ob[i] = _silu1(gb[i])
 
 
 @njit(cache=True, parallel=True)
@@ -486,8 +567,12 @@ def sigmoid(x, out):
         return
     nb = (n + _BLOCK - 1) // _BLOCK
     for b in prange(nb):
-        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
-            o[i] = _sigmoid1(g[i])
+        a0 = b * _BLOCK
+        a1 = min(n, a0 + _BLOCK)
+        ob = o[a0:a1]  # slices from 0: no negative-index check, so the loop vectorizes
+        gb = g[a0:a1]
+        for i in range(a1 - a0):
+            ob[i] = _sigmoid1(gb[i])
 
 
 @njit(cache=True, parallel=True)
@@ -503,8 +588,12 @@ def softplus(x, out):
         return
     nb = (n + _BLOCK - 1) // _BLOCK
     for b in prange(nb):
-        for i in range(b * _BLOCK, min(n, (b + 1) * _BLOCK)):
-            o[i] = _softplus1(g[i])
+        a0 = b * _BLOCK
+        a1 = min(n, a0 + _BLOCK)
+        ob = o[a0:a1]  # slices from 0: no negative-index check, so the loop vectorizes
+        gb = g[a0:a1]
+        for i in range(a1 - a0):
+            ob[i] = _softplus1(gb[i])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -637,11 +726,12 @@ def _attn_row(q, kc, vc, t, h, g, p, n_kv, scale, n_swa, qh, pb, acc, out):
         pb[j] = s
         if s > m:
             m = s
+    pe = pb[:n]  # from 0: the exp loop vectorizes (_expf); the float64 sum then runs in order
+    for j in range(n):
+        pe[j] = _expf(pe[j] - m)
     tot = 0.0  # float64
     for j in range(n):
-        e = np.exp(pb[j] - m)
-        pb[j] = e
-        tot += np.float64(e)
+        tot += np.float64(pe[j])
     for d in range(dv):
         acc[d] = _ZERO
     # acc += p_j * v_j for j in order; four keys per pass over acc (same arithmetic as one at a time)

@@ -30,9 +30,14 @@ Implementation notes:
   Q4_1/Q5_1: 0), and ``sum q*a = sum u*a - BIAS*sum a`` exactly, so one u8 x s8 dot serves every type:
   ``vpdpbusd`` where the CPU has AVX512-VNNI or AVX-VNNI, otherwise a generic IR pattern that x86
   lowers to ``vpmaddwd``.  IQ4_NL's table lookup is ``pshufb`` (x86) / ``tbl`` (AArch64), else selects.
-* Quantized matmul, T == 1 (decode): 4 weight rows at a time, blocks read straight from the packed
-  weights, 4 blocks per step with one transposed integer reduction.  T > 1: each weight block is
-  unpacked once for a group of 4 activation rows and the 4 float chains run as lanes of one vector.
+* Quantized matmul: weight rows 8 at a time, whose 8 float32 chains are the lanes of one vector.
+  T == 1 (decode): per block the 8 rows' dots straight from the packed weights, reduced by one
+  transposed integer add tree.  T > 1: the 8 rows' unpacked blocks are transposed (dword k of vector s =
+  dword s of row k), so 8 ``vpdpbusd`` with broadcast activation dwords leave row k's exact block sum in
+  lane k -- no horizontal reduction per row.  2..4 rows (speculative verify) do that in registers; longer
+  batches transpose each 8-row group once into a buffer and stream the activations 4 rows at a time.
+* The 8 rows of a group are 8 interleaved streams too short for the hardware prefetchers once a matrix
+  is out of cache, so the decode/verify kernels prefetch the group _PF_GROUPS ahead in software.
 * fp16 fields use ``fpext half`` (F16C on x86, native on AArch64); ``dequant_f16`` uses an exact bitwise
   conversion instead, which keeps signalling-NaN payloads the way numpy does.
 * Target-specific instructions follow Numba's target CPU (``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES``
@@ -63,7 +68,9 @@ QK = 32
 BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, IQ4_NL: 18}
 KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 
-_RG = 4  # weight rows processed together by the quantized matmul (independent float chains)
+_ACT_PAR_MIN = 1 << 16  # activation quantization: values below which it runs on one thread
+_PF_GROUPS = 4  # decode matmul: prefetch the weight rows this many 8-row groups ahead
+_PF_LOC = 2  # llvm.prefetch locality 2: prefetcht1 (into L2)
 
 # --------------------------------------------------------------------------------------------------
 # LLVM-IR building blocks
@@ -249,169 +256,402 @@ def _add_shuf(builder, x, y, sel_a, sel_b):
     return builder.add(builder.shuffle_vector(x, y, _idx(*sel_a)), builder.shuffle_vector(x, y, _idx(*sel_b)))
 
 
-def _reduce4(builder, ps):
-    """Four <L x i32> vectors -> <4 x i32> of their lane sums (transposed add tree; integer, exact)."""
-    L = ps[0].type.count
-    h = L // 2
-    lo = list(range(h)) + list(range(L, L + h))
-    hi = list(range(h, L)) + list(range(L + h, 2 * L))
-    x01 = _add_shuf(builder, ps[0], ps[1], lo, hi)          # L lanes: L/2 per block
-    x23 = _add_shuf(builder, ps[2], ps[3], lo, hi)
-    seg, q = L // 2, L // 4                                 # in x01|x23: 4 segments of L/2 lanes
-    sel_a = [s * seg + i for s in range(4) for i in range(q)]
-    sel_b = [s * seg + q + i for s in range(4) for i in range(q)]
-    y = _add_shuf(builder, x01, x23, sel_a, sel_b)          # L lanes: L/4 per block
-    per = q
-    while per > 1:
-        half = per // 2
-        sa = [s * per + i for s in range(4) for i in range(half)]
-        sb = [s * per + half + i for s in range(4) for i in range(half)]
-        y = _add_shuf(builder, y, y, sa, sb)
-        per = half
-    return y
+def _reduce8(builder, ps):
+    """Eight <8 x i32> vectors -> <8 x i32> of their lane sums (in-lane pairwise adds first, then across
+    the two 128-bit halves; integer, exact)."""
+    def hadd(a, b):  # [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]
+        return _add_shuf(builder, a, b, (0, 2, 8, 10, 4, 6, 12, 14), (1, 3, 9, 11, 5, 7, 13, 15))
+    h0 = hadd(hadd(ps[0], ps[1]), hadd(ps[2], ps[3]))  # [s0..s3 of the low halves | s0..s3 of the high halves]
+    h1 = hadd(hadd(ps[4], ps[5]), hadd(ps[6], ps[7]))
+    return _add_shuf(builder, h0, h1, (0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15))
 
 
-def _store_isum4(context, builder, sig, args, s):
-    """isum[ioff:ioff+4] = s - bias*asum[ioff:ioff+4] for the (.., asum, bias, isum, ioff) arguments 4..7."""
-    sp = _ptr(context, builder, sig.args[4], args[4], args[7], sig.args[7], _vt(_I32, 4))
-    b = context.cast(builder, args[5], sig.args[5], types.int32)
-    bv = builder.shuffle_vector(builder.insert_element(ir.Constant(_vt(_I32, 4), None), b, ir.Constant(_I32, 0)),
-                                ir.Constant(_vt(_I32, 4), None), _idx(0, 0, 0, 0))
-    s = builder.sub(s, builder.mul(bv, _load(builder, sp, align=4)))
-    op = _ptr(context, builder, sig.args[6], args[6], args[7], sig.args[7], _vt(_I32, 4))
-    builder.store(s, op, align=4)
+def _prefetch_step(builder, pfbase, b, bb):
+    """Software prefetch for the 8-row group kernels: the rows 8 at a time are 8 interleaved streams too short
+    for the hardware prefetchers, so block step b prefetches bytes [8*bb*b, 8*bb*(b+1)) of the group
+    _PF_GROUPS ahead (pfbase: its first byte); over the nb steps that covers the whole group."""
+    pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
+                                        "llvm.prefetch.p0i8")
+    pb = builder.gep(pfbase, [builder.mul(b, ir.Constant(_I64, 8 * bb))])
+    for j in range((8 * bb + 63) // 64):
+        builder.call(pf, [builder.gep(pb, [ir.Constant(_I64, 64 * j)]), ir.Constant(_I32, 0),
+                          ir.Constant(_I32, _PF_LOC), ir.Constant(_I32, 1)])
 
 
-@intrinsic
-def _idot1(typingctx, wu, woff, aq, aoff):
-    """sum_j wu[woff+j]*aq[aoff+j] for j < 32 (wu unsigned bytes, aq int8; exact int32)."""
-    def codegen(context, builder, sig, args):
-        uv = _load(builder, _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _vt(_I8, 32)))
-        av = _load(builder, _ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3], _vt(_I8, 32)))
-        p = _udot(builder, uv, av)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [p.type]),
-                                            f"llvm.vector.reduce.add.v{p.type.count}i32")
-        return builder.call(fn, [p])
-    return types.int32(wu, woff, aq, aoff), codegen
+def _make_rows8(kind):
+    """intrinsic(w, r0, nr, aq, asum, ad, as_, nb, res): the T == 1 (decode) dot products of 8 weight rows
+    r0 .. r0+7 (rows past r0+nr-1 repeat row r0+nr-1) with one activation row, all in registers:
+    per block b, in order, isum_k = exact int dot (u*a - bias*asum[b]) and, lane k = row k,
+    acc_k = acc_k + ((d_k*ad[b])*float(isum_k) [+ m_k*as_[b]]).  res[0:8] = acc.
+    The same float32 operations per row as the T > 1 paths (``_make_tile4``, ``_make_rows8t``) and the
+    numpy twin."""
+    bb = BLOCK_BYTES[kind]
+    has_min = kind in (Q4_1, Q5_1)
+    bias = BIAS[kind]
+
+    @intrinsic
+    def rows8(typingctx, w, r0, nr, aq, asum, ad, as_, nb, res):
+        def codegen(context, builder, sig, args):
+            zero = ir.Constant(_I64, 0)
+            v8f = _vt(_F32T, 8)
+            wp = _ptr(context, builder, sig.args[0], args[0], zero, types.int64, _I8)
+            r0v = context.cast(builder, args[1], sig.args[1], types.int64)
+            nrv = context.cast(builder, args[2], sig.args[2], types.int64)
+            n = context.cast(builder, args[7], sig.args[7], types.int64)
+            rb = builder.mul(n, ir.Constant(_I64, bb))
+            last = builder.sub(nrv, ir.Constant(_I64, 1))
+            rps = []
+            for k in range(8):
+                kk = ir.Constant(_I64, k)
+                rk = builder.select(builder.icmp_signed("<", kk, last), kk, last)
+                rps.append(builder.gep(wp, [builder.mul(builder.add(r0v, rk), rb)]))
+            ap = _ptr(context, builder, sig.args[3], args[3], zero, types.int64, _vt(_I8, 32))
+            sp = _ptr(context, builder, sig.args[4], args[4], zero, types.int64, _I32)
+            dap = _ptr(context, builder, sig.args[5], args[5], zero, types.int64, _F32T)
+            sap = _ptr(context, builder, sig.args[6], args[6], zero, types.int64, _F32T)
+            slot = cgutils.alloca_once_value(builder, ir.Constant(v8f, [ir.Constant(_F32T, 0.0)] * 8))
+
+            def splat8(v):
+                x = builder.insert_element(ir.Constant(_vt(v.type, 8), None), v, ir.Constant(_I32, 0))
+                return builder.shuffle_vector(x, ir.Constant(_vt(v.type, 8), None), _idx(*([0] * 8)))
+
+            def field(off, bo):
+                h = ir.Constant(_vt(_I16, 8), None)
+                for k in range(8):
+                    p = builder.bitcast(builder.gep(rps[k], [builder.add(bo, ir.Constant(_I64, off))]),
+                                        _I16.as_pointer())
+                    h = builder.insert_element(h, builder.load(p, align=1), ir.Constant(_I32, k))
+                return _h2f_ir(builder, h)
+
+            pfbase = builder.gep(wp, [builder.mul(builder.add(r0v, ir.Constant(_I64, 8 * _PF_GROUPS)), rb)])
+            with cgutils.for_range(builder, n) as loop:
+                b = loop.index
+                bo = builder.mul(b, ir.Constant(_I64, bb))
+                _prefetch_step(builder, pfbase, b, bb)
+                av = _load(builder, builder.gep(ap, [b]))
+                ps = []
+                for k in range(8):
+                    p = _udot(builder, _block_u(kind, builder, builder.gep(rps[k], [bo])), av)
+                    if p.type.count == 16:
+                        p = builder.add(builder.shuffle_vector(p, p, _idx(*range(8))),
+                                        builder.shuffle_vector(p, p, _idx(*range(8, 16))))
+                    ps.append(p)
+                isum = _reduce8(builder, ps)
+                if bias:
+                    bs = builder.mul(builder.load(builder.gep(sp, [b]), align=4), ir.Constant(_I32, bias))
+                    isum = builder.sub(isum, splat8(bs))
+                term = builder.fmul(builder.fmul(field(0, bo), splat8(builder.load(builder.gep(dap, [b]), align=4))),
+                                    builder.sitofp(isum, v8f))
+                if has_min:
+                    term = builder.fadd(term, builder.fmul(field(2, bo),
+                                                           splat8(builder.load(builder.gep(sap, [b]), align=4))))
+                builder.store(builder.fadd(builder.load(slot), term), slot)
+            builder.store(builder.load(slot), _ptr(context, builder, sig.args[8], args[8], zero, types.int64, v8f),
+                          align=4)
+            return context.get_dummy_value()
+        return types.none(w, r0, nr, aq, asum, ad, as_, nb, res), codegen
+    return rows8
 
 
-def _make_qdot4(kind):
-    """intrinsic(w_row_u8, woff, aq, aoff, asum, bias, isum, ioff, dw, mw): for the 4 packed blocks at
-    w_row[woff:] (unpacked in registers; the T == 1 decode path) and the activation blocks at aq[aoff:],
-    isum[ioff+k] = sum_j q_j*a_j = sum_j u_j*a_j - bias*asum[ioff+k] (exact int32), and their scales
-    dw[ioff+k] (and mins mw[ioff+k] for Q4_1/Q5_1) as float32, k < 4."""
+_rows8_q4_0 = _make_rows8(Q4_0)
+_rows8_q4_1 = _make_rows8(Q4_1)
+_rows8_q5_0 = _make_rows8(Q5_0)
+_rows8_q5_1 = _make_rows8(Q5_1)
+_rows8_q8_0 = _make_rows8(Q8_0)
+_rows8_iq4_nl = _make_rows8(IQ4_NL)
+
+
+# --- T > 1: 8 weight rows x up to 4 activation rows per step, weights transposed once per 8-row group ---
+
+def _dpbusd(builder, acc, uv, av):
+    """<8 x i32> acc + per-dword dots: lane k += sum_i u[4k+i]*a[4k+i] (u unsigned, a signed bytes)."""
+    v8 = _vt(_I32, 8)
+    if _USE_VNNI:
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8, [v8, v8, v8]),
+                                            "llvm.x86.avx512.vpdpbusd.256")
+        return builder.call(fn, [acc, builder.bitcast(uv, v8), builder.bitcast(av, v8)])
+    p = builder.mul(builder.zext(uv, _vt(_I32, 32)), builder.sext(av, _vt(_I32, 32)))
+    p = _add_shuf(builder, p, p, range(0, 32, 2), range(1, 32, 2))
+    return builder.add(acc, _add_shuf(builder, p, p, range(0, 16, 2), range(1, 16, 2)))
+
+
+def _dot8x8(builder, acc, vs, pa, splat8):
+    """acc + sum_j dpbusd(V_j, broadcast(dword j of the activation block at i8* pa)), j < 8: lane k gets the exact
+    dot of row k's block.  Two accumulation chains (even / odd j; integer, so exact in any grouping): one chain
+    of 8 dependent vpdpbusd would bound the loop by their latency."""
+    chains = [acc, ir.Constant(_vt(_I32, 8), [ir.Constant(_I32, 0)] * 8)]
+    for j in range(8):
+        a4 = builder.load(builder.bitcast(builder.gep(pa, [ir.Constant(_I64, 4 * j)]), _I32.as_pointer()), align=1)
+        chains[j % 2] = _dpbusd(builder, chains[j % 2], vs[j], builder.bitcast(splat8(a4), _vt(_I8, 32)))
+    return builder.add(chains[0], chains[1])
+
+
+def _transpose8(builder, us):
+    """Eight <32 x i8> rows -> eight <32 x i8> V_s with dword k of V_s = dword s of row k."""
+    d = [builder.bitcast(u, _vt(_I32, 8)) for u in us]
+
+    def sh(a, b, sel):
+        return builder.shuffle_vector(a, b, _idx(*sel))
+    lo32, hi32 = (0, 8, 1, 9, 4, 12, 5, 13), (2, 10, 3, 11, 6, 14, 7, 15)
+    lo64, hi64 = (0, 1, 8, 9, 4, 5, 12, 13), (2, 3, 10, 11, 6, 7, 14, 15)
+    a = [sh(d[i], d[i + 1], sel) for i in (0, 2, 4, 6) for sel in (lo32, hi32)]   # a0=lo01 a1=hi01 a2=lo23 ..
+    b = []
+    for base in (0, 4):   # rows 0-3, rows 4-7
+        lo_a, hi_a, lo_b, hi_b = a[base], a[base + 1], a[base + 2], a[base + 3]
+        b += [sh(lo_a, lo_b, lo64), sh(lo_a, lo_b, hi64), sh(hi_a, hi_b, lo64), sh(hi_a, hi_b, hi64)]
+    # b[0..3]: rows 0-3, dwords (0,4), (1,5), (2,6), (3,7) in the two 128-bit halves; b[4..7]: rows 4-7
+    out = [None] * 8
+    for j in range(4):
+        out[j] = sh(b[j], b[4 + j], (0, 1, 2, 3, 8, 9, 10, 11))
+        out[j + 4] = sh(b[j], b[4 + j], (4, 5, 6, 7, 12, 13, 14, 15))
+    return [builder.bitcast(v, _vt(_I8, 32)) for v in out]
+
+
+def _make_pack8(kind):
+    """intrinsic(w, r0, nr, nb, vbuf, dbuf, mbuf): for the 8 weight rows r0.. (rows past r0+nr-1 repeat the
+    last), every block b: the unpacked bytes u = q + BIAS transposed so that dword k of
+    vbuf[256b + 32s : +32] is dword s of row k's block, and the scales d (mins m) of the 8 rows as
+    dbuf[8b : 8b+8] (mbuf) float32."""
     bb = BLOCK_BYTES[kind]
     has_min = kind in (Q4_1, Q5_1)
 
     @intrinsic
-    def qdot4(typingctx, w, woff, aq, aoff, asum, bias, isum, ioff, dw, mw):
+    def pack8(typingctx, w, r0, nr, nb, vbuf, dbuf, mbuf):
         def codegen(context, builder, sig, args):
-            wp = _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _I8)
-            ap = _ptr(context, builder, sig.args[2], args[2], args[3], sig.args[3], _I8)
-            ps = []
-            for k in range(4):
-                uv = _block_u(kind, builder, builder.gep(wp, [ir.Constant(_I64, bb * k)]))
-                av = _load(builder, builder.bitcast(builder.gep(ap, [ir.Constant(_I64, 32 * k)]),
-                                                    _vt(_I8, 32).as_pointer()))
-                ps.append(_udot(builder, uv, av))
-            _store_isum4(context, builder, sig, args, _reduce4(builder, ps))
-            for field, arg in ((0, 8), (2, 9)) if has_min else ((0, 8),):
-                h = ir.Constant(_vt(_I16, 4), None)
-                for k in range(4):
-                    hp = builder.bitcast(builder.gep(wp, [ir.Constant(_I64, bb * k + field)]), _I16.as_pointer())
-                    h = builder.insert_element(h, builder.load(hp, align=1), ir.Constant(_I32, k))
-                f = _h2f_ir(builder, h)
-                builder.store(f, _ptr(context, builder, sig.args[arg], args[arg], args[7], sig.args[7],
-                                      _vt(_F32T, 4)), align=4)
-            return context.get_dummy_value()
-        return types.none(w, woff, aq, aoff, asum, bias, isum, ioff, dw, mw), codegen
-    return qdot4
+            zero = ir.Constant(_I64, 0)
+            wp = _ptr(context, builder, sig.args[0], args[0], zero, types.int64, _I8)
+            r0v = context.cast(builder, args[1], sig.args[1], types.int64)
+            nrv = context.cast(builder, args[2], sig.args[2], types.int64)
+            n = context.cast(builder, args[3], sig.args[3], types.int64)
+            rb = builder.mul(n, ir.Constant(_I64, bb))
+            last = builder.sub(nrv, ir.Constant(_I64, 1))
+            rps = []
+            for k in range(8):
+                kk = ir.Constant(_I64, k)
+                rk = builder.select(builder.icmp_signed("<", kk, last), kk, last)
+                rps.append(builder.gep(wp, [builder.mul(builder.add(r0v, rk), rb)]))
+            vp = _ptr(context, builder, sig.args[4], args[4], zero, types.int64, _vt(_I8, 32))
+            dp = _ptr(context, builder, sig.args[5], args[5], zero, types.int64, _vt(_F32T, 8))
+            mp = _ptr(context, builder, sig.args[6], args[6], zero, types.int64, _vt(_F32T, 8))
 
+            def field(off, bo):
+                h = ir.Constant(_vt(_I16, 8), None)
+                for k in range(8):
+                    p = builder.bitcast(builder.gep(rps[k], [builder.add(bo, ir.Constant(_I64, off))]),
+                                        _I16.as_pointer())
+                    h = builder.insert_element(h, builder.load(p, align=1), ir.Constant(_I32, k))
+                return _h2f_ir(builder, h)
 
-_qdot4_q4_0 = _make_qdot4(Q4_0)
-_qdot4_q4_1 = _make_qdot4(Q4_1)
-_qdot4_q5_0 = _make_qdot4(Q5_0)
-_qdot4_q5_1 = _make_qdot4(Q5_1)
-_qdot4_q8_0 = _make_qdot4(Q8_0)
-_qdot4_iq4_nl = _make_qdot4(IQ4_NL)
-
-
-def _make_qdot1x4(kind):
-    """intrinsic(w, woff, aq, o0, o1, o2, o3, asum4, bias, isum4, soff): one packed weight block at
-    w[woff:] (unpacked once, in registers) against the 4 activation blocks aq[o0:], .., aq[o3:]:
-    isum4[soff+k] = sum_j q_j*aq[ok+j] = sum_j u_j*aq[ok+j] - bias*asum4[soff+k] for k < 4 (exact)."""
-    @intrinsic
-    def qdot1x4(typingctx, w, woff, aq, o0, o1, o2, o3, asum4, bias, isum4, soff):
-        def codegen(context, builder, sig, args):
-            u = _block_u(kind, builder, _ptr(context, builder, sig.args[0], args[0], args[1], sig.args[1], _I8))
-            ps = []
-            for k in range(4):
-                av = _load(builder, _ptr(context, builder, sig.args[2], args[2], args[3 + k], sig.args[3 + k],
-                                         _vt(_I8, 32)))
-                ps.append(_udot(builder, u, av))
-            s = _reduce4(builder, ps)
-            sp = _ptr(context, builder, sig.args[7], args[7], args[10], sig.args[10], _vt(_I32, 4))
-            b = context.cast(builder, args[8], sig.args[8], types.int32)
-            bv = builder.shuffle_vector(builder.insert_element(ir.Constant(_vt(_I32, 4), None), b,
-                                                               ir.Constant(_I32, 0)),
-                                        ir.Constant(_vt(_I32, 4), None), _idx(0, 0, 0, 0))
-            s = builder.sub(s, builder.mul(bv, _load(builder, sp, align=4)))
-            builder.store(s, _ptr(context, builder, sig.args[9], args[9], args[10], sig.args[10], _vt(_I32, 4)),
-                          align=4)
-            return context.get_dummy_value()
-        return types.none(w, woff, aq, o0, o1, o2, o3, asum4, bias, isum4, soff), codegen
-    return qdot1x4
-
-
-_qdot1x4_q4_0 = _make_qdot1x4(Q4_0)
-_qdot1x4_q4_1 = _make_qdot1x4(Q4_1)
-_qdot1x4_q5_0 = _make_qdot1x4(Q5_0)
-_qdot1x4_q5_1 = _make_qdot1x4(Q5_1)
-_qdot1x4_q8_0 = _make_qdot1x4(Q8_0)
-_qdot1x4_iq4_nl = _make_qdot1x4(IQ4_NL)
-
-
-@intrinsic
-def _facc4(typingctx, dw, mw, isum4, ad4, as4, nb, has_min, res):
-    """Four activation rows at once, one float32 lane each (lane k = row t0+k):
-    acc = 0; for b < nb in order: acc = acc + ((dw[b]*ad4[b,k])*float(isum4[b,k]) [+ mw[b]*as4[b,k]]);
-    res[k] = acc.  Lane-wise the very operations of the scalar T == 1 path (no FMA, no reordering)."""
-    def codegen(context, builder, sig, args):
-        zero = ir.Constant(_I64, 0)
-        v4f = _vt(_F32T, 4)
-        dwp = _ptr(context, builder, sig.args[0], args[0], zero, types.int64, _F32T)
-        mwp = _ptr(context, builder, sig.args[1], args[1], zero, types.int64, _F32T)
-        isp = _ptr(context, builder, sig.args[2], args[2], zero, types.int64, _vt(_I32, 4))
-        adp = _ptr(context, builder, sig.args[3], args[3], zero, types.int64, v4f)
-        asp = _ptr(context, builder, sig.args[4], args[4], zero, types.int64, v4f)
-        n = context.cast(builder, args[5], sig.args[5], types.intp)
-        hm = context.cast(builder, args[6], sig.args[6], types.boolean)
-        slot = cgutils.alloca_once_value(builder, ir.Constant(v4f, [ir.Constant(_F32T, 0.0)] * 4))
-
-        def splat4(v):
-            x = builder.insert_element(ir.Constant(v4f, None), v, ir.Constant(_I32, 0))
-            return builder.shuffle_vector(x, ir.Constant(v4f, None), _idx(0, 0, 0, 0))
-
-        def body(with_min):
+            pfbase = builder.gep(wp, [builder.mul(builder.add(r0v, ir.Constant(_I64, 8 * _PF_GROUPS)), rb)])
             with cgutils.for_range(builder, n) as loop:
-                i = loop.index
-                term = builder.fmul(builder.fmul(splat4(builder.load(builder.gep(dwp, [i]))),
-                                                 _load(builder, builder.gep(adp, [i]), align=4)),
-                                    builder.sitofp(_load(builder, builder.gep(isp, [i]), align=4), v4f))
-                if with_min:
-                    term = builder.fadd(term, builder.fmul(splat4(builder.load(builder.gep(mwp, [i]))),
-                                                           _load(builder, builder.gep(asp, [i]), align=4)))
-                builder.store(builder.fadd(builder.load(slot), term), slot)
+                b = loop.index
+                bo = builder.mul(b, ir.Constant(_I64, bb))
+                _prefetch_step(builder, pfbase, b, bb)
+                us = [_block_u(kind, builder, builder.gep(rps[k], [bo])) for k in range(8)]
+                vs = _transpose8(builder, us)
+                vb = builder.mul(b, ir.Constant(_I64, 8))
+                for j in range(8):
+                    builder.store(vs[j], builder.gep(vp, [builder.add(vb, ir.Constant(_I64, j))]), align=1)
+                builder.store(field(0, bo), builder.gep(dp, [b]), align=4)
+                if has_min:
+                    builder.store(field(2, bo), builder.gep(mp, [b]), align=4)
+            return context.get_dummy_value()
+        return types.none(w, r0, nr, nb, vbuf, dbuf, mbuf), codegen
+    return pack8
 
-        with builder.if_else(hm) as (then, otherwise):
-            with then:
-                body(True)
-            with otherwise:
-                body(False)
-        builder.store(builder.load(slot), _ptr(context, builder, sig.args[7], args[7], zero, types.int64, v4f),
-                      align=4)
-        return context.get_dummy_value()
-    return types.none(dw, mw, isum4, ad4, as4, nb, has_min, res), codegen
+
+_pack8_q4_0 = _make_pack8(Q4_0)
+_pack8_q4_1 = _make_pack8(Q4_1)
+_pack8_q5_0 = _make_pack8(Q5_0)
+_pack8_q5_1 = _make_pack8(Q5_1)
+_pack8_q8_0 = _make_pack8(Q8_0)
+_pack8_iq4_nl = _make_pack8(IQ4_NL)
+
+
+def _make_tile4(has_min, bias):
+    """intrinsic(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr): activation rows t0..t0+nt-1
+    (nt <= 4) against the 8 packed weight rows of vbuf/dbuf/mbuf (``_make_pack8``).  Per row pair (t, k), blocks
+    in order: isum = -bias*asum[t, b] + sum of 8 dword dots (exact int32), acc = acc + ((d_k*ad[t,b])*float(isum)
+    [+ m_k*as_[t,b]]) -- lane-wise the operations of the T == 1 path.  out[t, r0+k] = acc for k < nr.
+    aq, asum, ad, as_ and out are addressed flat: aq[t*n + j], asum[t*nb + b], out[t*rows + r] (rows = out row
+    length, passed as out's second dimension)."""
+    @intrinsic
+    def tile4(typingctx, vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows):
+        def codegen(context, builder, sig, args):
+            zero = ir.Constant(_I64, 0)
+            v8f = _vt(_F32T, 8)
+            v8i = _vt(_I32, 8)
+            vp = _ptr(context, builder, sig.args[0], args[0], zero, types.int64, _vt(_I8, 32))
+            dp = _ptr(context, builder, sig.args[1], args[1], zero, types.int64, v8f)
+            mp = _ptr(context, builder, sig.args[2], args[2], zero, types.int64, v8f)
+            ap = _ptr(context, builder, sig.args[3], args[3], zero, types.int64, _I8)
+            t0v = context.cast(builder, args[4], sig.args[4], types.int64)
+            ntv = context.cast(builder, args[5], sig.args[5], types.int64)
+            nn = context.cast(builder, args[6], sig.args[6], types.int64)
+            sp = _ptr(context, builder, sig.args[7], args[7], zero, types.int64, _I32)
+            dap = _ptr(context, builder, sig.args[8], args[8], zero, types.int64, _F32T)
+            sap = _ptr(context, builder, sig.args[9], args[9], zero, types.int64, _F32T)
+            nbv = context.cast(builder, args[10], sig.args[10], types.int64)
+            op = _ptr(context, builder, sig.args[11], args[11], zero, types.int64, _F32T)
+            r0v = context.cast(builder, args[12], sig.args[12], types.int64)
+            nrv = context.cast(builder, args[13], sig.args[13], types.int64)
+            rowsv = context.cast(builder, args[14], sig.args[14], types.int64)
+            last = builder.sub(ntv, ir.Constant(_I64, 1))
+            ts = []
+            for i in range(4):
+                ii = ir.Constant(_I64, i)
+                ts.append(builder.add(t0v, builder.select(builder.icmp_signed("<", ii, last), ii, last)))
+            aps = [builder.gep(ap, [builder.mul(t, nn)]) for t in ts]           # activation row t
+            sofs = [builder.mul(t, nbv) for t in ts]                           # row t of (T, nb) arrays
+            slots = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [ir.Constant(_F32T, 0.0)] * 8))
+                     for _ in range(4)]
+
+            def splat8(v):
+                x = builder.insert_element(ir.Constant(_vt(v.type, 8), None), v, ir.Constant(_I32, 0))
+                return builder.shuffle_vector(x, ir.Constant(_vt(v.type, 8), None), _idx(*([0] * 8)))
+
+            with cgutils.for_range(builder, nbv) as loop:
+                b = loop.index
+                vb = builder.mul(b, ir.Constant(_I64, 8))
+                vs = [_load(builder, builder.gep(vp, [builder.add(vb, ir.Constant(_I64, j))]), 32) for j in range(8)]
+                dv = _load(builder, builder.gep(dp, [b]), 32)
+                mv = _load(builder, builder.gep(mp, [b]), 32) if has_min else None
+                ab = builder.mul(b, ir.Constant(_I64, 32))
+                for i in range(4):
+                    si = builder.add(sofs[i], b)
+                    if bias:
+                        acc = splat8(builder.mul(builder.load(builder.gep(sp, [si]), align=4), ir.Constant(_I32, -bias)))
+                    else:
+                        acc = ir.Constant(v8i, [ir.Constant(_I32, 0)] * 8)
+                    pa = builder.gep(aps[i], [ab])
+                    acc = _dot8x8(builder, acc, vs, pa, splat8)
+                    term = builder.fmul(builder.fmul(dv, splat8(builder.load(builder.gep(dap, [si]), align=4))),
+                                        builder.sitofp(acc, v8f))
+                    if has_min:
+                        term = builder.fadd(term, builder.fmul(mv, splat8(builder.load(builder.gep(sap, [si]),
+                                                                                        align=4))))
+                    builder.store(builder.fadd(builder.load(slots[i]), term), slots[i])
+            # stores: rows t0 .. t0+nt-1, columns r0 .. r0+nr-1
+            full = builder.icmp_signed("==", nrv, ir.Constant(_I64, 8))
+            for i in range(4):
+                valid = builder.icmp_signed("<", ir.Constant(_I64, i), ntv)
+                with builder.if_then(valid):
+                    acc = builder.load(slots[i])
+                    base = builder.gep(op, [builder.add(builder.mul(ts[i], rowsv), r0v)])
+                    with builder.if_else(full) as (then, otherwise):
+                        with then:
+                            builder.store(acc, builder.bitcast(base, v8f.as_pointer()), align=4)
+                        with otherwise:
+                            for k in range(8):
+                                with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, k), nrv)):
+                                    builder.store(builder.extract_element(acc, ir.Constant(_I32, k)),
+                                                  builder.gep(base, [ir.Constant(_I64, k)]), align=4)
+            return context.get_dummy_value()
+        return types.none(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows), codegen
+    return tile4
+
+
+def _make_rows8t(kind, nt):
+    """intrinsic(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows): nt (2..4) activation rows 0..nt-1 against the 8
+    weight rows r0.. (``_make_pack8`` + ``_make_tile4`` fused for a small batch: each block of the 8 rows is
+    unpacked and transposed in registers and used at once for the nt rows; no buffer).  Same operations per
+    (t, r) as the other paths.  out[t, r0+k] for t < nt, k < nr (out addressed flat, row length rows)."""
+    bb = BLOCK_BYTES[kind]
+    has_min = kind in (Q4_1, Q5_1)
+    bias = BIAS[kind]
+
+    @intrinsic
+    def rows8t(typingctx, w, r0, nr, aq, n, asum, ad, as_, nb, out, rows):
+        def codegen(context, builder, sig, args):
+            zero = ir.Constant(_I64, 0)
+            v8f = _vt(_F32T, 8)
+            v8i = _vt(_I32, 8)
+            wp = _ptr(context, builder, sig.args[0], args[0], zero, types.int64, _I8)
+            r0v = context.cast(builder, args[1], sig.args[1], types.int64)
+            nrv = context.cast(builder, args[2], sig.args[2], types.int64)
+            ap = _ptr(context, builder, sig.args[3], args[3], zero, types.int64, _I8)
+            nn = context.cast(builder, args[4], sig.args[4], types.int64)
+            sp = _ptr(context, builder, sig.args[5], args[5], zero, types.int64, _I32)
+            dap = _ptr(context, builder, sig.args[6], args[6], zero, types.int64, _F32T)
+            sap = _ptr(context, builder, sig.args[7], args[7], zero, types.int64, _F32T)
+            nbv = context.cast(builder, args[8], sig.args[8], types.int64)
+            op = _ptr(context, builder, sig.args[9], args[9], zero, types.int64, _F32T)
+            rowsv = context.cast(builder, args[10], sig.args[10], types.int64)
+            rb = builder.mul(nbv, ir.Constant(_I64, bb))
+            last = builder.sub(nrv, ir.Constant(_I64, 1))
+            rps = []
+            for k in range(8):
+                kk = ir.Constant(_I64, k)
+                rk = builder.select(builder.icmp_signed("<", kk, last), kk, last)
+                rps.append(builder.gep(wp, [builder.mul(builder.add(r0v, rk), rb)]))
+            slots = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [ir.Constant(_F32T, 0.0)] * 8))
+                     for _ in range(nt)]
+
+            def splat8(v):
+                x = builder.insert_element(ir.Constant(_vt(v.type, 8), None), v, ir.Constant(_I32, 0))
+                return builder.shuffle_vector(x, ir.Constant(_vt(v.type, 8), None), _idx(*([0] * 8)))
+
+            def field(off, bo):
+                h = ir.Constant(_vt(_I16, 8), None)
+                for k in range(8):
+                    p = builder.bitcast(builder.gep(rps[k], [builder.add(bo, ir.Constant(_I64, off))]),
+                                        _I16.as_pointer())
+                    h = builder.insert_element(h, builder.load(p, align=1), ir.Constant(_I32, k))
+                return _h2f_ir(builder, h)
+
+            pfbase = builder.gep(wp, [builder.mul(builder.add(r0v, ir.Constant(_I64, 8 * _PF_GROUPS)), rb)])
+            with cgutils.for_range(builder, nbv) as loop:
+                b = loop.index
+                bo = builder.mul(b, ir.Constant(_I64, bb))
+                _prefetch_step(builder, pfbase, b, bb)
+                vs = _transpose8(builder, [_block_u(kind, builder, builder.gep(rps[k], [bo])) for k in range(8)])
+                dv = field(0, bo)
+                mv = field(2, bo) if has_min else None
+                ab = builder.mul(b, ir.Constant(_I64, 32))
+                for i in range(nt):
+                    si = builder.add(builder.mul(ir.Constant(_I64, i), nbv), b)
+                    if bias:
+                        acc = splat8(builder.mul(builder.load(builder.gep(sp, [si]), align=4), ir.Constant(_I32, -bias)))
+                    else:
+                        acc = ir.Constant(v8i, [ir.Constant(_I32, 0)] * 8)
+                    pa = builder.gep(ap, [builder.add(builder.mul(ir.Constant(_I64, i), nn), ab)])
+                    acc = _dot8x8(builder, acc, vs, pa, splat8)
+                    term = builder.fmul(builder.fmul(dv, splat8(builder.load(builder.gep(dap, [si]), align=4))),
+                                        builder.sitofp(acc, v8f))
+                    if has_min:
+                        term = builder.fadd(term, builder.fmul(mv, splat8(builder.load(builder.gep(sap, [si]),
+                                                                                        align=4))))
+                    builder.store(builder.fadd(builder.load(slots[i]), term), slots[i])
+            full = builder.icmp_signed("==", nrv, ir.Constant(_I64, 8))
+            for i in range(nt):
+                acc = builder.load(slots[i])
+                base = builder.gep(op, [builder.add(builder.mul(ir.Constant(_I64, i), rowsv), r0v)])
+                with builder.if_else(full) as (then, otherwise):
+                    with then:
+                        builder.store(acc, builder.bitcast(base, v8f.as_pointer()), align=4)
+                    with otherwise:
+                        for k in range(8):
+                            with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, k), nrv)):
+                                builder.store(builder.extract_element(acc, ir.Constant(_I32, k)),
+                                              builder.gep(base, [ir.Constant(_I64, k)]), align=4)
+            return context.get_dummy_value()
+        return types.none(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows), codegen
+    return rows8t
+
+
+_rows8t2_q4_0, _rows8t3_q4_0, _rows8t4_q4_0 = (_make_rows8t(Q4_0, 2), _make_rows8t(Q4_0, 3), _make_rows8t(Q4_0, 4))
+_rows8t2_q4_1, _rows8t3_q4_1, _rows8t4_q4_1 = (_make_rows8t(Q4_1, 2), _make_rows8t(Q4_1, 3), _make_rows8t(Q4_1, 4))
+_rows8t2_q5_0, _rows8t3_q5_0, _rows8t4_q5_0 = (_make_rows8t(Q5_0, 2), _make_rows8t(Q5_0, 3), _make_rows8t(Q5_0, 4))
+_rows8t2_q5_1, _rows8t3_q5_1, _rows8t4_q5_1 = (_make_rows8t(Q5_1, 2), _make_rows8t(Q5_1, 3), _make_rows8t(Q5_1, 4))
+_rows8t2_q8_0, _rows8t3_q8_0, _rows8t4_q8_0 = (_make_rows8t(Q8_0, 2), _make_rows8t(Q8_0, 3), _make_rows8t(Q8_0, 4))
+_rows8t2_iq4_nl, _rows8t3_iq4_nl, _rows8t4_iq4_nl = (_make_rows8t(IQ4_NL, 2), _make_rows8t(IQ4_NL, 3), _make_rows8t(IQ4_NL, 4))
+
+
+_tile4 = {(hm, bias): _make_tile4(hm, bias) for hm, bias in ((False, 8), (True, 0), (False, 16), (False, 128))}
+_tile4_b8 = _tile4[(False, 8)]
+_tile4_min = _tile4[(True, 0)]
+_tile4_b16 = _tile4[(False, 16)]
+_tile4_b128 = _tile4[(False, 128)]
 
 
 @intrinsic
@@ -669,19 +909,6 @@ def _scales_row(kind, wr, dw, mw):
             dw[b] = _f16_at(wr, b * 18)
 
 
-@njit(cache=True, inline="always")
-def _block_bytes(kind):
-    if kind == Q4_1:
-        return 20
-    if kind == Q5_0:
-        return 22
-    if kind == Q5_1:
-        return 24
-    if kind == Q8_0:
-        return 34
-    return 18  # Q4_0, IQ4_NL
-
-
 @njit(cache=True)
 def _unpack_row(kind, wr, u, nb):
     """u[32b + j] = q + BIAS (uint8) for every block b < nb of one quantized weight row."""
@@ -704,67 +931,6 @@ def _unpack_row(kind, wr, u, nb):
         for b in range(nb):
             _unpack_iq4_nl(wr, b * 18, u, b * QK)
 
-
-@njit(cache=True, inline="always")
-def _qdot_row(kind, wr, aq, asum, bias, isum, dw, mw, ubuf, nb):
-    """isum[b] = exact int dot of block b of one packed weight row with aq (no unpacked copy); also the
-    row's scales into dw (and mins into mw)."""
-    nb4 = nb - nb % 4
-    if kind == Q4_0:
-        for b in range(0, nb4, 4):
-            _qdot4_q4_0(wr, b * 18, aq, b * QK, asum, bias, isum, b, dw, mw)
-    elif kind == Q4_1:
-        for b in range(0, nb4, 4):
-            _qdot4_q4_1(wr, b * 20, aq, b * QK, asum, bias, isum, b, dw, mw)
-    elif kind == Q5_0:
-        for b in range(0, nb4, 4):
-            _qdot4_q5_0(wr, b * 22, aq, b * QK, asum, bias, isum, b, dw, mw)
-    elif kind == Q5_1:
-        for b in range(0, nb4, 4):
-            _qdot4_q5_1(wr, b * 24, aq, b * QK, asum, bias, isum, b, dw, mw)
-    elif kind == Q8_0:
-        for b in range(0, nb4, 4):
-            _qdot4_q8_0(wr, b * 34, aq, b * QK, asum, bias, isum, b, dw, mw)
-    else:
-        for b in range(0, nb4, 4):
-            _qdot4_iq4_nl(wr, b * 18, aq, b * QK, asum, bias, isum, b, dw, mw)
-    if nb4 < nb:  # the last nb % 4 blocks: unpack the row's tail, then single-block dots
-        bb = _block_bytes(kind)
-        tail = wr[nb4 * bb:]
-        _unpack_row(kind, tail, ubuf, nb - nb4)
-        _scales_row(kind, tail, dw[nb4:], mw[nb4:])
-        for b in range(nb4, nb):
-            isum[b] = _idot1(ubuf, (b - nb4) * QK, aq, b * QK) - bias * asum[b]
-
-
-@njit(cache=True, inline="always")
-def _qdot_row_x4(kind, w, woff, aq, o0, o1, o2, o3, asum4, bias, isum4, nb):
-    """isum4[b, k] = exact int dot of block b of the packed weight row at w[woff:] with 4 activation rows
-    (flat offsets o0..o3 into aq); each weight block is unpacked once for the 4 rows."""
-    if kind == Q4_0:
-        for b in range(nb):
-            _qdot1x4_q4_0(w, woff + b * 18, aq, o0 + b * QK, o1 + b * QK, o2 + b * QK, o3 + b * QK,
-                          asum4, bias, isum4, 4 * b)
-    elif kind == Q4_1:
-        for b in range(nb):
-            _qdot1x4_q4_1(w, woff + b * 20, aq, o0 + b * QK, o1 + b * QK, o2 + b * QK, o3 + b * QK,
-                          asum4, bias, isum4, 4 * b)
-    elif kind == Q5_0:
-        for b in range(nb):
-            _qdot1x4_q5_0(w, woff + b * 22, aq, o0 + b * QK, o1 + b * QK, o2 + b * QK, o3 + b * QK,
-                          asum4, bias, isum4, 4 * b)
-    elif kind == Q5_1:
-        for b in range(nb):
-            _qdot1x4_q5_1(w, woff + b * 24, aq, o0 + b * QK, o1 + b * QK, o2 + b * QK, o3 + b * QK,
-                          asum4, bias, isum4, 4 * b)
-    elif kind == Q8_0:
-        for b in range(nb):
-            _qdot1x4_q8_0(w, woff + b * 34, aq, o0 + b * QK, o1 + b * QK, o2 + b * QK, o3 + b * QK,
-                          asum4, bias, isum4, 4 * b)
-    else:
-        for b in range(nb):
-            _qdot1x4_iq4_nl(w, woff + b * 18, aq, o0 + b * QK, o1 + b * QK, o2 + b * QK, o3 + b * QK,
-                            asum4, bias, isum4, 4 * b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -859,21 +1025,31 @@ def dequant_bf16(w, out):
 @njit(cache=True, parallel=True)
 def _act_q8_kernel(x, qs, d, s, with_sum):
     """llama.cpp quantize_row_q8_0/q8_1 (x86 SIMD path): per block amax, d = amax/127, id = 127/amax,
-    q = round_half_even(x*id); d stored as fp16; s = fp16(d * sum(q)) with the unrounded d."""
+    q = round_half_even(x*id); d stored as fp16; s = fp16(d * sum(q)) with the unrounded d.
+    Serial below _ACT_PAR_MIN values (a parallel start costs more than the work)."""
     T, n = x.shape
-    nb = n // QK
-    c127 = np.float32(127.0)
+    if T * n < _ACT_PAR_MIN:
+        for t in range(T):
+            _act_q8_row(x, qs, d, s, with_sum, t)
+        return
     for t in prange(T):
-        xr = x[t]
-        qr = qs[t]
-        for b in range(nb):
-            amax = _absmax32(xr, b * QK)
-            db = amax / c127
-            idb = c127 / amax if amax != np.float32(0.0) else np.float32(0.0)
-            isum = _quant32(xr, b * QK, idb, qr, b * QK)
-            d[t, b] = _round_f16(db)
-            if with_sum:
-                s[t, b] = _round_f16(db * np.float32(isum))
+        _act_q8_row(x, qs, d, s, with_sum, t)
+
+
+@njit(cache=True, inline="always")
+def _act_q8_row(x, qs, d, s, with_sum, t):
+    nb = x.shape[1] // QK
+    c127 = np.float32(127.0)
+    xr = x[t]
+    qr = qs[t]
+    for b in range(nb):
+        amax = _absmax32(xr, b * QK)
+        db = amax / c127
+        idb = c127 / amax if amax != np.float32(0.0) else np.float32(0.0)
+        isum = _quant32(xr, b * QK, idb, qr, b * QK)
+        d[t, b] = _round_f16(db)
+        if with_sum:
+            s[t, b] = _round_f16(db * np.float32(isum))
 
 
 def _act_input(x):
@@ -950,104 +1126,166 @@ def act_bf16(x):
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, parallel=True)
-def _act_block_sums(aq, out):
-    T, n = aq.shape
-    for t in prange(T):
-        for b in range(n // QK):
-            s = 0
-            for j in range(QK):
-                s += aq[t, b * QK + j]
-            out[t, b] = s
+@njit(cache=True, inline="always")
+def _rows8(kind, w, r0, nr, aq, asum, ad, as_, nb, res):
+    if kind == Q4_0:
+        _rows8_q4_0(w, r0, nr, aq, asum, ad, as_, nb, res)
+    elif kind == Q4_1:
+        _rows8_q4_1(w, r0, nr, aq, asum, ad, as_, nb, res)
+    elif kind == Q5_0:
+        _rows8_q5_0(w, r0, nr, aq, asum, ad, as_, nb, res)
+    elif kind == Q5_1:
+        _rows8_q5_1(w, r0, nr, aq, asum, ad, as_, nb, res)
+    elif kind == Q8_0:
+        _rows8_q8_0(w, r0, nr, aq, asum, ad, as_, nb, res)
+    else:
+        _rows8_iq4_nl(w, r0, nr, aq, asum, ad, as_, nb, res)
+
+
+@njit(cache=True, inline="always")
+def _block_sums(aq, t, asum):
+    for b in range(asum.shape[0]):
+        s = 0
+        for j in range(QK):
+            s += aq[t, b * QK + j]
+        asum[b] = s
 
 
 @njit(cache=True, parallel=True)
 def _mm_quant(w, kind, aq, ad, as_, out, nthreads):
     """out[t, r] = sum over blocks b, in order, of (dw*da)*isum (+ mw*sa for Q4_1/Q5_1), float32.
 
-    T == 1 (decode): 4 weight rows at a time, dots straight from the packed blocks, 4 scalar chains.
-    T > 1: per weight row, activation rows in groups of 4 (the last group repeats row T-1): each weight
-    block is unpacked once per group and the 4 float chains run as the lanes of one vector.
-    The integer sums are exact and the float operations per (t, r) are the same in both paths."""
+    Weight rows go 8 at a time (the 8 float chains are the lanes of one vector), split over threads:
+    T == 1 (decode): dots straight from the packed blocks, one transposed integer reduction per block
+    (``_make_rows8``).  2 <= T <= 4 (speculative verify): each block of the 8 rows unpacked and transposed
+    in registers, then one broadcast-activation dot chain per row t (``_make_rows8t``).  T > 4 (prefill):
+    the 8 rows unpacked and transposed once into a small buffer, then activation rows 4 at a time
+    (``_make_pack8``, ``_make_tile4``).  The integer sums are exact and the float operations per (t, r)
+    are the same in every path."""
     rows = w.shape[0]
     T, n = aq.shape
     nb = n // QK
-    rb = w.shape[1]
-    has_min = kind == Q4_1 or kind == Q5_1
-    bias = _bias(kind)
-    asum = np.empty((T, nb), np.int32)
-    _act_block_sums(aq, asum)
     if T == 1:
-        ngroups = (rows + _RG - 1) // _RG
+        asum1 = np.empty(nb, np.int32)
+        _block_sums(aq, 0, asum1)
+        a0 = aq[0]
+        d0 = ad[0]
+        s0 = as_[0]
+        ngroups = (rows + 7) // 8
         nch = _chunks(ngroups, nthreads)
         for c in prange(nch):
-            ubuf = np.zeros(4 * QK, np.uint8)
-            dw = np.zeros((_RG, nb), np.float32)
-            mw = np.zeros((_RG, nb), np.float32)
-            isum = np.zeros((_RG, nb), np.int32)
+            res = np.empty(8, np.float32)
             for g in range(c * ngroups // nch, (c + 1) * ngroups // nch):
-                r0 = g * _RG
-                nr = min(_RG, rows - r0)
+                r0 = g * 8
+                nr = min(8, rows - r0)
+                _rows8(kind, w, r0, nr, a0, asum1, d0, s0, nb, res)
                 for k in range(nr):
-                    _qdot_row(kind, w[r0 + k], aq[0], asum[0], bias, isum[k], dw[k], mw[k], ubuf, nb)
-                for k in range(nr, _RG):  # tail group: harmless zero rows, never stored
-                    dw[k, :] = 0.0
-                    mw[k, :] = 0.0
-                    isum[k, :] = 0
-                a0 = np.float32(0.0)
-                a1 = np.float32(0.0)
-                a2 = np.float32(0.0)
-                a3 = np.float32(0.0)
-                if has_min:
-                    for b in range(nb):
-                        da = ad[0, b]
-                        sa = as_[0, b]
-                        a0 += (dw[0, b] * da) * np.float32(isum[0, b]) + mw[0, b] * sa
-                        a1 += (dw[1, b] * da) * np.float32(isum[1, b]) + mw[1, b] * sa
-                        a2 += (dw[2, b] * da) * np.float32(isum[2, b]) + mw[2, b] * sa
-                        a3 += (dw[3, b] * da) * np.float32(isum[3, b]) + mw[3, b] * sa
-                else:
-                    for b in range(nb):
-                        da = ad[0, b]
-                        a0 += (dw[0, b] * da) * np.float32(isum[0, b])
-                        a1 += (dw[1, b] * da) * np.float32(isum[1, b])
-                        a2 += (dw[2, b] * da) * np.float32(isum[2, b])
-                        a3 += (dw[3, b] * da) * np.float32(isum[3, b])
-                out[0, r0] = a0
-                if nr > 1:
-                    out[0, r0 + 1] = a1
-                if nr > 2:
-                    out[0, r0 + 2] = a2
-                if nr > 3:
-                    out[0, r0 + 3] = a3
+                    out[0, r0 + k] = res[k]
         return
-    # T > 1: activation scales / sums regrouped as (T4, nb, 4), lane k = row min(4*g+k, T-1)
-    T4 = (T + 3) // 4
-    ad4 = np.empty((T4, nb, 4), np.float32)
-    as4 = np.empty((T4, nb, 4), np.float32)
-    asum4 = np.empty((T4, nb, 4), np.int32)
-    for g4 in range(T4):
-        for k in range(4):
-            t = min(4 * g4 + k, T - 1)
-            for b in range(nb):
-                ad4[g4, b, k] = ad[t, b]
-                as4[g4, b, k] = as_[t, b]
-                asum4[g4, b, k] = asum[t, b]
-    nch = _chunks(rows, nthreads)
+    asum = np.empty((T, nb), np.int32)
+    for t in range(T):
+        _block_sums(aq, t, asum[t])
+    ngroups = (rows + 7) // 8
+    nch = _chunks(ngroups, nthreads)
+    if T <= 4:  # verify-sized batches: unpack, transpose and use each block of 8 rows at once
+        aq1 = aq.reshape(T * n)
+        s1 = asum.reshape(T * nb)
+        ad1 = ad.reshape(T * nb)
+        as1 = as_.reshape(T * nb)
+        o1 = out.reshape(T * rows)
+        for c in prange(nch):
+            for g in range(c * ngroups // nch, (c + 1) * ngroups // nch):
+                _rows8t_any(kind, T, w, g * 8, min(8, rows - g * 8), aq1, n, s1, ad1, as1, nb, o1, rows)
+        return
+    aqf = aq.reshape(T * n)
+    sf = asum.reshape(T * nb)
+    adf = ad.reshape(T * nb)
+    asf = as_.reshape(T * nb)
+    of = out.reshape(T * rows)
     for c in prange(nch):
-        dw = np.zeros(nb, np.float32)
-        mw = np.zeros(nb, np.float32)
-        isum4 = np.zeros((nb, 4), np.int32)
-        res = np.zeros(4, np.float32)
-        for r in range(c * rows // nch, (c + 1) * rows // nch):
-            _scales_row(kind, w[r], dw, mw)
-            for g4 in range(T4):
-                t0 = 4 * g4
-                _qdot_row_x4(kind, w, r * rb, aq, t0 * n, min(t0 + 1, T - 1) * n, min(t0 + 2, T - 1) * n,
-                             min(t0 + 3, T - 1) * n, asum4[g4], bias, isum4, nb)
-                _facc4(dw, mw, isum4, ad4[g4], as4[g4], nb, has_min, res)
-                for k in range(min(4, T - t0)):
-                    out[t0 + k, r] = res[k]
+        vbuf = np.empty(nb * 256, np.uint8)
+        dbuf = np.empty(nb * 8, np.float32)
+        mbuf = np.empty(nb * 8, np.float32)
+        for g in range(c * ngroups // nch, (c + 1) * ngroups // nch):
+            r0 = g * 8
+            nr = min(8, rows - r0)
+            _pack8(kind, w, r0, nr, nb, vbuf, dbuf, mbuf)
+            for t0 in range(0, T, 4):
+                _tile4_any(kind, vbuf, dbuf, mbuf, aqf, t0, min(4, T - t0), n, sf, adf, asf, nb, of, r0, nr, rows)
+
+
+@njit(cache=True, inline="always")
+def _rows8t_any(kind, nt, w, r0, nr, aq, n, asum, ad, as_, nb, out, rows):
+    if kind == Q4_0:
+        if nt == 2:
+            _rows8t2_q4_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+        elif nt == 3:
+            _rows8t3_q4_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+        else:
+            _rows8t4_q4_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+    elif kind == Q4_1:
+        if nt == 2:
+            _rows8t2_q4_1(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+        elif nt == 3:
+            _rows8t3_q4_1(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+        else:
+            _rows8t4_q4_1(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+    elif kind == Q5_0:
+        if nt == 2:
+            _rows8t2_q5_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+        elif nt == 3:
+            _rows8t3_q5_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+        else:
+            _rows8t4_q5_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+    elif kind == Q5_1:
+        if nt == 2:
+            _rows8t2_q5_1(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+        elif nt == 3:
+            _rows8t3_q5_1(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+        else:
+            _rows8t4_q5_1(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+    elif kind == Q8_0:
+        if nt == 2:
+            _rows8t2_q8_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+        elif nt == 3:
+            _rows8t3_q8_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+        else:
+            _rows8t4_q8_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+    elif kind == IQ4_NL:
+        if nt == 2:
+            _rows8t2_iq4_nl(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+        elif nt == 3:
+            _rows8t3_iq4_nl(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+        else:
+            _rows8t4_iq4_nl(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+
+
+@njit(cache=True, inline="always")
+def _pack8(kind, w, r0, nr, nb, vbuf, dbuf, mbuf):
+    if kind == Q4_0:
+        _pack8_q4_0(w, r0, nr, nb, vbuf, dbuf, mbuf)
+    elif kind == Q4_1:
+        _pack8_q4_1(w, r0, nr, nb, vbuf, dbuf, mbuf)
+    elif kind == Q5_0:
+        _pack8_q5_0(w, r0, nr, nb, vbuf, dbuf, mbuf)
+    elif kind == Q5_1:
+        _pack8_q5_1(w, r0, nr, nb, vbuf, dbuf, mbuf)
+    elif kind == Q8_0:
+        _pack8_q8_0(w, r0, nr, nb, vbuf, dbuf, mbuf)
+    else:
+        _pack8_iq4_nl(w, r0, nr, nb, vbuf, dbuf, mbuf)
+
+
+@njit(cache=True, inline="always")
+def _tile4_any(kind, vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows):
+    if kind == Q4_0:
+        _tile4_b8(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows)
+    elif kind == Q4_1 or kind == Q5_1:
+        _tile4_min(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows)
+    elif kind == Q5_0:
+        _tile4_b16(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows)
+    else:  # Q8_0, IQ4_NL
+        _tile4_b128(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows)
 
 
 def _check_mm(w, kind, qs, d, out):

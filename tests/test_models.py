@@ -59,18 +59,21 @@ def test_quantized_forward_matches_reference(models, arch, qt):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
+@pytest.mark.parametrize("qt", [QT.Q8_0, QT.Q4_K])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_batch_is_row_exact(models, arch):
-    """A batch through the exact path gives bit-identical logits to one token at a time (lossless speculation)."""
-    llm = Llama(str(models[arch, QT.Q8_0]), n_ctx=64, verbose=False)
+def test_batch_is_row_exact(models, arch, qt):
+    """A batch through the exact path gives bit-identical logits to one token at a time (lossless speculation):
+    verify-sized batches (2..4 rows, the fused small-batch kernels) and a longer one (the prefill kernels)."""
+    llm = Llama(str(models[arch, qt]), n_ctx=64, verbose=False)
     toks = list(np.random.default_rng(3).integers(0, 300, 9))
     llm.reset()
     llm.eval(toks[:3])
-    batch = llm.session.eval(toks[3:], logits="all", gemm=False)
-    llm.reset()
-    llm.eval(toks[:3])
     single = np.stack([llm.session.eval([t], logits="last", gemm=False)[-1] for t in toks[3:]])
-    assert np.array_equal(batch, single)
+    for n in (2, 4, 6):
+        llm.reset()
+        llm.eval(toks[:3])
+        batch = llm.session.eval(toks[3:3 + n], logits="all", gemm=False)
+        assert np.array_equal(batch, single[:n]), n
 
 
 def test_truncate_and_prefix_reuse(models):

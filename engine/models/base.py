@@ -12,7 +12,7 @@ import numpy as np
 
 from llamba.errors import ContextOverflowError
 from llamba.kernels import ops as K
-from llamba.layers import Embedding, Linear, norm_weight
+from llamba.layers import GEGLU, RMS_NORM, SWIGLU, Embedding, Linear, LinearGroup, norm_weight
 
 # Prompt batches at least this long use the dequantize+BLAS path. Off by default: the quantized int8 path is
 # as fast on 2 threads (measured: SmolLM2 pp512 373 vs 141 tokens/s, because OpenBLAS's and Numba's OpenMP
@@ -104,7 +104,9 @@ class BaseModel:
         """Output projection (+ soft-capping) of post-norm hidden rows (R, n_embd) -> (R, n_vocab)."""
         if hN.shape[0] == 0:
             return np.empty((0, self.config.n_vocab), dtype=np.float32)
-        out = self.output.gemm(hN) if gemm else self.output(hN)
+        if getattr(self, "_out_g", None) is None or self._out_g.lins[0] is not self.output:
+            self._out_g = LinearGroup([self.output])
+        out = self._out_g(hN, gemm=gemm)[0]
         cap = self.config.final_logit_softcap
         if cap > 0:
             np.tanh(out / cap, out=out)
@@ -125,12 +127,18 @@ class FFN:
         self.w_up = Linear(gf, p + "ffn_up.weight", p + "ffn_up.bias", (n_ff, n_embd))
         self.w_down = Linear(gf, p + "ffn_down.weight", p + "ffn_down.bias", (n_embd, n_ff))
         self.act = K.swiglu if activation == "silu" else K.geglu_tanh
+        self.glu = SWIGLU if activation == "silu" else GEGLU
+        self.up = LinearGroup([self.w_gate, self.w_up])
+        self.down = LinearGroup([self.w_down])
 
     def __call__(self, h: np.ndarray, gemm: bool) -> np.ndarray:
-        g = proj(self.w_gate, h, gemm)
-        u = proj(self.w_up, h, gemm)
-        self.act(g, u, g)
-        return proj(self.w_down, g, gemm)
+        g, u = self.up(h, gemm=gemm)
+        return self.down(g, self.glu, u, gemm=gemm)[0]
+
+    def normed(self, x: np.ndarray, norm_w: np.ndarray, eps: float, gemm: bool) -> np.ndarray:
+        """self(rms_norm(x, norm_w, eps)); small batches in two fused kernel calls."""
+        g, u = self.up(x, RMS_NORM, None, norm_w, eps, gemm=gemm)
+        return self.down(g, self.glu, u, gemm=gemm)[0]
 
 
 class AttentionBlock:
@@ -157,9 +165,11 @@ class AttentionBlock:
             self.wk = Linear(gf, p + "attn_k.weight", p + "attn_k.bias", (nk, E))
             self.wv = Linear(gf, p + "attn_v.weight", p + "attn_v.bias", (nv, E))
         self.splits = (nq, nq + nk)
+        self.qkv = LinearGroup([self.wqkv] if self.wqkv is not None else [self.wq, self.wk, self.wv])
         self.q_norm = norm_weight(gf, p + "attn_q_norm.weight", self.hd) if gf.has(p + "attn_q_norm.weight") else None
         self.k_norm = norm_weight(gf, p + "attn_k_norm.weight", self.hd) if gf.has(p + "attn_k_norm.weight") else None
         self.wo = Linear(gf, p + "attn_output.weight", p + "attn_output.bias", (E, self.n_head * self.hd_v))
+        self.o = LinearGroup([self.wo])
         self.post_attn_norm = norm_weight(gf, p + "post_attention_norm.weight", E) if post_norms else None
         self.ffn_norm = norm_weight(gf, p + "ffn_norm.weight", E)
         self.ffn = FFN(gf, p, E, cfg.n_ff[il], activation)
@@ -172,14 +182,18 @@ class AttentionBlock:
         self.n_rot = cfg.n_rot
         self.q_scale = cfg.attn_scale  # > 0: scale Q, attend with scale 1 (gemma3)
 
-    def attention(self, h, pos, n_kv, kv: KVCache, rope: RopeTable, gemm: bool):
+    def attention(self, h, pos, n_kv, kv: KVCache, rope: RopeTable, gemm: bool, normed: bool = False):
+        """Attention of the rows h (or of rms_norm(h, attn_norm) with normed=True) -> (T, n_head*hd_v)."""
         T = h.shape[0]
-        if self.wqkv is not None:
-            qkv = proj(self.wqkv, h, gemm)
-            a, b = self.splits
-            q, k, v = qkv[:, :a], qkv[:, a:b], qkv[:, b:]
+        if normed:
+            qkv = self.qkv(h, RMS_NORM, None, self.attn_norm, self.eps, gemm=gemm)
         else:
-            q, k, v = proj(self.wq, h, gemm), proj(self.wk, h, gemm), proj(self.wv, h, gemm)
+            qkv = self.qkv(h, gemm=gemm)
+        if self.wqkv is not None:
+            a, b = self.splits
+            q, k, v = qkv[0][:, :a], qkv[0][:, a:b], qkv[0][:, b:]
+        else:
+            q, k, v = qkv
         q = np.ascontiguousarray(q).reshape(T, self.n_head, self.hd)
         k = np.ascontiguousarray(k).reshape(T, self.n_head_kv, self.hd)
         v = np.ascontiguousarray(v).reshape(T, self.n_head_kv, self.hd_v)
@@ -202,13 +216,11 @@ class AttentionBlock:
         return o.reshape(T, -1)
 
     def __call__(self, x, pos, n_kv, kv, rope, gemm: bool):
-        h = rms_norm(x, self.attn_norm, self.eps)
-        a = proj(self.wo, self.attention(h, pos, n_kv, kv, rope, gemm), gemm)
+        a = self.o(self.attention(x, pos, n_kv, kv, rope, gemm, normed=True), gemm=gemm)[0]
         if self.post_attn_norm is not None:
             a = rms_norm(a, self.post_attn_norm, self.eps)
         x += a
-        h = rms_norm(x, self.ffn_norm, self.eps)
-        f = self.ffn(h, gemm)
+        f = self.ffn.normed(x, self.ffn_norm, self.eps, gemm)
         if self.post_ffw_norm is not None:
             f = rms_norm(f, self.post_ffw_norm, self.eps)
         x += f

@@ -16,7 +16,7 @@ from llamba.config import ModelConfig, base_config
 from llamba.errors import GGUFError, UnsupportedError
 from llamba.kernels import deltanet as D
 from llamba.kernels import ops as K
-from llamba.layers import Embedding, Linear, norm_weight
+from llamba.layers import RMS_NORM, Embedding, Linear, LinearGroup, norm_weight
 from llamba.models.base import FFN, GEMM_MIN_BATCH, BaseModel, KVCache, RopeTable, proj, rms_norm
 
 
@@ -78,17 +78,19 @@ class GatedAttention:
         self.n_rot = cfg.n_rot
         self.base = cfg.rope_base
         self.freq_scale = cfg.freq_scale
+        self.qkv = LinearGroup([self.wqkv] if self.wqkv is not None else [self.wq, self.wk, self.wv])
+        self.o = LinearGroup([self.wo])
 
     def __call__(self, h, pos, n_kv, kv: KVCache, rope: RopeTable, gemm: bool):
         T = h.shape[0]
         H, Hkv, hd = self.H, self.Hkv, self.hd
         if self.wqkv is not None:
-            qkv = proj(self.wqkv, h, gemm)
+            qkv = self.qkv(h, gemm=gemm)[0]
             qg = qkv[:, :2 * H * hd]
             k = qkv[:, 2 * H * hd:2 * H * hd + Hkv * hd]
             v = qkv[:, 2 * H * hd + Hkv * hd:]
         else:
-            qg, k, v = proj(self.wq, h, gemm), proj(self.wk, h, gemm), proj(self.wv, h, gemm)
+            qg, k, v = self.qkv(h, gemm=gemm)
         qg = qg.reshape(T, H, 2, hd)
         q = rms_norm(np.ascontiguousarray(qg[:, :, 0]).reshape(-1, hd), self.q_norm, self.eps).reshape(T, H, hd)
         gate = np.ascontiguousarray(qg[:, :, 1]).reshape(T, H * hd)
@@ -105,7 +107,7 @@ class GatedAttention:
         K.sigmoid(gate, sg)
         o = o.reshape(T, H * hd)
         o *= sg
-        return proj(self.wo, o, gemm)
+        return self.o(o, gemm=gemm)[0]
 
 
 class GatedDeltaNet:
@@ -133,6 +135,8 @@ class GatedDeltaNet:
         self.ssm_a = norm_weight(gf, p + "ssm_a", self.Hv)
         self.ssm_norm = norm_weight(gf, p + "ssm_norm.weight", self.S)
         self.w_out = Linear(gf, p + "ssm_out.weight", None, (E, self.value_dim))
+        self.proj_in = LinearGroup([self.w_qkv, self.w_gate, self.w_beta, self.w_alpha])
+        self.out = LinearGroup([self.w_out])
 
     def new_state(self):
         return (np.zeros((self.conv_dim, self.Dc - 1), dtype=np.float32),
@@ -143,10 +147,7 @@ class GatedDeltaNet:
         T = h.shape[0]
         S, Hk, Hv = self.S, self.Hk, self.Hv
         conv_state, ssm = state
-        m = proj(self.w_qkv, h, gemm)
-        z = proj(self.w_gate, h, gemm)
-        b = proj(self.w_beta, h, gemm)
-        a = proj(self.w_alpha, h, gemm)
+        m, z, b, a = self.proj_in(h, gemm=gemm)
         g = np.empty((T, Hv), dtype=np.float32)
         beta = np.empty((T, Hv), dtype=np.float32)
         D.gdn_gates(a, b, self.dt_bias, self.ssm_a, g, beta)
@@ -169,7 +170,7 @@ class GatedDeltaNet:
                 snaps.append((conv_snap, ssm_snap))
         y = np.empty_like(o)
         D.gated_rms_norm(o, z.reshape(T, Hv, S), self.ssm_norm, self.eps, y)
-        return proj(self.w_out, y.reshape(T, self.value_dim), gemm)
+        return self.out(y.reshape(T, self.value_dim), gemm=gemm)[0]
 
 
 class Qwen35Block:
@@ -187,7 +188,7 @@ class Qwen35Block:
         self.ffn = FFN(gf, p, E, cfg.n_ff[il], "silu")
 
     def ffn_part(self, x, gemm):
-        x += self.ffn(rms_norm(x, self.post_attention_norm, self.eps), gemm)
+        x += self.ffn.normed(x, self.post_attention_norm, self.eps, gemm)
         return x
 
     def __call__(self, x, pos, n_kv, kv, rope, gemm: bool, rec_state=None, snaps=None, chunked: bool = False):

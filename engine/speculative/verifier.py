@@ -102,7 +102,12 @@ def speculative_generate(session, prompt, sampler, budget, stats, is_eog, propos
         spec.t_verify += time.perf_counter() - tv
         spec.record(len(draft), k)
         session.rollback(n_past + 1 + k)
-        proposer.accepted(session, batch[:k + 1], hidden, k)
+        more = (n_gen + len(ids) < budget and model.n_past < model.n_ctx
+                and not (is_eog and any(is_eog(t) for t in ids)))
+        if more and getattr(proposer, "takes_next_id", False):  # the next step drafts after ids[-1]
+            proposer.accepted(session, batch[:k + 1], hidden, k, next_id=ids[-1])
+        else:
+            proposer.accepted(session, batch[:k + 1], hidden, k)
         if t_first is None:
             t_first = time.perf_counter()
             stats.t_prompt = stats.t_first = t_first - t0

@@ -488,3 +488,23 @@ def test_attention_row_exact(Hq, Hkv, dk, n_swa):
     full = _attn(q2, kc2, vc2, pos2, T, 0.125, n_swa)
     for t in (0, 1, 17, 63, 79):
         np.testing.assert_array_equal(_attn(q2[t:t + 1], kc2, vc2, pos2[t:t + 1], t + 1, 0.125, n_swa)[0], full[t])
+
+
+def test_expf_is_float64_exp_rounded_once():
+    """ops._expf (the vectorizable exp of SiLU, sigmoid and the attention softmax) == exp evaluated in float64 and
+    rounded to float32 (an exhaustive run over all 2^32 inputs found 2 one-ulp differences), incl. overflow,
+    underflow into subnormals, +-inf and nan."""
+    @njit
+    def run(x, out):
+        for i in range(x.size):
+            out[i] = ops._expf(x[i])
+
+    r = rng(5)
+    x = np.concatenate([r.uniform(-110, 95, 1 << 20).astype(f32), r.standard_normal(1 << 16).astype(f32),
+                        np.array([0, -0.0, 1e-30, -1e-30, 88.72283, 88.72284, 89, -87.33655, -103.97, -104,
+                                  -149, -160, -1e4, 1e4, np.inf, -np.inf, np.nan], f32)])
+    out = np.empty_like(x)
+    run(x, out)
+    with np.errstate(over="ignore", under="ignore"):
+        ref = np.exp(x.astype(np.float64)).astype(f32)
+    assert np.array_equal(out, ref, equal_nan=True)

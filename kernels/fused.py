@@ -1,0 +1,232 @@
+"""Fused small-batch linear layers (decode, T = 1, and speculative verify, T <= 4): one compiled call and one
+parallel region for several quantized matrices that read the same input.
+
+``fused_mm(mode, x, x2, norm_w, eps, ws, kinds, outs)`` computes, for every matrix i of the group,
+``outs[i] = W_i @ f(x)`` with
+
+* ``mode 0``: f(x) = x
+* ``mode 1``: f(x) = rms_norm(x, norm_w, eps)                       (``ops.rms_norm``)
+* ``mode 2``: f(x) = silu(x) * x2                                    (``ops.swiglu``)
+* ``mode 3``: f(x) = gelu_tanh(x) * x2                               (``ops.geglu_tanh``)
+
+and the matrices may mix types: the block-32 types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, one Q8_0/Q8_1
+activation quantization shared by all of them) and the K-quants (Q2_K..Q6_K, IQ4_XS; one Q8_K quantization).
+Every number is computed by the same float32 operations as the unfused path (``f`` as in ``llamba.kernels.ops``,
+the activation quantizers and the matmul kernels of ``quants_simple``/``quants_k``), so the results are
+bit-identical to ``Linear(f(x))`` for each matrix, row by row (the tests check this against the numpy twins).
+
+What it saves over separate calls, per decode step and layer: the Python wrappers, one activation quantization
+per matrix (Q, K and V share one; so do gate and up), and all but one parallel-region start per group.
+The work is split over threads by weight bytes (8-row units, whichever matrix they belong to).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from llamba.kernels import quants_k as QKm
+from llamba.kernels import quants_simple as QS
+from llamba.kernels.ops import _gelu1, _rms_scale, _silu1
+
+MAX_T = 4  # batches up to this size take the fused path (larger ones: the per-matrix prefill kernels)
+
+BLOCK32 = (QS.Q4_0, QS.Q4_1, QS.Q5_0, QS.Q5_1, QS.Q8_0, QS.IQ4_NL)
+KQUANTS = (QKm.Q2_K, QKm.Q3_K, QKm.Q4_K, QKm.Q5_K, QKm.Q6_K, QKm.IQ4_XS)
+SUPPORTED = frozenset(BLOCK32 + KQUANTS)
+_QK = 32
+_QK_K = 256
+_C127 = np.float32(127.0)
+_PREP_PAR_MIN = 4096  # SwiGLU/GeGLU inputs at least this many values are transformed in parallel
+
+
+@njit(cache=True, inline="always")
+def _rows_k(kind, w, rb, qs, d, bsums, out, r0, r1):
+    if kind == QKm.Q4_K:
+        QKm._rows_q4_k(w, rb, qs, d, bsums, out, r0, r1)
+    elif kind == QKm.Q6_K:
+        QKm._rows_q6_k(w, rb, qs, d, bsums, out, r0, r1)
+    elif kind == QKm.Q5_K:
+        QKm._rows_q5_k(w, rb, qs, d, bsums, out, r0, r1)
+    elif kind == QKm.Q3_K:
+        QKm._rows_q3_k(w, rb, qs, d, bsums, out, r0, r1)
+    elif kind == QKm.Q2_K:
+        QKm._rows_q2_k(w, rb, qs, d, bsums, out, r0, r1)
+    else:
+        QKm._rows_iq4_xs(w, rb, qs, d, bsums, out, r0, r1)
+
+
+@njit(cache=True, inline="always")
+def _prep(mode, x, x2, norm_w, rsc, t, j0, j1, xin, need32, needk, qs, d, s, asum, qk, dk, bsk):
+    """Elements j0..j1-1 of row t (whole activation blocks): xin = f(x) (the operations of ops.rms_norm -- with
+    the row's scale rsc[t] -- swiglu or geglu_tanh), then their Q8_0/Q8_1 blocks (llama.cpp quantize_row_q8_1,
+    q8_0 being its first two arrays, plus the block sums of q) and Q8_K blocks (quantize_row_q8_K)."""
+    # slices indexed from 0: a loop over range(j0, j1) would keep Numba's negative-index check, and LLVM then
+    # vectorizes it with gathers, or not at all
+    xo = xin[t, j0:j1]
+    xi = x[t, j0:j1]
+    if mode == 1:
+        sc = rsc[t]
+        wi = norm_w[j0:j1]
+        for i in range(j1 - j0):
+            xo[i] = (xi[i] * sc) * wi[i]
+    elif mode == 2:
+        x2i = x2[t, j0:j1]
+        for i in range(j1 - j0):
+            xo[i] = _silu1(xi[i]) * x2i[i]
+    elif mode == 3:
+        x2i = x2[t, j0:j1]
+        for i in range(j1 - j0):
+            xo[i] = _gelu1(xi[i]) * x2i[i]
+    else:
+        for i in range(j1 - j0):
+            xo[i] = xi[i]
+    if need32:
+        xr = xin[t]
+        for b in range(j0 // _QK, j1 // _QK):
+            amax = QS._absmax32(xr, b * _QK)
+            db = amax / _C127
+            idb = _C127 / amax if amax != np.float32(0.0) else np.float32(0.0)
+            isum = QS._quant32(xr, b * _QK, idb, qs[t], b * _QK)
+            d[t, b] = QS._round_f16(db)
+            s[t, b] = QS._round_f16(db * np.float32(isum))
+            asum[t, b] = isum
+    if needk:
+        xb = xin.view(np.uint32)
+        for b in range(j0 // _QK_K, j1 // _QK_K):
+            QKm._q8k_block(xin, xb, t, b, qk, dk, bsk)
+
+
+@njit(cache=True, inline="always")
+def _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, kfam):
+    """fused_mm32 (kfam False: block-32 weights) / fused_mmk (kfam True: K-quant weights); see the module doc."""
+    T, n = x.shape
+    nm = len(ws)
+    need32 = not kfam
+    needk = kfam
+    nb = n // _QK
+    nbk = n // _QK_K
+    xin = np.empty((T, n), np.float32)
+    if kfam:  # the other family's arrays: placeholders
+        qs = np.empty((1, 1), np.int8)
+        d = np.empty((1, 1), np.float32)
+        s = np.empty((1, 1), np.float32)
+        asum = np.empty((1, 1), np.int32)
+        qk = np.empty((T, n), np.int8)
+        dk = np.empty((T, nbk), np.float32)
+        bsk = np.empty((T, n // 16), np.int32)
+    else:
+        qs = np.empty((T, n), np.int8)
+        d = np.empty((T, nb), np.float32)
+        s = np.empty((T, nb), np.float32)
+        asum = np.empty((T, nb), np.int32)
+        qk = np.empty((1, 1), np.int8)
+        dk = np.empty((1, 1), np.float32)
+        bsk = np.empty((1, 1), np.int32)
+    rsc = np.empty(T, np.float32)
+    if mode == 1:
+        e = np.float32(eps)
+        for t in range(T):
+            rsc[t] = _rms_scale(x, t, n, e)
+    # input transform + quantization: by whole blocks, in parallel when the input is wide (a SwiGLU over a wide
+    # FFN costs as much as a small matmul)
+    gran = _QK_K if kfam else _QK
+    per_row = n // gran
+    nblk = T * per_row
+    npre = min(nthreads, nblk) if (T * n >= _PREP_PAR_MIN and mode >= 2) else 1
+    if npre > 1:
+        for c in prange(npre):
+            u0 = c * nblk // npre
+            u1 = (c + 1) * nblk // npre
+            for t in range(u0 // per_row, (u1 + per_row - 1) // per_row):  # the rows this chunk touches
+                j0 = (max(u0, t * per_row) - t * per_row) * gran
+                j1 = (min(u1, (t + 1) * per_row) - t * per_row) * gran
+                _prep(mode, x, x2, norm_w, rsc, t, j0, j1, xin, need32, needk, qs, d, s, asum, qk, dk, bsk)
+    else:
+        for t in range(T):
+            _prep(mode, x, x2, norm_w, rsc, t, 0, n, xin, need32, needk, qs, d, s, asum, qk, dk, bsk)
+    # work units: 8 weight rows of one matrix; split over threads by weight bytes
+    tot = 0
+    nunits = 0
+    for i in range(nm):
+        rows_i, rb_i = ws[i].shape
+        tot += (rows_i + 7) // 8 * rb_i
+        nunits += (rows_i + 7) // 8
+    nch = max(1, min(nthreads, nunits))
+    for c in prange(nch):
+        lo = c * tot // nch
+        hi = (c + 1) * tot // nch
+        res = np.empty(8, np.float32)
+        acc = 0
+        for i in range(nm):
+            w = ws[i]
+            rows_i, rb_i = w.shape
+            G = (rows_i + 7) // 8
+            if G == 0:
+                continue
+            # units g with start cost acc + g*rb_i in [lo, hi)
+            g0 = min(G, (max(lo - acc, 0) + rb_i - 1) // rb_i)
+            g1 = min(G, (max(hi - acc, 0) + rb_i - 1) // rb_i)
+            acc += G * rb_i
+            kind = kinds[i]
+            o = outs[i]
+            if kfam:
+                wf = w.reshape(w.size)
+                for g in range(g0, g1):
+                    _rows_k(kind, wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
+            elif T == 1:
+                for g in range(g0, g1):
+                    r0 = g * 8
+                    nr = min(8, rows_i - r0)
+                    QS._rows8(kind, w, r0, nr, qs[0], asum[0], d[0], s[0], nb, res)
+                    for k in range(nr):
+                        o[0, r0 + k] = res[k]
+            else:
+                of = o.reshape(T * rows_i)
+                for g in range(g0, g1):
+                    QS._rows8t_any(kind, T, w, g * 8, min(8, rows_i - g * 8), qs.reshape(T * n), n,
+                                   asum.reshape(T * nb), d.reshape(T * nb), s.reshape(T * nb), nb, of, rows_i)
+
+
+@njit(cache=True, parallel=True)
+def fused_mm32(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads):
+    """outs[i] = W_i @ f(x) for block-32 weights ws[i] (see the module doc). x, x2: float32 (T, n) C-contiguous
+    (x2 read in modes 2/3 only); ws: a 4-tuple of read-only uint8 (rows_i, row_bytes_i) raw weights (unused
+    slots: 0 rows); kinds: int64 type ids; outs: 4-tuple of float32 (T, rows_i)."""
+    _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, False)
+
+
+@njit(cache=True, parallel=True)
+def fused_mmk(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads):
+    """fused_mm32 for K-quant weights (Q8_K activations; n % 256 == 0)."""
+    _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, True)
+
+
+SLOTS = 4  # matrices per call (ws/outs are always 4-tuples: one compiled signature per family)
+
+
+def kernel_for(kinds) -> tuple:
+    """(fused_mm32 or fused_mmk) for weights of these type ids, which must all be of one family."""
+    fam = {int(k) in KQUANTS for k in kinds}
+    if len(fam) != 1:
+        raise ValueError("a fused call takes block-32 weights or K-quant weights, not both")
+    return fused_mmk if fam.pop() else fused_mm32
+
+
+def pad(ws, kinds):
+    """ws, kinds padded to SLOTS entries (0-row read-only weights)."""
+    k = len(ws)
+    if k > SLOTS:
+        raise ValueError(f"at most {SLOTS} matrices per fused call")
+    dummy = np.empty((0, ws[0].shape[1]), np.uint8)
+    dummy.flags.writeable = False
+    return (tuple(ws) + (dummy,) * (SLOTS - k),
+            np.concatenate([np.asarray(kinds, np.int64), np.full(SLOTS - k, int(kinds[0]), np.int64)]))
+
+
+def run(mode, x, x2, norm_w, eps, ws, kinds, outs):
+    """outs[i] = W_i @ f(x) for up to SLOTS weights of one family, with Numba's current thread count."""
+    fn = kernel_for(kinds)
+    ws4, kinds4 = pad(ws, kinds)
+    outs4 = tuple(outs) + (np.empty((x.shape[0], 0), np.float32),) * (SLOTS - len(outs))
+    fn(mode, x, x2, norm_w, eps, ws4, kinds4, outs4, numba.get_num_threads())
