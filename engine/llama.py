@@ -66,6 +66,8 @@ class Llama:
                               split_mode=split_mode, verbose=verbose)
             self.session = Session(self.model)
         self._n_ctx = n_ctx
+        self.logits_all = bool(logits_all)
+        self._scores = None  # (n_ctx, n_vocab) logits rows by position, allocated on first eval (see `scores`)
         self._chat_opt = chat_template or chat_format  # NAME | FILE | template text; None: the model's own
         self._chat = None
         if self._chat_opt:
@@ -123,9 +125,36 @@ class Llama:
         return self.session.eval(toks, logits="all")
 
     def eval(self, tokens):
-        """Append tokens to the cache (llama-cpp-python's `eval`); returns their logits."""
+        """Append tokens to the cache (llama-cpp-python's `eval`) and return their logits: every row with
+        `logits_all=True`, else only the last token's (shape (1, n_vocab); the other rows are not computed).
+        The rows are also kept in `scores` by position."""
         self._need_model()
-        return self.session.eval([int(t) for t in tokens], logits="all")
+        toks = [int(t) for t in tokens]
+        if not toks:
+            return np.empty((0, self.n_vocab()), dtype=np.float32)
+        n0 = self.n_tokens
+        out = self.session.eval(toks, logits="all" if self.logits_all else "last")
+        if self._scores is None:  # virtual memory: only the rows written take pages
+            self._scores = np.empty((self._n_ctx, out.shape[1]), dtype=np.float32)
+        self._scores[n0 + len(toks) - out.shape[0]:n0 + len(toks)] = out
+        return out
+
+    @property
+    def scores(self) -> np.ndarray:
+        """Logits by position, as llama-cpp-python's `scores`: row i holds the logits after token i of the cache,
+        written by `eval` (all rows with logits_all=True, else the last row of each call); (n_ctx, n_vocab)."""
+        self._need_model()
+        if self._scores is None:
+            self._scores = np.empty((self._n_ctx, self.n_vocab()), dtype=np.float32)
+        return self._scores
+
+    @property
+    def _input_ids(self) -> np.ndarray:
+        return np.array(self.session.tokens if self.session else [], dtype=np.intc)
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return self._input_ids
 
     def _make_sampler(self, temp, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
                       presence_penalty, seed, logit_bias=None):

@@ -112,7 +112,7 @@ def cases(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llms(cases):
     _, out = cases
-    return {name: Llama(str(path), n_ctx=N_CTX, verbose=False) for name, (_, path, _) in out.items()}
+    return {name: Llama(str(path), n_ctx=N_CTX, logits_all=True, verbose=False) for name, (_, path, _) in out.items()}
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -88,6 +88,26 @@ def test_truncate_and_prefix_reuse(models):
     assert llm.last_stats.n_reused == len(toks) - 1
 
 
+def test_eval_logits_all_and_scores_like_llama_cpp_python(models):
+    """eval() computes every row only with logits_all=True (llama-cpp-python's contract); `scores[i]` holds the
+    logits after cache position i; n_tokens / input_ids follow the cache."""
+    toks = [5, 6, 7, 8, 9, 10]
+    full = Llama(str(models["llama", QT.F32]), n_ctx=32, verbose=False).eval_logits(toks)
+    a = Llama(str(models["llama", QT.F32]), n_ctx=32, logits_all=True, verbose=False)
+    rows = a.eval(toks[:4])
+    assert rows.shape == (4, a.n_vocab()) and a.n_tokens == 4
+    a.eval(toks[4:])
+    assert np.allclose(a.scores[:6], full, rtol=0, atol=1e-4)
+    assert list(a.input_ids) == toks
+    b = Llama(str(models["llama", QT.F32]), n_ctx=32, verbose=False)
+    last = b.eval(toks[:4])
+    assert last.shape == (1, b.n_vocab())
+    assert np.allclose(last[0], full[3], rtol=0, atol=1e-4) and np.array_equal(b.scores[3], last[0])
+    b.eval(toks[4:5])
+    assert int(np.argmax(b.scores[b.n_tokens - 1])) == int(np.argmax(full[4]))
+    assert b.eval([]).shape == (0, b.n_vocab())
+
+
 def test_context_overflow_is_a_clear_error(models):
     llm = Llama(str(models["llama", QT.F32]), n_ctx=16, verbose=False)
     with pytest.raises(ContextOverflowError, match="do not fit the context of 16"):
