@@ -127,26 +127,38 @@ class Llama:
     def eval(self, tokens):
         """Append tokens to the cache (llama-cpp-python's `eval`) and return their logits: every row with
         `logits_all=True`, else only the last token's (shape (1, n_vocab); the other rows are not computed).
-        The rows are also kept in `scores` by position."""
+        They are also kept in `scores`."""
         self._need_model()
         toks = [int(t) for t in tokens]
         if not toks:
             return np.empty((0, self.n_vocab()), dtype=np.float32)
         n0 = self.n_tokens
         out = self.session.eval(toks, logits="all" if self.logits_all else "last")
-        if self._scores is None:  # virtual memory: only the rows written take pages
-            self._scores = np.empty((self._n_ctx, out.shape[1]), dtype=np.float32)
-        self._scores[n0 + len(toks) - out.shape[0]:n0 + len(toks)] = out
+        sc = self._scores_buf()
+        if self.logits_all:
+            sc[n0:n0 + len(toks)] = out
+        else:
+            sc[0] = out[-1]
         return out
+
+    def _scores_buf(self) -> np.ndarray:
+        if self._scores is None:
+            # logits_all: (n_ctx, n_vocab), virtual memory until rows are written; else one row
+            self._scores = np.empty((self._n_ctx if self.logits_all else 1, self.n_vocab()), dtype=np.float32)
+        return self._scores
 
     @property
     def scores(self) -> np.ndarray:
-        """Logits by position, as llama-cpp-python's `scores`: row i holds the logits after token i of the cache,
-        written by `eval` (all rows with logits_all=True, else the last row of each call); (n_ctx, n_vocab)."""
+        """Logits by cache position, as llama-cpp-python's `scores` (n_ctx, n_vocab): with logits_all=True row i
+        holds the logits after token i; otherwise only the last evaluated row is kept (memory: one row) and every
+        row of this read-only view shows it, so `scores[n_tokens - 1]` is the latest logits either way."""
         self._need_model()
-        if self._scores is None:
-            self._scores = np.empty((self._n_ctx, self.n_vocab()), dtype=np.float32)
-        return self._scores
+        buf = self._scores_buf()
+        if self.logits_all:
+            return buf
+        v = np.lib.stride_tricks.as_strided(buf, shape=(self._n_ctx, buf.shape[1]), strides=(0, buf.strides[1]))
+        v.flags.writeable = False
+        return v
 
     @property
     def _input_ids(self) -> np.ndarray:
