@@ -29,42 +29,37 @@ def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
 
-def gen_speed(llm, prompts, n, reps):
-    """Median over reps of total generated tokens / total decode time (first token excluded, as llama-bench)."""
-    outs, rates = [], []
-    for r in range(reps):
-        toks, secs = 0, 0.0
-        outs = []
-        for p in prompts:
-            ids = llm.tokenize(p.encode())
-            llm.reset()
-            out = list(llm.generate(ids, temp=0, max_tokens=n))
-            st = llm.last_stats
-            toks += st.n_gen - 1
-            secs += st.t_gen
-            outs.append(out)
-        rates.append(toks / secs)
-    return statistics.median(rates), outs
+def gen_pass(llm, prompts, n):
+    """One greedy pass over the prompts: (generated tokens / decode seconds, first token excluded as in
+    llama-bench; the outputs)."""
+    toks, secs, outs = 0, 0.0, []
+    for p in prompts:
+        ids = llm.tokenize(p.encode())
+        llm.reset()
+        outs.append(list(llm.generate(ids, temp=0, max_tokens=n)))
+        st = llm.last_stats
+        toks += st.n_gen - 1
+        secs += st.t_gen
+    return toks / secs, outs
 
 
-def verify_cost(llm, ks, reps=20):
-    """Seconds of one row-exact forward of k tokens (after a 64-token context), relative to k = 1."""
+def verify_cost(llm, ks, reps=30):
+    """Seconds of one row-exact forward of k tokens (after a 64-token context), relative to k = 1. The k values are
+    measured round-robin within each repetition, so a slow period of the machine hits all of them alike."""
     model = llm.model
     rng = np.random.default_rng(0)
     ctx = [int(t) for t in rng.integers(10, llm.n_vocab() - 10, 64)]
-    res = {}
-    for k in ks:
-        ts = []
-        for _ in range(reps):
+    kw = {"snapshots": True} if getattr(model, "rec", None) else {}
+    ts = {k: [] for k in ks}
+    for _ in range(reps):
+        for k in ks:
             llm.reset()
             llm.session.eval(ctx, logits="none")
             batch = [int(t) for t in rng.integers(10, llm.n_vocab() - 10, k)]
-            kw = {"snapshots": True} if getattr(model, "rec", None) else {}
             t = time.perf_counter()
             model.forward(batch, logits="all", gemm=False, **kw)
-            ts.append(time.perf_counter() - t)
-        res[k] = statistics.median(ts)
-    return res
+            ts[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in ts.items()}
 
 
 def main(argv=None):
@@ -93,18 +88,31 @@ def main(argv=None):
           ", ".join(f"k={k}: {vc[k] / vc[1]:.2f}x ({vc[k] * 1e3:.2f} ms)" for k in ks))
     if a.verify_only:
         return
-    log("plain greedy...")
-    base_tps, base_out = gen_speed(plain, prompts, a.n, a.reps)
-    print(f"no speculation: {base_tps:.1f} tokens/s")
-    print(f"{'draft-max':>9} {'tokens/s':>9} {'speed-up':>8} {'accepted/drafted':>17} {'rate':>6} {'mean len':>8}  "
-          f"acceptance per position")
-    for dm in [int(x) for x in a.draft_max.split(",")]:
-        log(f"{a.spec} draft-max {dm}...")
+    dms = [int(x) for x in a.draft_max.split(",")]
+    engines = {0: plain}
+    for dm in dms:
         spec = Llama(a.model, n_ctx=2048, n_threads=a.threads, verbose=False, spec=a.spec, draft_max=dm,
                      draft_model=a.draft_model)
         list(spec.generate(spec.tokenize(prompts[0].encode()), temp=0, max_tokens=4))
-        tps, outs = gen_speed(spec, prompts, a.n, a.reps)
-        lossless = outs == base_out
+        engines[dm] = spec
+    # every repetition runs plain greedy and each draft-max back to back, so a slow period of the machine hits
+    # them alike; speed-up = median over repetitions of (speculative / plain) of the same repetition
+    rates = {dm: [] for dm in engines}
+    outs = {}
+    for r in range(a.reps):
+        for dm, llm in engines.items():
+            log(f"repetition {r + 1}/{a.reps}: {'plain greedy' if dm == 0 else f'{a.spec} draft-max {dm}'}...")
+            tps, outs[dm] = gen_pass(llm, prompts, a.n)
+            rates[dm].append(tps)
+    base_tps = statistics.median(rates[0])
+    print(f"no speculation: {base_tps:.1f} tokens/s (median of {a.reps})")
+    print(f"{'draft-max':>9} {'tokens/s':>9} {'speed-up':>8} {'accepted/drafted':>17} {'rate':>6} {'mean len':>8}  "
+          f"acceptance per position")
+    for dm in dms:
+        spec = engines[dm]
+        tps = statistics.median(rates[dm])
+        ratio = statistics.median(x / y for x, y in zip(rates[dm], rates[0]))
+        lossless = outs[dm] == outs[0]
         # acceptance over one pass of all prompts
         acc = dr = steps = 0
         pos_a, pos_d = [0] * dm, [0] * dm
@@ -117,9 +125,8 @@ def main(argv=None):
                 pos_a[i] += s.accepted_at[i]
                 pos_d[i] += s.drafted_at[i]
         per_pos = ", ".join(f"{x / y:.2f}" if y else "-" for x, y in zip(pos_a, pos_d))
-        print(f"{dm:>9} {tps:9.1f} {tps / base_tps:7.2f}x {acc:>8}/{dr:<8} {acc / max(dr, 1):6.1%} "
+        print(f"{dm:>9} {tps:9.1f} {ratio:7.2f}x {acc:>8}/{dr:<8} {acc / max(dr, 1):6.1%} "
               f"{1 + acc / max(steps, 1):8.2f}  ({per_pos}){'' if lossless else '  NOT LOSSLESS'}")
-
 
 if __name__ == "__main__":
     main()
