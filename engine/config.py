@@ -55,6 +55,11 @@ class ModelConfig:
     ssm_n_k: int = 0
     ssm_n_v: int = 0
     ssm_d_inner: int = 0
+    # MoE fields (qwen35moe): experts per MoE FFN, experts used per token, expert / shared-expert FFN widths
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_ff_shexp: int = 0
     extra: dict = field(default_factory=dict, compare=False)
 
     @property

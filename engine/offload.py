@@ -13,6 +13,8 @@ How the model code hooks in (the forward loops are unchanged otherwise):
 * `model.kv.k/v[il]` and `model.rec[il]` are replaced by arrays on the layer's device (KV as fp16).
 * `model.out_dev` (output norm + head) and `model.mtp.out_dev` (the whole nextn layer) are set; the forward
   tails call them when set, and they return host (numpy) hidden rows and logits.
+* qwen35moe: a block's mixture-of-experts FFN stays on the CPU (`HostMoE`, like llama.cpp's --cpu-moe); the
+  rest of the block (norms, attention / DeltaNet, its caches) runs on the device.
 """
 from __future__ import annotations
 
@@ -145,6 +147,25 @@ class DevFFN(_On):
         u = k.matmul(self.w_up, h, gemm)
         a = k.geglu(g, u) if self.gelu else k.swiglu(g, u)
         return k.matmul(self.w_down, a, gemm)
+
+
+class HostMoE(_On):
+    """A mixture-of-experts FFN (llamba.models.moe.MoEFFN) left on the CPU, like llama.cpp's --cpu-moe: the rows
+    go to the host, through the CPU MoE FFN (router, experts, shared expert), and back onto the device. Its
+    weights take no device memory."""
+
+    def __init__(self, dev, ffn):
+        super().__init__(dev)
+        self.ffn = ffn
+
+    def __call__(self, h, gemm):
+        y = self.ffn(self.dev.to_host(h), gemm)
+        with self.dev.activate():
+            return self.dev.put(y)
+
+
+def _dev_ffn(dev, ffn):
+    return HostMoE(dev, ffn) if getattr(ffn, "offload_on_cpu", False) else DevFFN(dev, ffn)
 
 
 class DevAttentionBlock(_On):
@@ -303,7 +324,7 @@ class DevQwen35Block(_On):
         self.attn_norm = self.p(blk.attn_norm)
         self.mixer = (DevGatedDeltaNet if blk.recurrent else DevGatedAttention)(dev, blk.mixer)
         self.post_attention_norm = self.p(blk.post_attention_norm)
-        self.ffn = DevFFN(dev, blk.ffn)
+        self.ffn = _dev_ffn(dev, blk.ffn)  # qwen35moe: the MoE FFN stays on the CPU (HostMoE)
         self.nbytes += self.mixer.nbytes + self.ffn.nbytes
 
     def __call__(self, x, pos, n_kv, kv, rope, gemm: bool, rec_state=None, snaps=None, chunked: bool = False):
@@ -407,6 +428,8 @@ def _param_bytes(obj, seen: set) -> int:
     if id(obj) in seen:
         return 0
     seen.add(id(obj))
+    if getattr(obj, "offload_on_cpu", False):  # a MoE FFN: kept on the CPU (HostMoE), no device memory
+        return 0
     if isinstance(obj, Linear):
         return int(obj.w.nbytes) + (int(obj.bias.nbytes) if obj.bias is not None else 0)
     if isinstance(obj, np.ndarray):
@@ -443,9 +466,10 @@ class OffloadInfo:
     """What `offload_model` did: the placement (device position per layer, None = CPU), the devices and the
     bytes each holds."""
 
-    def __init__(self, placement, devices, weights, kv, state):
+    def __init__(self, placement, devices, weights, kv, state, n_cpu_moe: int = 0):
         self.placement, self.devices = placement, devices
         self.weights, self.kv, self.state = weights, kv, state
+        self.n_cpu_moe = n_cpu_moe  # offloaded layers whose MoE FFN stays on the CPU
 
     @property
     def n_offloaded(self) -> int:
@@ -455,6 +479,9 @@ class OffloadInfo:
         n = len(self.placement)
         kind = "GPU" if any(d.kind == "cuda" for d in self.devices) else "device (numpy stand-in)"
         lines = [f"offloaded {self.n_offloaded}/{n} layers to {kind} (output layer = {n - 1})"]
+        if self.n_cpu_moe:
+            lines.append(f"  the MoE FFNs (router, experts, shared expert) of {self.n_cpu_moe} offloaded layers "
+                         f"stay on the CPU (like llama.cpp's --cpu-moe)")
         for i, d in enumerate(self.devices):
             layers = [il for il, p in enumerate(self.placement) if p == i]
             if not layers:
@@ -579,6 +606,9 @@ def _install(model, plan, placement, devices) -> OffloadInfo:
         model.mtp.kv.k[L], model.mtp.kv.v[L] = plan["mtp_kv"]
         weights[pos_of[id(plan["mtp"].dev)]] += plan["mtp"].nbytes
         acct(plan["mtp_kv"], plan["mtp"].dev, kv)
-    info = OffloadInfo(placement, devices, weights, kv, state)
+    n_cpu_moe = sum(isinstance(getattr(b, "ffn", None), HostMoE) for b in plan["blocks"].values())
+    if plan["mtp"] is not None and isinstance(plan["mtp"].block.ffn, HostMoE):
+        n_cpu_moe += 1
+    info = OffloadInfo(placement, devices, weights, kv, state, n_cpu_moe)
     model.offload = info
     return info

@@ -1,8 +1,9 @@
 """A small Hugging Face transformers -> GGUF converter for the parity tests (tests/test_hf_parity.py).
 
-`convert(model, path)` writes a GGUF (F32 weights) from a transformers `Qwen3ForCausalLM` (arch `qwen3`) or
-`Qwen3_5ForCausalLM` (arch `qwen35`), applying the conversion transforms of llama.cpp's convert_hf_to_gguf.py
-(`Qwen3Model`, `Qwen3NextModel`, `_LinearAttentionVReorderBase`, `Qwen3_5TextModel`; ENGINE_BRIEF §3.3, §3.4):
+`convert(model, path)` writes a GGUF (F32 weights) from a transformers `Qwen3ForCausalLM` (arch `qwen3`),
+`Qwen3_5ForCausalLM` (arch `qwen35`) or `Qwen3_5MoeForCausalLM` (arch `qwen35moe`), applying the conversion
+transforms of llama.cpp's convert_hf_to_gguf.py (`Qwen3Model`, `Qwen3NextModel`, `_LinearAttentionVReorderBase`,
+`Qwen3_5TextModel`, `Qwen3_5MoeTextModel`; ENGINE_BRIEF §3.3, §3.4, §3.5):
 
 qwen35:
 * MTP tensors (`mtp.*`, only if the state dict holds any; transformers' Qwen3_5ForCausalLM has no MTP module
@@ -23,6 +24,14 @@ qwen35:
   padded to 4 (default [11, 11, 10, 0]); attention.recurrent_layers from layer_types (MTP entries false);
   full_attention_interval (default 4); ssm.conv_kernel / state_size / group_count / time_step_rank /
   inner_size.
+
+qwen35moe (Qwen3_5MoeForCausalLM): everything of qwen35, plus the MoE FFN of every layer (the MTP layer's
+included): `mlp.gate` -> `ffn_gate_inp`; `mlp.experts.gate_up_proj` (n_expert, 2 n_ff_exp, n_embd), gate rows
+first, -> `ffn_gate_up_exps` (ne [n_embd, 2 n_ff_exp, n_expert], as llama.cpp's converter) or, with
+split_experts, `ffn_gate_exps` + `ffn_up_exps`; `mlp.experts.down_proj` -> `ffn_down_exps`;
+`mlp.shared_expert.{gate,up,down}_proj` -> `ffn_{gate,up,down}_shexp`; `mlp.shared_expert_gate` (1, n_embd) ->
+`ffn_gate_inp_shexp` (ne [n_embd]). Keys expert_count, expert_used_count, expert_feed_forward_length,
+expert_shared_feed_forward_length; no feed_forward_length.
 
 qwen3: llama base keys + key_length/value_length (head_dim), q_norm/k_norm copied as is, no Q/K permutation
 (NEOX rope, unlike the llama converter).
@@ -69,6 +78,16 @@ _QWEN35 = {
     "hnorm.weight": "nextn.hnorm.weight",
     "eh_proj.weight": "nextn.eh_proj.weight",
     "shared_head.norm.weight": "nextn.shared_head_norm.weight",
+}
+_QWEN35MOE = {
+    **{k: v for k, v in _QWEN35.items() if not k.startswith("mlp.")},
+    "mlp.gate.weight": "ffn_gate_inp.weight",  # router (n_expert, n_embd): ne [n_embd, n_expert]
+    "mlp.experts.gate_up_proj": "ffn_gate_up_exps.weight",  # (n_expert, 2 n_ff_exp, n_embd), gate rows first
+    "mlp.experts.down_proj": "ffn_down_exps.weight",  # (n_expert, n_embd, n_ff_exp)
+    "mlp.shared_expert.gate_proj.weight": "ffn_gate_shexp.weight",
+    "mlp.shared_expert.up_proj.weight": "ffn_up_shexp.weight",
+    "mlp.shared_expert.down_proj.weight": "ffn_down_shexp.weight",
+    "mlp.shared_expert_gate.weight": "ffn_gate_inp_shexp.weight",  # (1, n_embd) stored as ne [n_embd]
 }
 _GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -120,11 +139,15 @@ def _rope_params(cfg) -> dict:
     return rp
 
 
-def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int | None = None):
-    """Write `model` (a transformers Qwen3ForCausalLM / Qwen3_5ForCausalLM) as a GGUF at `path`.
+def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int | None = None,
+            split_experts: bool = False):
+    """Write `model` (a transformers Qwen3ForCausalLM / Qwen3_5ForCausalLM / Qwen3_5MoeForCausalLM) as a GGUF
+    at `path`.
 
     state_dict: optional override of model.state_dict() (e.g. with extra `mtp.*` tensors).
     reorder_v: apply the grouped -> tiled v-head reorder (False only to prove a test would catch its absence).
+    split_experts (qwen35moe): write the experts' gate_up_proj as separate ffn_gate_exps / ffn_up_exps instead
+    of the fused ffn_gate_up_exps (llama.cpp's current converter writes the fused form).
     """
     cfg = model.config
     mt = cfg.model_type
@@ -134,6 +157,10 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
         if mt == "qwen3_5":
             cfg = cfg.text_config
         arch, pre, table = "qwen35", "qwen35", _QWEN35
+    elif mt in ("qwen3_5_moe_text", "qwen3_5_moe"):
+        if mt == "qwen3_5_moe":
+            cfg = cfg.text_config
+        arch, pre, table = "qwen35moe", "qwen35", _QWEN35MOE
     else:
         raise NotImplementedError(f"model_type {mt!r}")
     sd = {k: _np(v) for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
@@ -146,7 +173,7 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
     tensors: dict[str, np.ndarray] = {}
     n_mtp = 0
     for hf_name, a in sd.items():
-        if arch == "qwen35":
+        if arch in ("qwen35", "qwen35moe"):
             hf_name, m = _remap_mtp(hf_name, n_layer)
             n_mtp = max(n_mtp, m)
             a = _qwen35_transform(hf_name, a, cfg, reorder_v)
@@ -158,6 +185,13 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
         m = _LAYER_RE.match(hf_name)
         if m is None or m.group(2) not in table:
             raise ValueError(f"{arch}: no GGUF name for HF tensor {hf_name}")
+        if m.group(2) == "mlp.shared_expert_gate.weight":
+            a = a.reshape(-1)
+        if m.group(2) == "mlp.experts.gate_up_proj" and split_experts:
+            ff = a.shape[1] // 2  # HF: gate, up = linear(x, gate_up_proj[e]).chunk(2)
+            tensors[f"blk.{m.group(1)}.ffn_gate_exps.weight"] = a[:, :ff]
+            tensors[f"blk.{m.group(1)}.ffn_up_exps.weight"] = a[:, ff:]
+            continue
         tensors[f"blk.{m.group(1)}.{table[m.group(2)]}"] = a
 
     # ---- metadata
@@ -166,7 +200,8 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
     w.add_context_length(int(n_ctx or cfg.max_position_embeddings))
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(n_layer + n_mtp)
-    w.add_feed_forward_length(cfg.intermediate_size)
+    if getattr(cfg, "intermediate_size", None) is not None:  # none for qwen35moe (llama.cpp writes none)
+        w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_rope_freq_base(float(rp.get("rope_theta", 10000.0)))
@@ -174,7 +209,12 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_file_type(0)  # ALL_F32
-    if arch == "qwen35":
+    if arch == "qwen35moe":
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if arch in ("qwen35", "qwen35moe"):
         if cfg.linear_key_head_dim != cfg.linear_value_head_dim:
             raise NotImplementedError("llama.cpp's qwen35 needs linear_key_head_dim == linear_value_head_dim")
         sections = list(rp.get("mrope_section", [11, 11, 10]))

@@ -1,4 +1,4 @@
-"""Independent check of the qwen3 and qwen35 forward passes against Hugging Face transformers.
+"""Independent check of the qwen3, qwen35 and qwen35moe forward passes against Hugging Face transformers.
 
 Tiny random transformers models (float32, eager attention) are converted to GGUF by tests/hf_convert.py (the
 transforms of llama.cpp's convert_hf_to_gguf.py) and llamba's logits are compared with the transformers logits:
@@ -56,6 +56,23 @@ def _qwen35(n_k: int, n_v: int, head_dim: int, partial: float, sections, layer_t
     return transformers.Qwen3_5ForCausalLM(cfg)
 
 
+def _qwen35moe(n_experts: int, top_k: int, layer_types, tied: bool):
+    """A Qwen3.5 MoE: n_v = 2 n_k (tiled v-head order), more experts than used, a shared expert wider than
+    the routed experts."""
+    cfg = transformers.Qwen3_5MoeTextConfig(
+        vocab_size=384, hidden_size=64, num_hidden_layers=len(layer_types), num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=32, linear_value_head_dim=32, linear_conv_kernel_dim=4, layer_types=layer_types,
+        num_experts=n_experts, num_experts_per_tok=top_k, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, max_position_embeddings=N_CTX, rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "mrope_section": [3, 3, 2], "mrope_interleaved": True})
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"  # the plain per-expert loop of Qwen3_5MoeExperts
+    return transformers.Qwen3_5MoeForCausalLM(cfg)
+
+
 def _randomize(model, seed: int, zero_centred_norms: bool):
     """Weights with O(1) effects everywhere (the transformers init leaves norms at their neutral value, tiny
     projections and fast-decaying DeltaNet states, which would hide mistakes)."""
@@ -91,7 +108,14 @@ CASES = {
     # n_v = 2 n_k: the tiled v-head order; rope on 1/2 of head_dim 32; the default 3:1 layer pattern
     "qwen35-nv2x": lambda: _randomize(_qwen35(2, 4, 32, 0.5, (3, 3, 2), [
         "linear_attention", "linear_attention", "linear_attention", "full_attention"], tied=True), 13, True),
+    # qwen35moe: 8 experts, top-3, experts as llama.cpp's converter writes them (fused ffn_gate_up_exps)
+    "qwen35moe-top3": lambda: _randomize(_qwen35moe(8, 3, [
+        "linear_attention", "full_attention", "linear_attention", "full_attention"], tied=False), 15, True),
+    # 8 experts, top-2, separate ffn_gate_exps / ffn_up_exps, tied head, the default 3:1 layer pattern
+    "qwen35moe-top2-split": lambda: _randomize(_qwen35moe(8, 2, [
+        "linear_attention", "linear_attention", "linear_attention", "full_attention"], tied=True), 16, True),
 }
+CONVERT_OPTS = {"qwen35moe-top2-split": {"split_experts": True}}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +128,7 @@ def cases(tmp_path_factory):
         model = make()
         with torch.no_grad():
             ref = model(torch.tensor([toks]), use_cache=False).logits[0].double().numpy()
-        path = convert(model, d / f"{name}.gguf")
+        path = convert(model, d / f"{name}.gguf", **CONVERT_OPTS.get(name, {}))
         out[name] = (model, path, ref)
     return toks, out
 
@@ -206,27 +230,60 @@ def test_tiled_v_head_order_is_exercised(cases, tmp_path):
     assert rel > 50 * TOL
 
 
+@pytest.mark.parametrize("case", ["qwen35moe-top3", "qwen35moe-top2-split"])
+def test_moe_routing_is_exercised(cases, case, monkeypatch):
+    """Mis-routing must be far off: dropping the top-k renormalization, or taking the k *smallest*
+    probabilities, moves the logits by much more than the tolerance, so the MoE cases really test routing."""
+    toks, out = cases
+    ref = out[case][2][:20]
+    from llamba.models import moe
+    route = moe.route
+
+    def unnormalized(logits, k):
+        p = np.empty_like(logits)
+        moe.K.softmax_rows(np.ascontiguousarray(logits), p)
+        idx, _ = route(logits, k)
+        return idx, np.ascontiguousarray(np.take_along_axis(p, idx, 1))
+
+    def smallest(logits, k):
+        return route(-logits, k)
+
+    for bad in (unnormalized, smallest):
+        with monkeypatch.context() as m:
+            m.setattr(moe, "route", bad)
+            got = Llama(str(out[case][1]), n_ctx=N_CTX, verbose=False).eval_logits(toks[:20])
+        rel = _rel(got, ref)
+        print(f"{case} with {bad.__name__} routing: max rel diff {rel:.2e}")
+        assert rel > 50 * TOL
+
+
 class _HFMtp(torch.nn.Module):
     """Qwen3.5's MTP block under the checkpoint names (`mtp.fc`, `mtp.pre_fc_norm_embedding`,
-    `mtp.pre_fc_norm_hidden`, `mtp.norm`, `mtp.layers.0.*`), built from transformers' own Qwen3.5 modules.
-    transformers' Qwen3_5ForCausalLM has no MTP module (it drops `mtp.*` at load), so only the wiring is ours,
-    as ENGINE_BRIEF §4.2 / llama.cpp: hM = norm(layer(fc([enorm(embed(x_p)) | hnorm(h_{p-1})]))), where h is the
-    trunk's post-final-norm hidden state and the layer is an ordinary full-attention decoder layer."""
+    `mtp.pre_fc_norm_hidden`, `mtp.norm`, `mtp.layers.0.*`), built from transformers' own Qwen3.5 (or Qwen3.5
+    MoE) modules. transformers' Qwen3_5(Moe)ForCausalLM has no MTP module (it drops `mtp.*` at load), so only
+    the wiring is ours, as ENGINE_BRIEF §4.2 / llama.cpp: hM = norm(layer(fc([enorm(embed(x_p)) |
+    hnorm(h_{p-1})]))), where h is the trunk's post-final-norm hidden state and the layer is an ordinary
+    full-attention decoder layer (with the MoE FFN for Qwen3.5 MoE)."""
 
     def __init__(self, cfg):
         super().__init__()
         import copy
 
-        from transformers.models.qwen3_5 import modeling_qwen3_5 as M
+        if cfg.model_type == "qwen3_5_moe_text":
+            from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as M
+            Norm, Layer, Rotary = M.Qwen3_5MoeRMSNorm, M.Qwen3_5MoeDecoderLayer, M.Qwen3_5MoeTextRotaryEmbedding
+        else:
+            from transformers.models.qwen3_5 import modeling_qwen3_5 as M
+            Norm, Layer, Rotary = M.Qwen3_5RMSNorm, M.Qwen3_5DecoderLayer, M.Qwen3_5TextRotaryEmbedding
         c = copy.deepcopy(cfg)
         c.layer_types, c.num_hidden_layers = ["full_attention"], 1
         E, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.fc = torch.nn.Linear(2 * E, E, bias=False)
-        self.pre_fc_norm_embedding = M.Qwen3_5RMSNorm(E, eps)
-        self.pre_fc_norm_hidden = M.Qwen3_5RMSNorm(E, eps)
-        self.norm = M.Qwen3_5RMSNorm(E, eps)
-        self.layers = torch.nn.ModuleList([M.Qwen3_5DecoderLayer(c, 0)])
-        self.rotary = M.Qwen3_5TextRotaryEmbedding(c)
+        self.pre_fc_norm_embedding = Norm(E, eps)
+        self.pre_fc_norm_hidden = Norm(E, eps)
+        self.norm = Norm(E, eps)
+        self.layers = torch.nn.ModuleList([Layer(c, 0)])
+        self.rotary = Rotary(c)
 
     def forward(self, emb, h):
         x = self.fc(torch.cat([self.pre_fc_norm_embedding(emb), self.pre_fc_norm_hidden(h)], dim=-1))
@@ -236,10 +293,12 @@ class _HFMtp(torch.nn.Module):
         return self.norm(x)
 
 
-def test_mtp_block_matches_hf_modules(cases, tmp_path):
-    """The converter's mtp.* -> blk.{n_layer}.nextn.* renaming (+1 on every MTP norm) and llamba's MTP head."""
+@pytest.mark.parametrize("case", ["qwen35-nv1x", "qwen35moe-top3"])
+def test_mtp_block_matches_hf_modules(cases, tmp_path, case):
+    """The converter's mtp.* -> blk.{n_layer}.nextn.* renaming (+1 on every MTP norm) and llamba's MTP head
+    (for qwen35moe with a MoE FFN in the MTP block)."""
     toks, _ = cases
-    model = CASES["qwen35-nv1x"]()  # untied: the MTP head falls back to output.weight
+    model = CASES[case]()  # untied: the MTP head falls back to output.weight
     mtp = _randomize(_HFMtp(model.config), 14, zero_centred_norms=True)
     sd = {**model.state_dict(), **{"mtp." + k: v for k, v in mtp.state_dict().items()}}
     path = convert(model, tmp_path / "mtp.gguf", state_dict=sd)
@@ -257,5 +316,7 @@ def test_mtp_block_matches_hf_modules(cases, tmp_path):
     m.mtp.truncate(0)
     got = m.mtp.forward(toks[1:], m.hidden[:-1], logits="all")  # row i: token i+1 with the hidden of row i
     rel = _rel(got, ref)
-    print(f"qwen35 + MTP: trunk max rel diff {rel_trunk:.2e}, MTP head max rel diff {rel:.2e}")
+    if case.startswith("qwen35moe"):
+        assert m.mtp.block.ffn.n_expert == model.config.num_experts
+    print(f"{case} + MTP: trunk max rel diff {rel_trunk:.2e}, MTP head max rel diff {rel:.2e}")
     assert rel_trunk < TOL and rel < TOL

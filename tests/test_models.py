@@ -130,3 +130,110 @@ def test_completion_api_shapes(models):
     for g in gen:
         assert int(np.argmax(llm.eval_logits(seq)[-1])) == g
         seq.append(g)
+
+
+# ----------------------------------------------------------------------------------------------------
+# qwen35moe (Qwen3.5 MoE): row-exactness of the MoE FFN and the errors for broken files. Forward-pass parity
+# with transformers is in tests/test_hf_parity.py.
+# ----------------------------------------------------------------------------------------------------
+
+MOE_VARIANTS = {  # name: (tensor type, write_qwen35 options)
+    "f32-8x2": (QT.F32, dict(n_expert=8, n_expert_used=2)),
+    "q8_0-8x3-fused": (QT.Q8_0, dict(n_expert=8, n_expert_used=3, fused_exps=True)),
+    "q4_0-4x2": (QT.Q4_0, dict(n_expert=4, n_expert_used=2)),  # few experts: groups of > 4 rows
+}
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    from tiny_models import write_qwen35
+    d = tmp_path_factory.mktemp("moe")
+    return {name: write_qwen35(d / f"{name}.gguf", qtype=qt, seed=21, **kw)
+            for name, (qt, kw) in MOE_VARIANTS.items()}
+
+
+@pytest.mark.parametrize("variant", list(MOE_VARIANTS))
+def test_qwen35moe_batch_is_row_exact(moe_models, variant):
+    """A batch of 2..9 tokens through the exact path gives bit-identical logits to one token at a time, although
+    the tokens are grouped by expert (groups of different sizes take the fused small-batch kernels or not)."""
+    llm = Llama(str(moe_models[variant]), n_ctx=64, verbose=False)
+    assert llm.model.config.arch == "qwen35moe"
+    toks = list(np.random.default_rng(3).integers(0, 300, 12))
+    llm.reset()
+    llm.eval(toks[:3])
+    single = np.stack([llm.session.eval([t], logits="last", gemm=False)[-1] for t in toks[3:]])
+    for n in (2, 3, 4, 6, 9):
+        llm.reset()
+        llm.eval(toks[:3])
+        batch = llm.session.eval(toks[3:3 + n], logits="all", gemm=False)
+        assert np.array_equal(batch, single[:n]), n
+    # the MTP head (MoE FFN too) on a batch vs row by row
+    m = llm.model
+    h = np.random.default_rng(4).standard_normal((6, m.config.n_embd)).astype(np.float32)
+    m.mtp.truncate(0)
+    rows = np.concatenate([m.mtp.forward([t], h[i:i + 1], logits="last", gemm=False) for i, t in enumerate(toks[:6])])
+    m.mtp.truncate(0)
+    assert np.array_equal(m.mtp.forward(toks[:6], h, logits="all", gemm=False), rows)
+
+
+@pytest.mark.parametrize("variant", list(MOE_VARIANTS))
+def test_qwen35moe_gemm_prefill_path(moe_models, variant, monkeypatch):
+    """The dequantize+BLAS path (gemm=True) runs the experts through Linear.gemm and agrees with the exact path
+    (float32 weights: to rounding; quantized: up to the exact path's int8 activations)."""
+    from llamba.models.moe import ExpertLinear
+    gemm, calls = ExpertLinear.gemm, []
+    monkeypatch.setattr(ExpertLinear, "gemm", lambda self, *a, **k: calls.append(1) or gemm(self, *a, **k))
+    llm = Llama(str(moe_models[variant]), n_ctx=64, verbose=False)
+    toks = list(np.random.default_rng(5).integers(0, 300, 40))
+    a = llm.model.forward(toks, logits="all", gemm=True)
+    assert calls
+    llm.reset()
+    b = llm.model.forward(toks, logits="all", gemm=False)
+    tol = 1e-4 if MOE_VARIANTS[variant][0] == QT.F32 else 0.2
+    assert np.isfinite(a).all() and _rel(a, b) < tol and (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
+
+
+def test_moe_route_matches_numpy_and_breaks_ties_by_index():
+    from llamba.models.moe import route
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((50, 16)).astype(np.float32)
+    logits[0, [3, 9, 12]] = 5.0  # a three-way tie: experts 3 and 9 win top-2, lower index first
+    logits[1, :] = 0.0  # all tied: experts 0, 1
+    idx, w = route(logits, 2)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = np.argsort(-p, axis=1, kind="stable")[:, :2]
+    assert (idx == want).all() and list(idx[0]) == [3, 9] and list(idx[1]) == [0, 1]
+    top = np.take_along_axis(p, want, 1)
+    assert np.allclose(w, top / top.sum(1, keepdims=True), rtol=1e-6, atol=0)
+    # each row alone gives the same bits as in the batch
+    for r in (0, 1, 7, 49):
+        i1, w1 = route(logits[r:r + 1], 2)
+        assert (i1 == idx[r]).all() and np.array_equal(w1[0], w[r])
+
+
+@pytest.mark.parametrize("broken, match", [
+    (dict(omit=("blk.1.ffn_down_exps.weight",)), "missing required tensor 'blk.1.ffn_down_exps.weight'"),
+    (dict(omit=("blk.0.ffn_gate_inp.weight",)), "no MoE router 'blk.0.ffn_gate_inp.weight'"),
+    (dict(omit=("blk.2.ffn_gate_exps.weight",)), "neither 'blk.2.ffn_gate_up_exps.weight' nor"),
+    (dict(omit=("blk.4.ffn_up_shexp.weight",)), "missing required tensor 'blk.4.ffn_up_shexp.weight'"),  # MTP
+    (dict(n_expert_used=9), "expert_used_count 9 must be between 1 and"),
+])
+def test_qwen35moe_broken_files_are_one_line_errors(tmp_path, broken, match):
+    from llamba.errors import GGUFError
+    from tiny_models import write_qwen35
+    p = write_qwen35(tmp_path / "bad.gguf", **{"n_expert": 8, **broken})
+    with pytest.raises(GGUFError, match=match) as e:
+        Llama(str(p), n_ctx=32, verbose=False)
+    assert "\n" not in str(e.value)
+
+
+def test_qwen35moe_missing_experts_through_cli(tmp_path):
+    import subprocess
+    import sys
+    from tiny_models import write_qwen35
+    p = write_qwen35(tmp_path / "bad.gguf", n_expert=8, omit=("blk.0.ffn_down_exps.weight",))
+    r = subprocess.run([sys.executable, "-m", "llamba.cli", "run", "-m", str(p), "-p", "hi", "-n", "2"],
+                       capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "ffn_down_exps" in lines[0] and "Traceback" not in r.stderr

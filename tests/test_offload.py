@@ -5,8 +5,8 @@
 * the device-kernel reference (`XpKernels(numpy)`) against the CPU kernels, op by op;
 * the offload code path with numpy standing in for CuPy: with `HostKernels` (the CPU kernels behind the
   device interface) the logits are bit-identical to the CPU path; with the xp kernels (float activations,
-  like the CUDA kernels) they agree to the documented tolerance, for tiny llama / gemma3 / qwen35+MTP models at
-  -ngl 0, half, all and a two-way split;
+  like the CUDA kernels) they agree to the documented tolerance, for tiny llama / gemma3 / qwen35+MTP /
+  qwen35moe+MTP models at -ngl 0, half, all and a two-way split (qwen35moe: the MoE FFNs stay on the CPU);
 * the CUDA C kernels themselves, compiled with g++ and run on a tiny CPU emulator of CUDA's thread model
   (every CUDA thread a fiber; `__syncthreads` and warp shuffles are barriers), and compiled to PTX by nvcc
   when it is installed;
@@ -283,6 +283,9 @@ def tiny(tmp_path_factory):
         "llama": write_model(d / "llama.gguf", "llama", qtype=QT.Q8_0, n_layer=3, seed=11),
         "gemma3": write_model(d / "gemma3.gguf", "gemma3", qtype=QT.Q4_0, n_layer=3, seed=12),
         "qwen35": write_qwen35(d / "qwen35.gguf", qtype=QT.Q8_0, n_layer=4, mtp=True, seed=13),
+        # MoE FFNs (8 experts, top-2, fused gate_up) in every block and the MTP block: they stay on the CPU
+        "qwen35moe": write_qwen35(d / "qwen35moe.gguf", qtype=QT.Q8_0, n_layer=4, mtp=True, seed=14, n_expert=8,
+                                  n_expert_used=2, fused_exps=True),
     }
 
 
@@ -315,7 +318,7 @@ def _placements(n_all):
     return [(0, 1, None), (n_all // 2, 1, None), (n_all, 1, None), (B.NGL_ALL, 2, [1, 1])]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen35"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen35", "qwen35moe"])
 @pytest.mark.parametrize("kernels", ["host", "xp"])
 def test_offload_logits_match_cpu(tiny, cpu_ref, arch, kernels):
     """host kernels: bit-identical to the CPU path. xp kernels (float activations, as on the GPU): where the CPU
@@ -371,6 +374,43 @@ def test_kv_and_state_on_device_and_memory_report(tiny, capsys):
     assert "offloaded 3/6 layers" in err and "weights" in err and "KV cache" in err
 
 
+def test_qwen35moe_offload_keeps_moe_ffn_on_cpu(tiny, capsys):
+    """qwen35moe: the offloaded blocks (and the MTP block) run on the device except their MoE FFNs, which stay
+    on the CPU (HostMoE, like llama.cpp's --cpu-moe) and take no device memory."""
+    from llamba.models.moe import MoEFFN
+    from llamba.offload import HostMoE, _param_bytes, layer_bytes
+    llm = Llama(str(tiny["qwen35moe"]), n_ctx=64, verbose=False)
+    m = llm.model
+    # the placement estimate counts a block without its MoE FFN
+    blk = m.blocks[1]
+    assert _param_bytes(blk.ffn, set()) == 0 and blk.ffn.gate_up_exps.nbytes > 0
+    assert layer_bytes(m)[1] == _param_bytes(blk.mixer, set()) + blk.attn_norm.nbytes + \
+        blk.post_attention_norm.nbytes + m.kv.k[1].size * 4
+    info = offload_model(m, B.NGL_ALL, devices=B.fake_devices(1, "host"), verbose=True)
+    assert info.n_offloaded == 6 and info.n_cpu_moe == 5
+    for b in m.blocks + [m.mtp.out_dev.block]:
+        assert type(b).__name__ == "DevQwen35Block" and isinstance(b.ffn, HostMoE) and isinstance(b.ffn.ffn, MoEFFN)
+        assert b.ffn.nbytes == 0
+    err = capsys.readouterr().err
+    assert "offloaded 6/6 layers" in err and "MoE FFNs" in err and "5 offloaded layers" in err
+
+
+def test_qwen35moe_ngl_through_api_and_mtp_on_device(tiny, monkeypatch):
+    """`n_gpu_layers` on a qwen35moe model (stand-in devices found by discovery): no crash, the CPU's logits,
+    and MTP speculation with the MoE MTP block on the device stays lossless."""
+    monkeypatch.setenv("LLAMBA_FAKE_DEVICES", "2")
+    monkeypatch.setenv("LLAMBA_FAKE_KERNELS", "host")
+    cpu = Llama(str(tiny["qwen35moe"]), n_ctx=96, verbose=False)
+    ref = cpu.eval_logits(PROMPT[:12])
+    ref_gen = list(cpu.generate(PROMPT[:5], temp=0, max_tokens=12))
+    for ngl in (2, -1):
+        llm = Llama(str(tiny["qwen35moe"]), n_ctx=96, verbose=False, n_gpu_layers=ngl, spec="mtp", draft_max=3)
+        assert llm.model.offload.n_offloaded == (2 if ngl == 2 else 6)
+        np.testing.assert_array_equal(llm.eval_logits(PROMPT[:12]), ref)
+        llm.reset()
+        assert list(llm.generate(PROMPT[:5], temp=0, max_tokens=12)) == ref_gen
+
+
 @pytest.mark.parametrize("kernels", ["host", "xp"])
 def test_mtp_speculative_on_device(kernels):
     """The trained qwen35+MTP fixture: greedy generation with MTP drafts (verify batches, DeltaNet snapshot
@@ -396,11 +436,12 @@ def test_mtp_speculative_on_device(kernels):
             assert got[1] == ref[1]
 
 
-def test_offload_with_fake_devices_through_cli(tiny):
+@pytest.mark.parametrize("arch", ["qwen35", "qwen35moe"])
+def test_offload_with_fake_devices_through_cli(tiny, arch):
     """`llamba run -ngl all --tensor-split 3,1` on two stand-in devices prints the CPU's greedy text."""
     env = dict(os.environ)
     env.pop("LLAMBA_FAKE_DEVICES", None)
-    cmd = [sys.executable, "-m", "llamba.cli", "run", "-m", str(tiny["qwen35"]), "-p", "the cat", "-n", "8",
+    cmd = [sys.executable, "-m", "llamba.cli", "run", "-m", str(tiny[arch]), "-p", "the cat", "-n", "8",
            "--temp", "0", "-c", "64", "--spec", "none"]
     cpu = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     env.update(LLAMBA_FAKE_DEVICES="2", LLAMBA_FAKE_KERNELS="host")
@@ -801,7 +842,7 @@ def test_gpu_ops_match_reference():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen35"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen35", "qwen35moe"])
 def test_gpu_offload_matches_cpu(tiny, cpu_ref, arch):
     devs = _cuda_devices()
     ref_pre, ref_gemm, ref_dec = cpu_ref[arch]

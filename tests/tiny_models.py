@@ -1,7 +1,8 @@
 """Tiny random GGUF models written with gguf-py's writer, for fast tests that need no download.
 
-`write_model(path, arch, ...)` writes a small llama / gemma3 / qwen3 model with a byte-level BPE vocabulary
-(256 byte tokens + a few merges + special tokens). Weights are random; tensor types selectable.
+`write_model(path, arch, ...)` writes a small llama / gemma3 / qwen3 model (`write_qwen35`: qwen35 / qwen35moe)
+with a byte-level BPE vocabulary (256 byte tokens + a few merges + special tokens). Weights are random; tensor
+types selectable.
 """
 from __future__ import annotations
 
@@ -68,6 +69,15 @@ def _random_blocks(arr: np.ndarray, qtype: QT) -> np.ndarray:
 
 def _add_tensor(w: GGUFWriter, name: str, arr: np.ndarray, qtype: QT):
     arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.ndim == 3 and qtype not in (QT.F32, QT.F16):  # expert stacks: quantize as one matrix, keep 3-D
+        n, o, i = arr.shape
+        if qtype in _KQ_SCALE_FIELDS:
+            q = _random_blocks(arr.reshape(n * o, i), qtype)
+        else:
+            q = quantize(arr.reshape(n * o, i), qtype)
+        q = q.reshape(n, o, -1)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
+        return
     if qtype == QT.F32 or arr.ndim == 1:
         w.add_tensor(name, arr)
     elif qtype == QT.F16:
@@ -154,11 +164,22 @@ def write_qwen35(path, *, n_vocab: int = 320, n_embd: int = 64, n_layer: int = 4
                  n_head_kv: int = 1, head_dim: int = 32, n_ff: int = 96, n_rot: int = 8, d_state: int = 16,
                  n_k_heads: int = 2, n_v_heads: int = 4, d_conv: int = 4, mtp: bool = True,
                  qtype: QT = QT.F32, seed: int = 0, n_ctx: int = 512, interval: int = 2, weight_scale: float = 1.0,
-                 embd_scale: float = 1.0):
+                 embd_scale: float = 1.0, n_expert: int = 0, n_expert_used: int = 2, n_ff_exp: int = 32,
+                 n_ff_shexp: int = 64, fused_exps: bool = False, omit: tuple[str, ...] = (),
+                 mtp_echo: bool = False):
     """A random qwen35 model: layers with (il+1) % interval == 0 are full attention, the others Gated DeltaNet;
-    plus one MTP (nextn) block when `mtp`. Weights scaled by `weight_scale` (larger = peakier logits)."""
+    plus one MTP (nextn) block when `mtp`. Weights scaled by `weight_scale` (larger = peakier logits).
+    n_expert > 0: a qwen35moe model, every FFN (the MTP block's included) a mixture of n_expert experts
+    (top-n_expert_used, width n_ff_exp; expert gate/up separate or `fused_exps` as ffn_gate_up_exps) plus a
+    shared expert of width n_ff_shexp. `omit`: tensor names left out (to test the errors for broken files).
+    `mtp_echo`: the MTP's eh_proj passes the token embedding through, so with tied embeddings the MTP head tends
+    to predict a repeat of its input token, which these random trunks also tend to produce: drafts get accepted."""
     rng = np.random.default_rng(seed)
-    arch = "qwen35"
+    arch = "qwen35moe" if n_expert else "qwen35"
+
+    def put(name, arr, qt):
+        if name not in omit:
+            _add_tensor(w, name, arr, qt)
     n_all = n_layer + (1 if mtp else 0)
     w = GGUFWriter(str(path), arch)
     w.add_context_length(n_ctx)
@@ -180,6 +201,11 @@ def write_qwen35(path, *, n_vocab: int = 320, n_embd: int = 64, n_layer: int = 4
     w.add_uint32(f"{arch}.ssm.time_step_rank", n_v_heads)
     w.add_uint32(f"{arch}.ssm.inner_size", d_state * n_v_heads)
     w.add_uint32(f"{arch}.full_attention_interval", interval)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_expert_used)
+        w.add_expert_feed_forward_length(n_ff_exp)
+        w.add_expert_shared_feed_forward_length(n_ff_shexp)
     toks, types, merges = bpe_vocab(n_vocab)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen35")
@@ -197,23 +223,39 @@ def write_qwen35(path, *, n_vocab: int = 320, n_embd: int = 64, n_layer: int = 4
 
     key_dim, value_dim = d_state * n_k_heads, d_state * n_v_heads
     conv_dim = 2 * key_dim + value_dim
-    _add_tensor(w, "token_embd.weight", embd_scale * rng.standard_normal((n_vocab, n_embd)).astype(np.float32), qtype)
-    _add_tensor(w, "output_norm.weight", norm(n_embd), QT.F32)
+    put("token_embd.weight", embd_scale * rng.standard_normal((n_vocab, n_embd)).astype(np.float32), qtype)
+    put("output_norm.weight", norm(n_embd), QT.F32)
 
     def attn_layer(p):
-        _add_tensor(w, p + "attn_q.weight", mat(2 * n_head * head_dim, n_embd), qtype)
-        _add_tensor(w, p + "attn_k.weight", mat(n_head_kv * head_dim, n_embd), qtype)
-        _add_tensor(w, p + "attn_v.weight", mat(n_head_kv * head_dim, n_embd), qtype)
-        _add_tensor(w, p + "attn_q_norm.weight", norm(head_dim), QT.F32)
-        _add_tensor(w, p + "attn_k_norm.weight", norm(head_dim), QT.F32)
-        _add_tensor(w, p + "attn_output.weight", mat(n_embd, n_head * head_dim), qtype)
+        put(p + "attn_q.weight", mat(2 * n_head * head_dim, n_embd), qtype)
+        put(p + "attn_k.weight", mat(n_head_kv * head_dim, n_embd), qtype)
+        put(p + "attn_v.weight", mat(n_head_kv * head_dim, n_embd), qtype)
+        put(p + "attn_q_norm.weight", norm(head_dim), QT.F32)
+        put(p + "attn_k_norm.weight", norm(head_dim), QT.F32)
+        put(p + "attn_output.weight", mat(n_embd, n_head * head_dim), qtype)
+
+    def experts(o, i):
+        return np.stack([mat(o, i) for _ in range(n_expert)])
 
     def common(p):
-        _add_tensor(w, p + "attn_norm.weight", norm(n_embd), QT.F32)
-        _add_tensor(w, p + "post_attention_norm.weight", norm(n_embd), QT.F32)
-        _add_tensor(w, p + "ffn_gate.weight", mat(n_ff, n_embd), qtype)
-        _add_tensor(w, p + "ffn_up.weight", mat(n_ff, n_embd), qtype)
-        _add_tensor(w, p + "ffn_down.weight", mat(n_embd, n_ff), qtype)
+        put(p + "attn_norm.weight", norm(n_embd), QT.F32)
+        put(p + "post_attention_norm.weight", norm(n_embd), QT.F32)
+        if not n_expert:
+            put(p + "ffn_gate.weight", mat(n_ff, n_embd), qtype)
+            put(p + "ffn_up.weight", mat(n_ff, n_embd), qtype)
+            put(p + "ffn_down.weight", mat(n_embd, n_ff), qtype)
+            return
+        put(p + "ffn_gate_inp.weight", mat(n_expert, n_embd), QT.F32)
+        if fused_exps:
+            put(p + "ffn_gate_up_exps.weight", experts(2 * n_ff_exp, n_embd), qtype)
+        else:
+            put(p + "ffn_gate_exps.weight", experts(n_ff_exp, n_embd), qtype)
+            put(p + "ffn_up_exps.weight", experts(n_ff_exp, n_embd), qtype)
+        put(p + "ffn_down_exps.weight", experts(n_embd, n_ff_exp), qtype)
+        put(p + "ffn_gate_inp_shexp.weight", mat(1, n_embd).reshape(-1), QT.F32)
+        put(p + "ffn_gate_shexp.weight", mat(n_ff_shexp, n_embd), qtype)
+        put(p + "ffn_up_shexp.weight", mat(n_ff_shexp, n_embd), qtype)
+        put(p + "ffn_down_shexp.weight", mat(n_embd, n_ff_shexp), qtype)
 
     for il in range(n_layer):
         p = f"blk.{il}."
@@ -221,23 +263,26 @@ def write_qwen35(path, *, n_vocab: int = 320, n_embd: int = 64, n_layer: int = 4
         if (il + 1) % interval == 0:
             attn_layer(p)
         else:
-            _add_tensor(w, p + "attn_qkv.weight", mat(conv_dim, n_embd), qtype)
-            _add_tensor(w, p + "attn_gate.weight", mat(value_dim, n_embd), qtype)
-            _add_tensor(w, p + "ssm_conv1d.weight", (0.5 * rng.standard_normal((conv_dim, d_conv))).astype(np.float32), QT.F32)
-            _add_tensor(w, p + "ssm_dt.bias", rng.standard_normal(n_v_heads).astype(np.float32), QT.F32)
-            _add_tensor(w, p + "ssm_a", (-np.exp(rng.standard_normal(n_v_heads))).astype(np.float32), QT.F32)
-            _add_tensor(w, p + "ssm_alpha.weight", mat(n_v_heads, n_embd), qtype if n_embd % 256 == 0 or qtype != QT.Q4_K else QT.F32)
-            _add_tensor(w, p + "ssm_beta.weight", mat(n_v_heads, n_embd), qtype if n_embd % 256 == 0 or qtype != QT.Q4_K else QT.F32)
-            _add_tensor(w, p + "ssm_norm.weight", norm(d_state), QT.F32)
-            _add_tensor(w, p + "ssm_out.weight", mat(n_embd, value_dim), qtype)
+            put(p + "attn_qkv.weight", mat(conv_dim, n_embd), qtype)
+            put(p + "attn_gate.weight", mat(value_dim, n_embd), qtype)
+            put(p + "ssm_conv1d.weight", (0.5 * rng.standard_normal((conv_dim, d_conv))).astype(np.float32), QT.F32)
+            put(p + "ssm_dt.bias", rng.standard_normal(n_v_heads).astype(np.float32), QT.F32)
+            put(p + "ssm_a", (-np.exp(rng.standard_normal(n_v_heads))).astype(np.float32), QT.F32)
+            put(p + "ssm_alpha.weight", mat(n_v_heads, n_embd), qtype if n_embd % 256 == 0 or qtype != QT.Q4_K else QT.F32)
+            put(p + "ssm_beta.weight", mat(n_v_heads, n_embd), qtype if n_embd % 256 == 0 or qtype != QT.Q4_K else QT.F32)
+            put(p + "ssm_norm.weight", norm(d_state), QT.F32)
+            put(p + "ssm_out.weight", mat(n_embd, value_dim), qtype)
     if mtp:
         p = f"blk.{n_layer}."
         common(p)
         attn_layer(p)
-        _add_tensor(w, p + "nextn.eh_proj.weight", mat(n_embd, 2 * n_embd), qtype)
-        _add_tensor(w, p + "nextn.enorm.weight", norm(n_embd), QT.F32)
-        _add_tensor(w, p + "nextn.hnorm.weight", norm(n_embd), QT.F32)
-        _add_tensor(w, p + "nextn.shared_head_norm.weight", norm(n_embd), QT.F32)
+        eh = mat(n_embd, 2 * n_embd)
+        if mtp_echo:  # eh_proj = [I | 0]: the MTP block starts from the token's own (normed) embedding
+            eh = np.hstack([np.eye(n_embd), np.zeros((n_embd, n_embd))]).astype(np.float32)
+        put(p + "nextn.eh_proj.weight", eh, qtype)
+        put(p + "nextn.enorm.weight", norm(n_embd), QT.F32)
+        put(p + "nextn.hnorm.weight", norm(n_embd), QT.F32)
+        put(p + "nextn.shared_head_norm.weight", norm(n_embd), QT.F32)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,5 +1,6 @@
 """`qwen35` (Qwen3.5/3.6 dense): hybrid Gated DeltaNet + gated full attention, with an optional MTP (nextn)
-head. ENGINE_BRIEF §3.4 and §4.
+head. ENGINE_BRIEF §3.4 and §4. `qwen35moe` (llamba.models.qwen35moe) is the same model with a mixture-of-experts
+FFN (llamba.models.moe.MoEFFN) in every block.
 
 Trunk layer il < n_layer: x += Mixer(attn_norm(x)); x += SwiGLU(post_attention_norm(x)), where Mixer is a
 Gated DeltaNet (recurrent) layer or gated full attention. The MTP block blk.{n_layer} is a full-attention
@@ -18,6 +19,7 @@ from llamba.kernels import deltanet as D
 from llamba.kernels import ops as K
 from llamba.layers import RMS_NORM, Embedding, Linear, LinearGroup, norm_weight
 from llamba.models.base import FFN, GEMM_MIN_BATCH, BaseModel, KVCache, RopeTable, proj, rms_norm
+from llamba.models.moe import MoEFFN
 
 
 def config_from_gguf(gf, arch: str = "qwen35") -> ModelConfig:
@@ -183,9 +185,13 @@ class Qwen35Block:
         self.attn_norm = norm_weight(gf, p + "attn_norm.weight", E)
         self.mixer = GatedDeltaNet(gf, cfg, il) if self.recurrent else GatedAttention(gf, cfg, il)
         self.post_attention_norm = norm_weight(gf, p + "post_attention_norm.weight", E)  # the pre-FFN norm
-        if gf.has(p + "ffn_gate_inp.weight"):
-            raise UnsupportedError(f"{gf.path}: MoE FFN layers are not supported for qwen35 yet")
-        self.ffn = FFN(gf, p, E, cfg.n_ff[il], "silu")
+        if cfg.n_expert > 0:  # qwen35moe: every FFN (the MTP block's included) is a mixture of experts
+            self.ffn = MoEFFN(gf, cfg, il)
+        else:
+            if gf.has(p + "ffn_gate_inp.weight"):
+                raise UnsupportedError(f"{gf.path}: layer {il} has MoE FFN tensors but the architecture is "
+                                       f"'{cfg.arch}', not qwen35moe")
+            self.ffn = FFN(gf, p, E, cfg.n_ff[il], "silu")
 
     def ffn_part(self, x, gemm):
         x += self.ffn.normed(x, self.post_attention_norm, self.eps, gemm)
