@@ -2,7 +2,8 @@
 
 * `test_vocab_case`: every line of every `.out` from llama.cpp's test-tokenizer-0 (copied to tests/data/vocab/),
   tokenized like test-tokenizer-0 does: `common_tokenize(ctx, text, add_special=false, parse_special=false)`.
-  The vocabulary GGUFs are read from ../shared/vocab (or $LLAMBA_SHARED[/vocab]); skipped when absent.
+  The vocabulary GGUFs are read from ../shared/vocab (or $LLAMBA_SHARED[/vocab]) when present, else from their
+  xz-compressed copies in tests/data/vocab (unpacked once into ~/.cache/llamba-test/vocab).
 * `test_vocab_roundtrip`: decode(encode(s)) over the same strings, exactly as llama.cpp's llama_detokenize does.
 * The tiny-vocabulary tests build GGUF files with gguf-py's GGUFWriter and need nothing outside the repo.
 * The real-model tests (SmolLM2, Gemma 3) compare with token ids produced by llama.cpp and skip when the model
@@ -11,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import lzma
 import os
 from pathlib import Path
 
@@ -55,9 +57,17 @@ def read_tests(name: str) -> list[tuple[bytes, list[int]]]:
 
 @functools.lru_cache(maxsize=None)
 def vocab_tokenizer(name: str) -> Tokenizer:
-    path = _shared_vocab_dir() / f"ggml-vocab-{name}.gguf"
-    if not path.exists():
-        pytest.skip(f"vocabulary {path} not found (set LLAMBA_SHARED to the shared/ folder)")
+    fname = f"ggml-vocab-{name}.gguf"
+    path = _shared_vocab_dir() / fname
+    if not path.exists():  # the copy in the repo
+        packed = DATA / (fname + ".xz")
+        cache = Path(os.environ.get("LLAMBA_TEST_CACHE", Path.home() / ".cache" / "llamba-test")) / "vocab"
+        path = cache / fname
+        if not path.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(lzma.decompress(packed.read_bytes()))
+            os.replace(tmp, path)
     return Tokenizer.from_gguf(path)
 
 
