@@ -260,6 +260,9 @@ class GGUFFile:
                 if name in self.tensors:
                     raise GGUFError(f"{part.path}: tensor '{name}' appears in more than one split")
                 self.tensors[name] = info
+        # arrays computed from tensors at load (e.g. repacked weights, llamba.layers.Linear), keyed by the layer
+        # that made them, so that two layers over one tensor share one copy
+        self.derived: dict = {}
         if len(self.parts) > 1:
             want = self.metadata.get("split.tensors.count")
             if isinstance(want, int) and want != len(self.tensors):
@@ -306,6 +309,27 @@ class GGUFFile:
         rb = info.ne[0] // t.block_elems * t.block_bytes
         arr = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         return arr.reshape(shape[:-1] + (rb,))
+
+    def release(self, name: str) -> bool:
+        """Drop the pages of tensor `name` from this process's resident memory (madvise MADV_DONTNEED on the whole
+        pages inside its byte range), for a tensor whose bytes were copied into another layout.  The mapping is
+        read-only and file-backed, so this loses nothing: views stay valid and fault their bytes back in from the
+        file (the page cache) when read.  Returns False where madvise is unavailable or the mapping is closed."""
+        info = self.info(name)
+        mm = self.parts[info.part].mm
+        adv = getattr(mmap, "MADV_DONTNEED", None)
+        if adv is None or not hasattr(mm, "madvise"):
+            return False
+        ps = mmap.PAGESIZE
+        a = -(-info.offset // ps) * ps
+        b = (info.offset + info.nbytes) // ps * ps
+        if b <= a:
+            return True
+        try:
+            mm.madvise(adv, a, b - a)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def close(self):
         for p in self.parts:

@@ -6,13 +6,23 @@ Two compute paths for a Linear:
   Row-exact: row t of a batch is bit-identical to computing row t alone. Decode and speculative verify use it.
 - `gemm(x)`: weight tiles dequantized into a cache-sized float32 buffer and multiplied with BLAS. Prompt
   prefill uses it when the batch is large (it is faster there, and slightly more accurate than llama.cpp).
+
+Q8_0 weights are repacked once at load (`quants_simple.repack_q8_0`: the 8-row transposed layout the matmul
+kernels would otherwise build on every call; same size as the raw blocks) and the `__call__`/fused paths read the
+packed copy (`Linear.wp`), bit-identically.  The raw GGUF view `Linear.w` stays valid (the GPU offload twin and
+`gemm` read it), but its pages are dropped from the resident set after repacking (`GGUFFile.release`), so the
+weights are not held twice; reading `w` faults them back in from the file.  LLAMBA_REPACK=0 (read when a Linear
+is built) keeps the raw path: no repacking, `wp` is None.
 """
 from __future__ import annotations
+
+import os
 
 import numba
 import numpy as np
 
 from llamba.errors import GGUFError
+from llamba.kernels import quants_simple as QS
 from llamba.kernels.quant import ops_for
 from llamba.kernels.traits import TYPES
 
@@ -23,8 +33,17 @@ FUSED_MAX_T = 4  # LinearGroup: batches up to this size use the fused kernel (ll
 IDENTITY, RMS_NORM, SWIGLU, GEGLU = 0, 1, 2, 3
 
 
+def repack_enabled() -> bool:
+    """False when LLAMBA_REPACK=0 (or 'false'/'no'/'off'): Linears keep only the raw GGUF weights."""
+    return os.environ.get("LLAMBA_REPACK", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 class Linear:
-    """y = W @ x for a GGUF weight `name` with ne=[in, out] (numpy (out, in)); optional `.bias`."""
+    """y = W @ x for a GGUF weight `name` with ne=[in, out] (numpy (out, in)); optional `.bias`.
+
+    `w`: the raw GGUF view; `wp`: the repacked Q8_0 weight (`quants_simple.repack_q8_0`) or None."""
+
+    wp = None  # subclasses that set up `w` themselves (MoE experts) keep the raw path
 
     def __init__(self, gf, name: str, bias_name: str | None = None, shape: tuple[int, int] | None = None):
         info = gf.info(name)
@@ -41,6 +60,14 @@ class Linear:
         w = gf.tensor(name)
         self.w = w.reshape(self.rows, w.shape[-1])
         self.ops = ops_for(self.type_id, f"tensor '{name}'")
+        if self.type_id == QS.Q8_0 and self.w.dtype == np.uint8 and repack_enabled():
+            key = ("q8_0p", name)
+            self.wp = gf.derived.get(key) if hasattr(gf, "derived") else None
+            if self.wp is None:
+                self.wp = QS.repack_q8_0(self.w)
+                if hasattr(gf, "derived"):
+                    gf.derived[key] = self.wp
+                    gf.release(name)
         self.bias = None
         if bias_name and gf.has(bias_name):
             self.bias = np.ascontiguousarray(gf.tensor(bias_name), dtype=np.float32).reshape(-1)
@@ -54,7 +81,11 @@ class Linear:
         if out is None:
             out = np.empty((x.shape[0], self.rows), dtype=np.float32)
         act = self.ops.act(np.ascontiguousarray(x, dtype=np.float32))
-        self.ops.matmul(self.w, *act, out)
+        wp = getattr(self, "wp", None)
+        if wp is not None:
+            QS.matmul_q8_0p(wp, *act, out)
+        else:
+            self.ops.matmul(self.w, *act, out)
         if self.bias is not None:
             out += self.bias
         return out
@@ -114,7 +145,10 @@ class LinearGroup:
             idx = [i for i, lin in enumerate(self.lins) if lin.type_id in fam and lin.w.dtype == np.uint8]
             for j in range(0, len(idx), F.SLOTS):
                 part = idx[j:j + F.SLOTS]
-                ws, kinds = F.pad([_readonly(self.lins[i].w) for i in part], [self.lins[i].type_id for i in part])
+                # repacked Q8_0 weights go in as kind Q8_0P (they may share a call with raw block-32 weights)
+                wps = [getattr(self.lins[i], "wp", None) for i in part]
+                ws, kinds = F.pad([_readonly(self.lins[i].w if wp is None else wp) for i, wp in zip(part, wps)],
+                                  [self.lins[i].type_id if wp is None else QS.Q8_0P for i, wp in zip(part, wps)])
                 rows = [self.lins[i].rows for i in part] + [0] * (F.SLOTS - len(part))
                 self.calls.append((F.kernel_for(kinds), ws, kinds, part, rows))
                 fused.update(part)

@@ -9,7 +9,8 @@ parallel region for several quantized matrices that read the same input.
 * ``mode 2``: f(x) = silu(x) * x2                                    (``ops.swiglu``)
 * ``mode 3``: f(x) = gelu_tanh(x) * x2                               (``ops.geglu_tanh``)
 
-and the matrices may mix types: the block-32 types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, one Q8_0/Q8_1
+and the matrices may mix types: the block-32 types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, and Q8_0 repacked at
+load: kind ``quants_simple.Q8_0P``, weight ``repack_q8_0(W)`` of shape (8-row groups, group bytes); one Q8_0/Q8_1
 activation quantization shared by all of them) and the K-quants (Q2_K..Q6_K, IQ4_XS; one Q8_K quantization).
 Every number is computed by the same float32 operations as the unfused path (``f`` as in ``llamba.kernels.ops``,
 the activation quantizers and the matmul kernels of ``quants_simple``/``quants_k``), so the results are
@@ -149,9 +150,14 @@ def _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, kfam):
     tot = 0
     nunits = 0
     for i in range(nm):
-        rows_i, rb_i = ws[i].shape
-        tot += (rows_i + 7) // 8 * rb_i
-        nunits += (rows_i + 7) // 8
+        # raw weights: (rows, row bytes), 8-row units; repacked Q8_0: (8-row groups, group bytes)
+        units_i, ub_i = ws[i].shape
+        if kinds[i] == QS.Q8_0P:
+            ub_i //= 8  # per-unit cost in raw row bytes for both (272 packed bytes = 8 x 34 raw bytes)
+        else:
+            units_i = (units_i + 7) // 8
+        tot += units_i * ub_i
+        nunits += units_i
     nch = max(1, min(nthreads, nunits))
     for c in prange(nch):
         lo = c * tot // nch
@@ -160,39 +166,61 @@ def _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, kfam):
         acc = 0
         for i in range(nm):
             w = ws[i]
-            rows_i, rb_i = w.shape
-            G = (rows_i + 7) // 8
+            kind = kinds[i]
+            o = outs[i]
+            rows_i = o.shape[1]
+            G, rb_i = w.shape  # units and their cost, as in the loop above
+            if kind == QS.Q8_0P:
+                rb_i //= 8
+            else:
+                G = (G + 7) // 8
             if G == 0:
                 continue
             # units g with start cost acc + g*rb_i in [lo, hi)
             g0 = min(G, (max(lo - acc, 0) + rb_i - 1) // rb_i)
             g1 = min(G, (max(hi - acc, 0) + rb_i - 1) // rb_i)
             acc += G * rb_i
-            kind = kinds[i]
-            o = outs[i]
             if kfam:
                 wf = w.reshape(w.size)
                 for g in range(g0, g1):
                     _rows_k(kind, wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
+            elif kind == QS.Q8_0P:
+                qf = qs.reshape(T * n)
+                sf = asum.reshape(T * nb)
+                df = d.reshape(T * nb)
+                of = o.reshape(T * rows_i)
+                for g in range(g0, g1):
+                    for t0 in range(0, T, 4):
+                        QS._tilep_any(min(4, T - t0), w, g, nb, qf, t0, n, sf, df, of, g * 8, min(8, rows_i - g * 8),
+                                      rows_i)
             elif T == 1:
+                # views made once per matrix: made inside the unit loop they cost as much as a small unit's dots
+                q0 = qs[0]
+                a0 = asum[0]
+                d0 = d[0]
+                s0 = s[0]
                 for g in range(g0, g1):
                     r0 = g * 8
                     nr = min(8, rows_i - r0)
-                    QS._rows8(kind, w, r0, nr, qs[0], asum[0], d[0], s[0], nb, res)
+                    QS._rows8(kind, w, r0, nr, q0, a0, d0, s0, nb, res)
                     for k in range(nr):
                         o[0, r0 + k] = res[k]
             else:
                 of = o.reshape(T * rows_i)
+                qf = qs.reshape(T * n)
+                sf = asum.reshape(T * nb)
+                df = d.reshape(T * nb)
+                s1 = s.reshape(T * nb)
                 for g in range(g0, g1):
-                    QS._rows8t_any(kind, T, w, g * 8, min(8, rows_i - g * 8), qs.reshape(T * n), n,
-                                   asum.reshape(T * nb), d.reshape(T * nb), s.reshape(T * nb), nb, of, rows_i)
+                    QS._rows8t_any(kind, T, w, g * 8, min(8, rows_i - g * 8), qf, n, sf, df, s1, nb, of, rows_i)
 
 
 @njit(cache=True, parallel=True)
 def fused_mm32(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads):
     """outs[i] = W_i @ f(x) for block-32 weights ws[i] (see the module doc). x, x2: float32 (T, n) C-contiguous
-    (x2 read in modes 2/3 only); ws: a 4-tuple of read-only uint8 (rows_i, row_bytes_i) raw weights (unused
-    slots: 0 rows); kinds: int64 type ids; outs: 4-tuple of float32 (T, rows_i)."""
+    (x2 read in modes 2/3 only); ws: a 4-tuple of read-only uint8 (rows_i, row_bytes_i) raw weights or repacked
+    Q8_0 weights (kind Q8_0P; unused slots: 0 rows); kinds: int64 type ids; outs: 4-tuple of float32 (T, rows_i)
+    (rows_i is read from outs)."""
     _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, False)
 
 

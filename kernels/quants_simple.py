@@ -15,6 +15,10 @@ Public API (every name below is a plain Python function; the work happens in ``@
   float32, blocks in order, no FMA.  Float types: 32 lane partial sums ``acc[j] += w[32k+j]*x[32k+j]``
   in order of k, then the fixed tree ``acc[:16]+acc[16:]``, ... down to one lane.
 * ``KERNELS = {type_id: (dequant_fn, matmul_fn)}``, ``ACT = {vec_dot_type: act_fn}``.
+* ``repack_q8_0(w) -> wp``, ``matmul_q8_0p(wp, qs, d, out)``: Q8_0 weights stored once in the transposed 8-row
+  layout the T > 1 kernels otherwise build on every call (kind id ``Q8_0P``; 272 bytes per 8 rows and block, the
+  raw size), bit-identical to ``matmul_q8_0``.  ``llamba.layers.Linear`` repacks its Q8_0 weights at load unless
+  the environment sets LLAMBA_REPACK=0 (then every path reads the raw GGUF blocks, as before).
 
 Row-exactness: ``out[t]`` depends only on ``W`` and ``x[t]`` (no fastmath, no FMA, the same float
 operations for every T), so a batch gives bit-identical rows to one-row calls.
@@ -36,6 +40,9 @@ Implementation notes:
   dword s of row k), so 8 ``vpdpbusd`` with broadcast activation dwords leave row k's exact block sum in
   lane k -- no horizontal reduction per row.  2..4 rows (speculative verify) do that in registers; longer
   batches transpose each 8-row group once into a buffer and stream the activations 4 rows at a time.
+* Repacked Q8_0 (``Q8_0P``): the transposed blocks and the 8 rows' fp16 scales of each 8-row group are one
+  contiguous run, so every T (decode included) is the T > 1 scheme without the unpack/transpose: per block
+  8 vector loads, then per activation row 8 ``vpdpbusd`` and one scale multiply (``_make_tilep``).
 * The 8 rows of a group are 8 interleaved streams too short for the hardware prefetchers once a matrix
   is out of cache, so the decode/verify kernels prefetch the group _PF_GROUPS ahead in software.
 * fp16 fields use ``fpext half`` (F16C on x86, native on AArch64); ``dequant_f16`` uses an exact bitwise
@@ -59,6 +66,7 @@ __all__ = [
     "matmul_f32", "matmul_f16", "matmul_bf16", "matmul_q4_0", "matmul_q4_1", "matmul_q5_0",
     "matmul_q5_1", "matmul_q8_0", "matmul_iq4_nl",
     "act_q8_0", "act_q8_1", "act_f32", "act_f16", "act_bf16",
+    "repack_q8_0", "matmul_q8_0p", "Q8_0P",
     "KERNELS", "ACT", "KVALUES_IQ4NL",
 ]
 
@@ -654,6 +662,141 @@ _tile4_b16 = _tile4[(False, 16)]
 _tile4_b128 = _tile4[(False, 128)]
 
 
+# --- Q8_0 repacked at load (``repack_q8_0``): the transposed 8-row layout stored once, no per-call unpacking ---
+#
+# Packed array: uint8 (G, nb * 272), G = ceil(rows / 8).  Row g holds weight rows 8g .. 8g+7 (rows past the
+# last repeat it): bytes [256 b, 256 b + 256) = block b's unpacked bytes u = q + 128 transposed as ``_pack8``
+# writes them (dword k of the 32-byte vector s = dword s of row k's block), then bytes [256 nb + 16 b, +16) =
+# the 8 rows' fp16 scales of block b (converted to float32 exactly, in registers).  272 bytes per 8 rows and
+# block: the size of the raw Q8_0 blocks.
+
+Q8_0P = 1008  # not a ggml type: the kind id of repacked Q8_0 weights
+PACK_BB = 272  # packed bytes per (8-row group, block)
+
+
+@intrinsic
+def _repack8_q8_0(typingctx, w, r0, nr, nb, dst, g):
+    """Packed row g of ``dst`` from the raw Q8_0 rows r0 .. r0+nr-1 of ``w`` (see above)."""
+    def codegen(context, builder, sig, args):
+        zero = ir.Constant(_I64, 0)
+        wp = _ptr(context, builder, sig.args[0], args[0], zero, types.int64, _I8)
+        r0v = context.cast(builder, args[1], sig.args[1], types.int64)
+        nrv = context.cast(builder, args[2], sig.args[2], types.int64)
+        n = context.cast(builder, args[3], sig.args[3], types.int64)
+        gv = context.cast(builder, args[5], sig.args[5], types.int64)
+        rb = builder.mul(n, ir.Constant(_I64, 34))
+        last = builder.sub(nrv, ir.Constant(_I64, 1))
+        rps = []
+        for k in range(8):
+            kk = ir.Constant(_I64, k)
+            rk = builder.select(builder.icmp_signed("<", kk, last), kk, last)
+            rps.append(builder.gep(wp, [builder.mul(builder.add(r0v, rk), rb)]))
+        base = builder.gep(_ptr(context, builder, sig.args[4], args[4], zero, types.int64, _I8),
+                           [builder.mul(gv, builder.mul(n, ir.Constant(_I64, PACK_BB)))])
+        vp = builder.bitcast(base, _vt(_I8, 32).as_pointer())
+        dp = builder.bitcast(builder.gep(base, [builder.mul(n, ir.Constant(_I64, 256))]), _vt(_I16, 8).as_pointer())
+        with cgutils.for_range(builder, n) as loop:
+            b = loop.index
+            bo = builder.mul(b, ir.Constant(_I64, 34))
+            vs = _transpose8(builder, [_block_u(Q8_0, builder, builder.gep(rps[k], [bo])) for k in range(8)])
+            vb = builder.mul(b, ir.Constant(_I64, 8))
+            for j in range(8):
+                builder.store(vs[j], builder.gep(vp, [builder.add(vb, ir.Constant(_I64, j))]), align=1)
+            h = ir.Constant(_vt(_I16, 8), None)
+            for k in range(8):
+                p = builder.bitcast(builder.gep(rps[k], [bo]), _I16.as_pointer())
+                h = builder.insert_element(h, builder.load(p, align=1), ir.Constant(_I32, k))
+            builder.store(h, builder.gep(dp, [b]), align=1)
+        return context.get_dummy_value()
+    return types.none(w, r0, nr, nb, dst, g), codegen
+
+
+# packed kernels: software prefetch this many bytes ahead in the (contiguous) packed stream, for 2..4 activation
+# rows only.  Measured on the 117 MiB padded fixture (one thread): T = 1 is fastest with the hardware prefetchers
+# alone (a software prefetch at any distance cost it ~8 %), T = 2..4 gain 10-25 % from it, most at 16 KiB
+# (1, 4, 16 and 64 KiB tried).
+_PF_PACKED_BYTES = 16384
+
+
+def _make_tilep(nt):
+    """intrinsic(wp, g, nb, aq, t0, n, asum, ad, out, r0, nr, rows): activation rows t0 .. t0+nt-1 (nt = 1..4, fixed
+    at compile time) against packed row g of a repacked Q8_0 weight (weight rows r0 = 8g .. r0+nr-1).  Per (t, k),
+    blocks in order: isum = -128*asum[t, b] + sum of 8 dword dots (exact int32), acc = acc + ((d_k*ad[t, b]) *
+    float(isum)) -- the operations of ``_make_rows8`` / ``_make_rows8t`` / ``_make_tile4``.  aq, asum, ad and out
+    are addressed flat as in ``_make_tile4``."""
+    @intrinsic
+    def tilep(typingctx, wp, g, nb, aq, t0, n, asum, ad, out, r0, nr, rows):
+        def codegen(context, builder, sig, args):
+            zero = ir.Constant(_I64, 0)
+            v8f = _vt(_F32T, 8)
+            gv = context.cast(builder, args[1], sig.args[1], types.int64)
+            nbv = context.cast(builder, args[2], sig.args[2], types.int64)
+            ap = _ptr(context, builder, sig.args[3], args[3], zero, types.int64, _I8)
+            t0v = context.cast(builder, args[4], sig.args[4], types.int64)
+            nn = context.cast(builder, args[5], sig.args[5], types.int64)
+            sp = _ptr(context, builder, sig.args[6], args[6], zero, types.int64, _I32)
+            dap = _ptr(context, builder, sig.args[7], args[7], zero, types.int64, _F32T)
+            op = _ptr(context, builder, sig.args[8], args[8], zero, types.int64, _F32T)
+            r0v = context.cast(builder, args[9], sig.args[9], types.int64)
+            nrv = context.cast(builder, args[10], sig.args[10], types.int64)
+            rowsv = context.cast(builder, args[11], sig.args[11], types.int64)
+            gbytes = builder.mul(nbv, ir.Constant(_I64, PACK_BB))
+            w0 = _ptr(context, builder, sig.args[0], args[0], zero, types.int64, _I8)
+            base = builder.gep(w0, [builder.mul(gv, gbytes)])
+            vp = builder.bitcast(base, _vt(_I8, 32).as_pointer())
+            dp = builder.bitcast(builder.gep(base, [builder.mul(nbv, ir.Constant(_I64, 256))]),
+                                 _vt(_I16, 8).as_pointer())
+            ts = [builder.add(t0v, ir.Constant(_I64, i)) for i in range(nt)]
+            aps = [builder.gep(ap, [builder.mul(t, nn)]) for t in ts]
+            sofs = [builder.mul(t, nbv) for t in ts]
+            slots = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [ir.Constant(_F32T, 0.0)] * 8))
+                     for _ in range(nt)]
+
+            def splat8(v):
+                x = builder.insert_element(ir.Constant(_vt(v.type, 8), None), v, ir.Constant(_I32, 0))
+                return builder.shuffle_vector(x, ir.Constant(_vt(v.type, 8), None), _idx(*([0] * 8)))
+
+            pfbase = builder.gep(base, [ir.Constant(_I64, _PF_PACKED_BYTES)])
+            pf = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+                ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]), "llvm.prefetch.p0i8")
+            with cgutils.for_range(builder, nbv) as loop:
+                b = loop.index
+                if nt > 1:  # step b prefetches bytes [272 b, 272 b + 272) + _PF_PACKED_BYTES of the stream
+                    pb = builder.gep(pfbase, [builder.mul(b, ir.Constant(_I64, PACK_BB))])
+                    for j in range((PACK_BB + 63) // 64):
+                        builder.call(pf, [builder.gep(pb, [ir.Constant(_I64, 64 * j)]), ir.Constant(_I32, 0),
+                                          ir.Constant(_I32, _PF_LOC), ir.Constant(_I32, 1)])
+                vb = builder.mul(b, ir.Constant(_I64, 8))
+                vs = [_load(builder, builder.gep(vp, [builder.add(vb, ir.Constant(_I64, j))]), 1) for j in range(8)]
+                dv = _h2f_ir(builder, _load(builder, builder.gep(dp, [b]), 1))
+                ab = builder.mul(b, ir.Constant(_I64, 32))
+                for i in range(nt):
+                    si = builder.add(sofs[i], b)
+                    acc = splat8(builder.mul(builder.load(builder.gep(sp, [si]), align=4), ir.Constant(_I32, -128)))
+                    acc = _dot8x8(builder, acc, vs, builder.gep(aps[i], [ab]), splat8)
+                    term = builder.fmul(builder.fmul(dv, splat8(builder.load(builder.gep(dap, [si]), align=4))),
+                                        builder.sitofp(acc, v8f))
+                    builder.store(builder.fadd(builder.load(slots[i]), term), slots[i])
+            full = builder.icmp_signed("==", nrv, ir.Constant(_I64, 8))
+            for i in range(nt):
+                acc = builder.load(slots[i])
+                obase = builder.gep(op, [builder.add(builder.mul(ts[i], rowsv), r0v)])
+                with builder.if_else(full) as (then, otherwise):
+                    with then:
+                        builder.store(acc, builder.bitcast(obase, v8f.as_pointer()), align=4)
+                    with otherwise:
+                        for k in range(8):
+                            with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, k), nrv)):
+                                builder.store(builder.extract_element(acc, ir.Constant(_I32, k)),
+                                              builder.gep(obase, [ir.Constant(_I64, k)]), align=4)
+            return context.get_dummy_value()
+        return types.none(wp, g, nb, aq, t0, n, asum, ad, out, r0, nr, rows), codegen
+    return tilep
+
+
+_tilep1, _tilep2, _tilep3, _tilep4 = (_make_tilep(1), _make_tilep(2), _make_tilep(3), _make_tilep(4))
+
+
 @intrinsic
 def _dequant_block(typingctx, wu, woff, bias, d, m, has_min, out, ooff):
     """out[ooff+j] = d*float(wu[woff+j] - bias) (+ m if has_min) for j < 32, float32, unfused."""
@@ -1160,11 +1303,30 @@ def _mm_quant(w, kind, aq, ad, as_, out, nthreads):
     (``_make_rows8``).  2 <= T <= 4 (speculative verify): each block of the 8 rows unpacked and transposed
     in registers, then one broadcast-activation dot chain per row t (``_make_rows8t``).  T > 4 (prefill):
     the 8 rows unpacked and transposed once into a small buffer, then activation rows 4 at a time
-    (``_make_pack8``, ``_make_tile4``).  The integer sums are exact and the float operations per (t, r)
-    are the same in every path."""
-    rows = w.shape[0]
+    (``_make_pack8``, ``_make_tile4``).  kind == Q8_0P (``repack_q8_0``; rows = out.shape[1]): every T reads
+    the packed groups, activation rows 1..4 at a time (``_make_tilep``).  The integer sums are exact and the
+    float operations per (t, r) are the same in every path."""
     T, n = aq.shape
     nb = n // QK
+    if kind == Q8_0P:  # repacked Q8_0 (``repack_q8_0``): no unpacking or transposing, any T
+        rows = out.shape[1]
+        asum = np.empty((T, nb), np.int32)
+        for t in range(T):
+            _block_sums(aq, t, asum[t])
+        aqf = aq.reshape(T * n)
+        sf = asum.reshape(T * nb)
+        adf = ad.reshape(T * nb)
+        of = out.reshape(T * rows)
+        ngroups = w.shape[0]
+        nch = _chunks(ngroups, nthreads)
+        for c in prange(nch):
+            for g in range(c * ngroups // nch, (c + 1) * ngroups // nch):
+                r0 = g * 8
+                nr = min(8, rows - r0)
+                for t0 in range(0, T, 4):
+                    _tilep_any(min(4, T - t0), w, g, nb, aqf, t0, n, sf, adf, of, r0, nr, rows)
+        return
+    rows = w.shape[0]
     if T == 1:
         asum1 = np.empty(nb, np.int32)
         _block_sums(aq, 0, asum1)
@@ -1286,6 +1448,60 @@ def _tile4_any(kind, vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0
         _tile4_b16(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows)
     else:  # Q8_0, IQ4_NL
         _tile4_b128(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows)
+
+
+@njit(cache=True, inline="always")
+def _tilep_any(nt, wp, g, nb, aq, t0, n, asum, ad, out, r0, nr, rows):
+    if nt == 1:
+        _tilep1(wp, g, nb, aq, t0, n, asum, ad, out, r0, nr, rows)
+    elif nt == 2:
+        _tilep2(wp, g, nb, aq, t0, n, asum, ad, out, r0, nr, rows)
+    elif nt == 3:
+        _tilep3(wp, g, nb, aq, t0, n, asum, ad, out, r0, nr, rows)
+    else:
+        _tilep4(wp, g, nb, aq, t0, n, asum, ad, out, r0, nr, rows)
+
+
+@njit(cache=True, parallel=True)
+def _repack_q8_0_kernel(w, rows, nb, out):
+    for g in prange(out.shape[0]):
+        _repack8_q8_0(w, g * 8, min(8, rows - g * 8), nb, out, g)
+
+
+def repack_q8_0(w):
+    """Raw Q8_0 weight uint8 (rows, nb*34) -> the packed layout (``Q8_0P``, see above): read-only uint8
+    (ceil(rows/8), nb*272), 64-byte aligned.  ``matmul_q8_0p`` / ``fused`` compute with it exactly what the raw
+    kernels compute with ``w``."""
+    rows, rb = w.shape
+    if w.dtype != np.uint8 or rb % BLOCK_BYTES[Q8_0]:
+        raise ValueError(f"not a Q8_0 weight: {w.dtype}{w.shape}")
+    nb = rb // BLOCK_BYTES[Q8_0]
+    G = (rows + 7) // 8
+    size = G * nb * PACK_BB
+    buf = np.empty(size + 64, np.uint8)
+    off = (-buf.ctypes.data) % 64
+    out = buf[off:off + size].reshape(G, nb * PACK_BB)
+    if size:
+        _repack_q8_0_kernel(np.ascontiguousarray(w), rows, nb, out)
+    out.flags.writeable = False
+    return out
+
+
+def matmul_q8_0p(wp, qs, d, out):
+    """out[t, r] = W[r] . x[t] for a repacked Q8_0 weight ``wp = repack_q8_0(W)`` and act_q8_0 activations
+    (qs, d); out float32 (T, rows), rows = out.shape[1].  Bit-identical to ``matmul_q8_0(W, qs, d, out)``."""
+    T, n = qs.shape
+    rows = out.shape[1]
+    if n % QK or wp.dtype != np.uint8 or wp.shape != ((rows + 7) // 8, n // QK * PACK_BB):
+        raise ValueError(f"packed weight {wp.dtype}{wp.shape} does not match activations {qs.shape} and "
+                         f"{rows} output rows")
+    if qs.dtype != np.int8 or d.shape != (T, n // QK):
+        raise ValueError("activations must be (qs int8 (T, n), d float32 (T, n//32))")
+    if out.shape != (T, rows) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 {(T, rows)}, got {out.dtype}{out.shape}")
+    d = np.ascontiguousarray(d, dtype=np.float32)
+    _mm_quant(np.ascontiguousarray(wp), Q8_0P, np.ascontiguousarray(qs), d, d, out, numba.get_num_threads())
+    return out
 
 
 def _check_mm(w, kind, qs, d, out):

@@ -143,3 +143,31 @@ def test_fused_wide_input_parallel_transform(mode):
         h = transform(mode, x, x2, None, 1e-5)
         for t, w, o in zip(tids, ws, outs):
             assert np.array_equal(o.view(np.uint32), twin(t, w, h).view(np.uint32)), (TYPES[t].name, mode, T)
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_fused_repacked_q8_0_mixed_with_raw(mode):
+    """Repacked Q8_0 weights (kind Q8_0P) in one fused call with raw block-32 weights (LinearGroup mixes them when
+    a group holds Q8_0 and other block-32 types): bit-identical to the twins, T = 1..4, rows not multiples of 8."""
+    from llamba.kernels import quants_simple as QS
+    rng = np.random.default_rng(50 + mode)
+    n = 160
+    tids = (8, 2, 8, 8)
+    rows = (13, 21, 8, 3)
+    ws = [weight(t, r, n, seed=i) for i, (t, r) in enumerate(zip(tids, rows))]
+    packed = [True, False, False, True]
+    fw = [QS.repack_q8_0(w) if p else w for w, p in zip(ws, packed)]
+    kinds = [QS.Q8_0P if p else t for t, p in zip(tids, packed)]
+    norm_w = rng.uniform(0.5, 1.5, n).astype(np.float32)
+    for T in range(1, F.MAX_T + 1):
+        x = activations(T, n, rng)
+        x2 = rng.standard_normal((T, n)).astype(np.float32)
+        outs = [np.full((T, r), np.nan, np.float32) for r in rows]
+        F.run(mode, x, x2, norm_w, 1e-5, fw, kinds, outs)
+        h = transform(mode, x, x2, norm_w, 1e-5)
+        for t, w, o in zip(tids, ws, outs):
+            assert np.array_equal(o.view(np.uint32), twin(t, w, h).view(np.uint32)), (mode, T)
+        # only packed matrices in a call, and a thread count that splits them unevenly
+        outs2 = [np.full((T, r), np.nan, np.float32) for r in (13, 3)]
+        F.run(mode, x, x2, norm_w, 1e-5, [fw[0], fw[3]], [QS.Q8_0P, QS.Q8_0P], outs2)
+        assert np.array_equal(outs2[0], outs[0]) and np.array_equal(outs2[1], outs[3])

@@ -326,3 +326,80 @@ def test_software_fp16_rounding_matches_numpy():
     for got in (sw, hw):
         assert np.array_equal(np.isnan(got), nan)
         assert bits_equal(got[~nan], want[~nan])
+
+
+# ------------------------------------------------------------------ repacked Q8_0 (Q8_0P)
+
+def _repack_twin(w):
+    """numpy: the packed layout of quants_simple.repack_q8_0 (rows padded to 8 by repeating the last)."""
+    rows = w.shape[0]
+    nb = w.shape[1] // 34
+    G = (rows + 7) // 8
+    idx = np.minimum(np.arange(G * 8), rows - 1)
+    blk = w.reshape(rows, nb, 34)[idx].reshape(G, 8, nb, 34)
+    u = (blk[..., 2:] ^ 0x80).view(np.uint32)                        # (G, 8 rows k, nb, 8 dwords s)
+    v = u.transpose(0, 2, 3, 1).copy().view(np.uint8).reshape(G, nb * 256)   # (G, nb, s, k): dword k of vector s
+    d = blk[..., :2].transpose(0, 2, 1, 3).reshape(G, nb * 16)       # (G, nb, 8 rows, 2 bytes)
+    return np.concatenate([v, d], axis=1)
+
+
+@pytest.mark.parametrize("rows", (1, 3, 7, 8, 13, 33, 64))
+def test_repack_q8_0_layout(rows):
+    rng = np.random.default_rng(rows)
+    for nb in (1, 4, 5):
+        w = quant_weights("q8_0", rows, nb, rng, wild=True)
+        wp = K.repack_q8_0(w)
+        assert wp.shape == ((rows + 7) // 8, nb * 272) and not wp.flags.writeable
+        assert wp.ctypes.data % 64 == 0
+        assert np.array_equal(wp, _repack_twin(w)), (rows, nb)
+
+
+@pytest.mark.parametrize("rows", (1, 3, 7, 8, 13, 33))
+def test_matmul_repacked_q8_0_matches_raw_and_twin(rows):
+    """Repacked Q8_0: bit-identical to the raw kernels and the numpy twin for T = 1..9 (decode, verify, prefill
+    tiles with a 1..3-row tail) and row counts that are not a multiple of 8."""
+    rng = np.random.default_rng(100 + rows)
+    for nb in (1, 4, 5, 11):
+        w = quant_weights("q8_0", rows, nb, rng)
+        wp = K.repack_q8_0(w)
+        x = activations(9, nb * 32, rng)
+        for T in range(1, 10):
+            qs, d = K.act_q8_0(x[:T])
+            raw = np.full((T, rows), np.nan, np.float32)
+            K.matmul_q8_0(w, qs, d, raw)
+            got = np.full((T, rows), np.nan, np.float32)
+            assert K.matmul_q8_0p(wp, qs, d, got) is got
+            assert bits_equal(got, raw), (rows, nb, T)
+            assert bits_equal(got, R.matmul_q8_0(w, *R.act_q8_0(x[:T]))), (rows, nb, T)
+
+
+def test_matmul_repacked_q8_0_wild_scales_and_threads():
+    """NaN/inf/subnormal fp16 scales survive the repack (fp16 kept, widened exactly in registers); thread count
+    does not change results."""
+    import numba
+    rng = np.random.default_rng(41)
+    w = quant_weights("q8_0", 61, 7, rng, wild=True)
+    wp = K.repack_q8_0(w)
+    x = activations(5, 7 * 32, rng)
+    qs, d = K.act_q8_0(x)
+    raw = np.empty((5, 61), np.float32)
+    K.matmul_q8_0(w, qs, d, raw)
+    prev = numba.get_num_threads()
+    try:
+        for nt in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(nt)
+            got = np.empty((5, 61), np.float32)
+            K.matmul_q8_0p(wp, qs, d, got)
+            assert bits_equal(got, raw), nt
+    finally:
+        numba.set_num_threads(prev)
+
+
+def test_matmul_repacked_q8_0_rejects_mismatched_shapes():
+    rng = np.random.default_rng(2)
+    wp = K.repack_q8_0(quant_weights("q8_0", 9, 2, rng))
+    qs, d = K.act_q8_0(activations(1, 64, rng))
+    with pytest.raises(ValueError):
+        K.matmul_q8_0p(wp, qs, d, np.empty((1, 17), np.float32))  # 17 rows need 3 groups, wp has 2
+    with pytest.raises(ValueError):
+        K.repack_q8_0(quant_weights("q4_0", 9, 2, rng))
