@@ -310,19 +310,21 @@ class GGUFFile:
         arr = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         return arr.reshape(shape[:-1] + (rb,))
 
-    def release(self, name: str) -> bool:
+    def release(self, name: str, upto: int | None = None) -> bool:
         """Drop the pages of tensor `name` from this process's resident memory (madvise MADV_DONTNEED on the whole
         pages inside its byte range), for a tensor whose bytes were copied into another layout.  The mapping is
         read-only and file-backed, so this loses nothing: views stay valid and fault their bytes back in from the
-        file (the page cache) when read.  Returns False where madvise is unavailable or the mapping is closed."""
+        file (the page cache) when read.  `upto`: only the tensor's first `upto` bytes (the pages wholly inside
+        them).  Returns False where madvise is unavailable or the mapping is closed."""
         info = self.info(name)
+        nbytes = info.nbytes if upto is None else min(int(upto), info.nbytes)
         mm = self.parts[info.part].mm
         adv = getattr(mmap, "MADV_DONTNEED", None)
         if adv is None or not hasattr(mm, "madvise"):
             return False
         ps = mmap.PAGESIZE
         a = -(-info.offset // ps) * ps
-        b = (info.offset + info.nbytes) // ps * ps
+        b = (info.offset + nbytes) // ps * ps
         if b <= a:
             return True
         try:

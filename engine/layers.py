@@ -27,6 +27,7 @@ from llamba.kernels.quant import ops_for
 from llamba.kernels.traits import TYPES
 
 GEMM_TILE_FLOATS = 1 << 19  # 2 MiB of float32 per dequantized weight tile
+REPACK_CHUNK_BYTES = 8 << 20  # Q8_0 repacking: raw bytes per chunk (then those raw pages are dropped)
 FUSED_MAX_T = 4  # LinearGroup: batches up to this size use the fused kernel (llamba.kernels.fused)
 
 # LinearGroup input transforms (llamba.kernels.fused modes)
@@ -64,10 +65,13 @@ class Linear:
             key = ("q8_0p", name)
             self.wp = gf.derived.get(key) if hasattr(gf, "derived") else None
             if self.wp is None:
-                self.wp = QS.repack_q8_0(self.w)
                 if hasattr(gf, "derived"):
+                    rb = self.w.shape[1]
+                    # chunk by chunk, dropping the raw pages already copied: never both copies of a big tensor
+                    self.wp = QS.repack_q8_0(self.w, REPACK_CHUNK_BYTES, lambda r1: gf.release(name, r1 * rb))
                     gf.derived[key] = self.wp
-                    gf.release(name)
+                else:
+                    self.wp = QS.repack_q8_0(self.w)
         self.bias = None
         if bias_name and gf.has(bias_name):
             self.bias = np.ascontiguousarray(gf.tensor(bias_name), dtype=np.float32).reshape(-1)

@@ -1468,10 +1468,14 @@ def _repack_q8_0_kernel(w, rows, nb, out):
         _repack8_q8_0(w, g * 8, min(8, rows - g * 8), nb, out, g)
 
 
-def repack_q8_0(w):
+def repack_q8_0(w, chunk_bytes: int = 0, done=None):
     """Raw Q8_0 weight uint8 (rows, nb*34) -> the packed layout (``Q8_0P``, see above): read-only uint8
     (ceil(rows/8), nb*272), 64-byte aligned.  ``matmul_q8_0p`` / ``fused`` compute with it exactly what the raw
-    kernels compute with ``w``."""
+    kernels compute with ``w``.
+
+    With chunk_bytes > 0 the rows are repacked in chunks of about that many raw bytes (whole 8-row groups) and
+    ``done(r1)`` is called after each chunk with the number of rows repacked so far, so that the caller can drop
+    the raw pages already copied (a large tensor, e.g. a 170 MiB embedding, then never sits in memory twice)."""
     rows, rb = w.shape
     if w.dtype != np.uint8 or rb % BLOCK_BYTES[Q8_0]:
         raise ValueError(f"not a Q8_0 weight: {w.dtype}{w.shape}")
@@ -1482,7 +1486,13 @@ def repack_q8_0(w):
     off = (-buf.ctypes.data) % 64
     out = buf[off:off + size].reshape(G, nb * PACK_BB)
     if size:
-        _repack_q8_0_kernel(np.ascontiguousarray(w), rows, nb, out)
+        w = np.ascontiguousarray(w)
+        step = rows if chunk_bytes <= 0 else max(8, chunk_bytes // max(rb, 1) // 8 * 8)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            _repack_q8_0_kernel(w[r0:r1], r1 - r0, nb, out[r0 // 8:(r1 + 7) // 8])
+            if done is not None:
+                done(r1)
     out.flags.writeable = False
     return out
 

@@ -89,3 +89,26 @@ def test_forward_identical_with_and_without_repack(q8_model, monkeypatch, repack
     for n in got:
         assert np.array_equal(got[n], ref[n]), n
         assert np.array_equal(got[n], got[6][:n]), n  # row-exact
+
+
+def test_chunked_repack_equals_whole_and_reports_progress():
+    """repack_q8_0 in chunks (what Linear does, dropping the raw pages of each chunk) == in one go, for row counts
+    that are and are not multiples of 8 and chunk sizes smaller than one 8-row group."""
+    rng = np.random.default_rng(7)
+    for rows, nb in ((301, 3), (64, 2), (9, 1)):
+        w = rng.integers(0, 256, (rows, nb * 34), dtype=np.uint8)
+        w.reshape(rows, nb, 34)[:, :, 1] &= 0x3B  # finite fp16 scales
+        whole = QS.repack_q8_0(w)
+        for chunk in (1, 34 * nb * 16, 34 * nb * 40):
+            seen = []
+            got = QS.repack_q8_0(w, chunk, seen.append)
+            assert np.array_equal(got, whole), (rows, chunk)
+            assert seen[-1] == rows and seen == sorted(seen) and all(r % 8 == 0 for r in seen[:-1])
+
+
+def test_linear_release_keeps_raw_view_readable(q8_model, monkeypatch):
+    monkeypatch.delenv("LLAMBA_REPACK", raising=False)
+    gf = GGUFFile(q8_model)
+    before = np.array(gf.tensor("token_embd.weight"))
+    lin = Linear(gf, "token_embd.weight")
+    assert lin.wp is not None and np.array_equal(np.asarray(lin.w).reshape(before.shape), before)
