@@ -212,6 +212,9 @@ class Embedding:
         self.n = info.ne[1]
         self.w = gf.tensor(name).reshape(self.n, -1)
         self.ops = ops_for(self.type_id, f"tensor '{name}'")
+        # a tied output Linear may have repacked this tensor (and dropped its raw pages): rows come from the packed
+        # copy then, so lookups do not fault the raw pages (and the kernel's fault-around neighbours) back in
+        self._derived = getattr(gf, "derived", None)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
@@ -219,7 +222,11 @@ class Embedding:
             bad = int(ids[(ids < 0) | (ids >= self.n)][0])
             raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.n}")
         out = np.empty((len(ids), self.dim), dtype=np.float32)
-        self.ops.dequant(np.ascontiguousarray(self.w[ids]), out)
+        wp = self._derived.get(("q8_0p", self.name)) if self._derived is not None else None
+        if wp is not None:
+            QS.dequant_rows_q8_0p(wp, ids, out)
+        else:
+            self.ops.dequant(np.ascontiguousarray(self.w[ids]), out)
         return out
 
 

@@ -1497,6 +1497,39 @@ def repack_q8_0(w, chunk_bytes: int = 0, done=None):
     return out
 
 
+@njit(cache=True, parallel=True)
+def _dequant_rows_q8_0p_kernel(wp, ids, nb, out):
+    for i in prange(ids.shape[0]):
+        r = ids[i]
+        k = r % 8
+        row = wp[r // 8]
+        o = out[i]
+        for b in range(nb):
+            sb = 256 * nb + 16 * b + 2 * k
+            d = _h2f_exact(np.uint32(row[sb]) | (np.uint32(row[sb + 1]) << np.uint32(8)))
+            base = 256 * b + 4 * k
+            for s in range(8):
+                for j in range(4):
+                    o[32 * b + 4 * s + j] = d * np.float32(np.int32(row[base + 32 * s + j]) - np.int32(128))
+
+
+def dequant_rows_q8_0p(wp, ids, out):
+    """out[i] = row ids[i] of the Q8_0 weight that ``wp = repack_q8_0(W)`` holds, dequantized (d * q, float32):
+    bit-identical to dequantizing those rows of W (token-embedding lookups of a tied, repacked output matrix,
+    without touching the raw pages again).  ids int64 (n,) in range; out float32 (n, cols)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    n, cols = out.shape
+    nb = cols // QK
+    if cols % QK or wp.dtype != np.uint8 or wp.shape[1] != nb * PACK_BB or ids.shape != (n,):
+        raise ValueError(f"packed weight {wp.dtype}{wp.shape} does not match out {out.shape} / ids {ids.shape}")
+    if n and (ids.min() < 0 or ids.max() >= 8 * wp.shape[0]):
+        raise ValueError("row id out of range")
+    if out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous float32")
+    _dequant_rows_q8_0p_kernel(wp, ids, nb, out)
+    return out
+
+
 def matmul_q8_0p(wp, qs, d, out):
     """out[t, r] = W[r] . x[t] for a repacked Q8_0 weight ``wp = repack_q8_0(W)`` and act_q8_0 activations
     (qs, d); out float32 (T, rows), rows = out.shape[1].  Bit-identical to ``matmul_q8_0(W, qs, d, out)``."""

@@ -112,3 +112,37 @@ def test_linear_release_keeps_raw_view_readable(q8_model, monkeypatch):
     before = np.array(gf.tensor("token_embd.weight"))
     lin = Linear(gf, "token_embd.weight")
     assert lin.wp is not None and np.array_equal(np.asarray(lin.w).reshape(before.shape), before)
+
+
+def test_embedding_rows_from_the_packed_copy():
+    """dequant_rows_q8_0p == its numpy twin == the raw rows dequantized (gguf-py / the raw kernel), bit for bit."""
+    from gguf.quants import dequantize
+    from llamba.kernels.ref import quants_simple as R
+    rng = np.random.default_rng(11)
+    rows, nb = 77, 3
+    w = rng.integers(0, 256, (rows, nb * 34), dtype=np.uint8)
+    w.reshape(rows, nb, 34)[:, :, 1] &= 0x3B
+    wp = QS.repack_q8_0(w)
+    ids = np.array([0, 76, 8, 7, 15, 33, 33, 64], np.int64)
+    out = np.empty((len(ids), nb * 32), np.float32)
+    QS.dequant_rows_q8_0p(wp, ids, out)
+    ref = dequantize(w[ids], QT.Q8_0).astype(np.float32)
+    assert np.array_equal(out, R.dequant_rows_q8_0p(wp, ids, nb * 32)) and np.array_equal(out, ref)
+    with pytest.raises(ValueError):
+        QS.dequant_rows_q8_0p(wp, np.array([80]), np.empty((1, nb * 32), np.float32))
+
+
+def test_tied_embedding_lookup_uses_packed_copy(q8_model, monkeypatch):
+    """The tied token_embd (Q8_0) is repacked for the output head; embedding lookups read the packed copy and give
+    the same rows and logits as the raw path."""
+    monkeypatch.delenv("LLAMBA_REPACK", raising=False)
+    a = Llama(str(q8_model), n_ctx=32, verbose=False)
+    monkeypatch.setenv("LLAMBA_REPACK", "0")
+    b = Llama(str(q8_model), n_ctx=32, verbose=False)
+    ea, eb = a.model.token_embd, b.model.token_embd
+    assert ea._derived.get(("q8_0p", "token_embd.weight")) is not None
+    assert eb._derived.get(("q8_0p", "token_embd.weight")) is None
+    ids = np.arange(301)
+    assert np.array_equal(ea(ids), eb(ids))
+    toks = [3, 17, 250, 300]
+    assert np.array_equal(a.eval_logits(toks), b.eval_logits(toks))

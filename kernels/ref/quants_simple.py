@@ -246,3 +246,18 @@ def matmul_f16(w, x):
 
 def matmul_bf16(w, x):
     return _mm_float(dequant_bf16(w), np.asarray(x, np.float32))
+
+
+def dequant_rows_q8_0p(wp, ids, cols):
+    """Rows `ids` of the Q8_0 weight held in the repacked layout of ``quants_simple.repack_q8_0`` (per 8-row group g
+    and block b: 256 bytes u = q + 128 with dword k of 32-byte vector s = dword s of row k's block, then after all
+    blocks the 8 rows' fp16 scales per block), dequantized d * q -> float32 (len(ids), cols)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    n, nb = len(ids), cols // 32
+    rows = np.asarray(wp)[ids // 8]
+    k = ids % 8
+    sel = np.arange(n)
+    u = rows[:, :256 * nb].reshape(n, nb, 8, 8, 4)[sel, :, :, k, :]  # (n, nb, s, byte)
+    q = (u.astype(np.int32) - 128).reshape(n, nb, 32).astype(np.float32)
+    d = np.ascontiguousarray(rows[:, 256 * nb:].reshape(n, nb, 8, 2)[sel, :, k, :]).view(np.float16)[..., 0]
+    return (d.astype(np.float32)[:, :, None] * q).reshape(n, cols)
