@@ -6,6 +6,7 @@ Split models (`name-00001-of-00003.gguf`) are opened as one: the tensors are the
 from __future__ import annotations
 
 import mmap
+import weakref
 import os
 import re
 import struct
@@ -260,9 +261,10 @@ class GGUFFile:
                 if name in self.tensors:
                     raise GGUFError(f"{part.path}: tensor '{name}' appears in more than one split")
                 self.tensors[name] = info
-        # arrays computed from tensors at load (e.g. repacked weights, llamba.layers.Linear), keyed by the layer
-        # that made them, so that two layers over one tensor share one copy
-        self.derived: dict = {}
+        # arrays computed from tensors at load (e.g. repacked weights, llamba.layers.Linear), so that two layers
+        # over one tensor share one copy; weak values: an array goes when the last layer using it does (e.g. the
+        # CPU layers that GPU offload replaces)
+        self.derived = weakref.WeakValueDictionary()
         if len(self.parts) > 1:
             want = self.metadata.get("split.tensors.count")
             if isinstance(want, int) and want != len(self.tensors):

@@ -146,3 +146,17 @@ def test_tied_embedding_lookup_uses_packed_copy(q8_model, monkeypatch):
     assert np.array_equal(ea(ids), eb(ids))
     toks = [3, 17, 250, 300]
     assert np.array_equal(a.eval_logits(toks), b.eval_logits(toks))
+
+
+def test_packed_copy_shared_while_used_and_freed_after(q8_model, monkeypatch):
+    """Two Linears over one tensor share one packed array; once no layer uses it (e.g. the CPU layers that GPU
+    offload replaced), the GGUFFile no longer keeps it."""
+    import gc
+    monkeypatch.delenv("LLAMBA_REPACK", raising=False)
+    gf = GGUFFile(q8_model)
+    a = Linear(gf, "blk.0.ffn_up.weight")
+    b = Linear(gf, "blk.0.ffn_up.weight")
+    assert a.wp is b.wp and ("q8_0p", "blk.0.ffn_up.weight") in gf.derived
+    del a, b
+    gc.collect()
+    assert ("q8_0p", "blk.0.ffn_up.weight") not in gf.derived
