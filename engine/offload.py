@@ -38,7 +38,7 @@ class HostKernels:
     offload code path then computes exactly what the CPU path computes. Weights are the CPU Linears."""
 
     name = "host"
-    kv_dtype = np.float32  # the CPU attention kernel reads float32 caches holding fp16 values
+    kv_dtype = K.KV_DTYPE  # the CPU cache type (fp16 bits in uint16, or float32 holding fp16 values)
     xp = np
 
     def upload(self, lin):

@@ -22,11 +22,15 @@ accumulation order differs from llama.cpp.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from llvmlite import ir as _llir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
+
+from llamba.kernels.quants_simple import _h2f_ir
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -600,19 +604,65 @@ def softplus(x, out):
 # KV cache and attention
 # ----------------------------------------------------------------------------------------------------
 
+# KV cache element type: fp16 bit patterns in uint16 arrays (llama.cpp's F16 cache, half the memory of float32);
+# LLAMBA_KV_F32=1 keeps float32 arrays holding the same fp16-rounded values. The kernels take either (same numbers).
+KV_DTYPE = np.float32 if os.environ.get("LLAMBA_KV_F32", "0").strip().lower() in ("1", "true", "yes", "on") \
+    else np.uint16
+
+
+@intrinsic
+def _h2f(typingctx, h):
+    """fp16 bits (uint16) -> float32, exact (F16C where the CPU has it)."""
+    if h != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _h2f_ir(builder, args[0])
+    return types.float32(h), codegen
+
+
+def kv_load(x):
+    """A KV cache element as float32 (uint16: fp16 bits; float32: itself)."""
+    raise NotImplementedError  # compiled only (see the overload)
+
+
+def kv_enc(x, cache):
+    """float32 x rounded to fp16, encoded for the cache array's dtype (uint16 bits or a float32 value)."""
+    raise NotImplementedError
+
+
+@overload(kv_load)
+def _kv_load_ov(x):
+    if x == types.uint16:
+        return lambda x: _h2f(x)
+    if x == types.float32:
+        return lambda x: x
+    return None
+
+
+@overload(kv_enc)
+def _kv_enc_ov(x, cache):
+    if cache.dtype == types.uint16:
+        return lambda x, cache: np.uint16(f16_bits(x))
+    if cache.dtype == types.float32:
+        return lambda x, cache: f16_round(x)
+    return None
+
+
 @njit(cache=True)
 def store_kv(k, v, k_cache, v_cache, pos0):
-    """Write rows pos0 .. pos0+T-1 of the caches, rounded to fp16 (stored as float32), like llama.cpp's F16
-    cache. k and v may have different head dims."""
+    """Write rows pos0 .. pos0+T-1 of the caches, rounded to fp16 like llama.cpp's F16 cache: as fp16 bits into
+    uint16 caches (KV_DTYPE), or as fp16-rounded float32 values into float32 caches. k and v may have different
+    head dims."""
     # k (T, Hkv, dk), v (T, Hkv, dv), k_cache (Hkv, n_ctx, dk), v_cache (Hkv, n_ctx, dv)
     T, H, dk = k.shape
     dv = v.shape[2]
     for g in range(H):
         for t in range(T):
             for d in range(dk):
-                k_cache[g, pos0 + t, d] = f16_round(k[t, g, d])
+                k_cache[g, pos0 + t, d] = kv_enc(k[t, g, d], k_cache)
             for d in range(dv):
-                v_cache[g, pos0 + t, d] = f16_round(v[t, g, d])
+                v_cache[g, pos0 + t, d] = kv_enc(v[t, g, d], v_cache)
 
 
 _LANES = 16
@@ -627,9 +677,11 @@ def dot16(typingctx, a, a_off, b, b_off, n):
     order, is added last. The same numbers as
     `dot16_scalar`, just vectorized (Numba's loop vectorizer cannot do this without reassociation, and
     its SLP vectorizer is off)."""
-    for arr in (a, b):
-        if not (isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.layout == "C"):
-            return None
+    if not (isinstance(a, types.Array) and a.dtype == types.float32 and a.layout == "C"):
+        return None
+    if not (isinstance(b, types.Array) and b.dtype in (types.float32, types.uint16) and b.layout == "C"):
+        return None
+    b_half = b.dtype == types.uint16  # b holds fp16 bits (a KV cache): converted exactly to float32 on load
     for i in (a_off, b_off, n):
         if not isinstance(i, types.Integer):
             return None
@@ -646,6 +698,14 @@ def dot16(typingctx, a, a_off, b, b_off, n):
         nv = context.cast(builder, nv, nty, types.int64)
         pa = builder.gep(context.make_array(aty)(context, builder, av).data, [ao])
         pb = builder.gep(context.make_array(bty)(context, builder, bv).data, [bo])
+        hvty = _llir.VectorType(_llir.IntType(16), _LANES)
+
+        def load_b(p, vector):
+            if not b_half:
+                return builder.load(builder.bitcast(p, vty.as_pointer()), align=4) if vector else builder.load(p)
+            if vector:
+                return _h2f_ir(builder, builder.load(builder.bitcast(p, hvty.as_pointer()), align=2))
+            return _h2f_ir(builder, builder.load(p))
         nch = builder.sdiv(nv, _llir.Constant(i64, _LANES))
         npair = builder.sdiv(nch, _llir.Constant(i64, 2))
         zero = _llir.Constant(vty, None)
@@ -654,7 +714,7 @@ def dot16(typingctx, a, a_off, b, b_off, n):
 
         def chunk(off):
             va = builder.load(builder.bitcast(builder.gep(pa, [off]), vty.as_pointer()), align=4)
-            vb = builder.load(builder.bitcast(builder.gep(pb, [off]), vty.as_pointer()), align=4)
+            vb = load_b(builder.gep(pb, [off]), True)
             return builder.fmul(va, vb)
 
         with cgutils.for_range(builder, npair) as loop:  # chunks 2i -> acc0, 2i+1 -> acc1
@@ -677,7 +737,7 @@ def dot16(typingctx, a, a_off, b, b_off, n):
         start = builder.mul(nch, _llir.Constant(i64, _LANES))
         with cgutils.for_range(builder, builder.sub(nv, start)) as loop:
             k = builder.add(start, loop.index)
-            x = builder.fmul(builder.load(builder.gep(pa, [k])), builder.load(builder.gep(pb, [k])))
+            x = builder.fmul(builder.load(builder.gep(pa, [k])), load_b(builder.gep(pb, [k]), False))
             builder.store(builder.fadd(builder.load(r), x), r)
         return builder.fadd(res, builder.load(r))
     return types.float32(a, a_off, b, b_off, n), codegen
@@ -744,17 +804,17 @@ def _attn_row(q, kc, vc, t, h, g, p, n_kv, scale, n_swa, qh, pb, acc, out):
         jj = lo + j
         for d in range(dv):
             a = acc[d]
-            a += p0 * vc[g, jj, d]
-            a += p1 * vc[g, jj + 1, d]
-            a += p2 * vc[g, jj + 2, d]
-            a += p3 * vc[g, jj + 3, d]
+            a += p0 * kv_load(vc[g, jj, d])
+            a += p1 * kv_load(vc[g, jj + 1, d])
+            a += p2 * kv_load(vc[g, jj + 2, d])
+            a += p3 * kv_load(vc[g, jj + 3, d])
             acc[d] = a
         j += 4
     while j < n:
         pj = pb[j]
         jj = lo + j
         for d in range(dv):
-            acc[d] += pj * vc[g, jj, d]
+            acc[d] += pj * kv_load(vc[g, jj, d])
         j += 1
     inv = np.float32(1.0 / tot)
     for d in range(dv):

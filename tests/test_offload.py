@@ -358,7 +358,7 @@ def test_activations_cross_devices_only_at_boundaries(tiny):
     llm.eval(PROMPT[:4])
     llm.eval(PROMPT[4:5])
     assert [d.n_transfers for d in devs] == [2, 2]  # one copy in per device per forward
-    # each layer's KV cache lives on its layer's device, as fp16 values (float32 arrays under HostKernels)
+    # each layer's KV cache lives on its layer's device, as fp16 values (the CPU cache type under HostKernels)
     assert llm.model.blocks[1].dev is devs[0] and llm.model.out_dev.dev is devs[1]
 
 
@@ -368,7 +368,8 @@ def test_kv_and_state_on_device_and_memory_report(tiny, capsys):
     m = llm.model
     assert info.placement == [None, None, None, 0, 0, 0]  # block 3, the MTP block 4, the output 5
     assert m.kv.k[3].dtype == np.float16 and m.mtp.kv.k[4].dtype == np.float16  # fp16 KV on the device
-    assert m.kv.k[1].dtype == np.float32  # a CPU layer keeps the CPU cache
+    from llamba.kernels import ops as K
+    assert m.kv.k[1].dtype == K.KV_DTYPE  # a CPU layer keeps the CPU cache (fp16 bits, uint16)
     assert type(m.blocks[2]).__name__ == "Qwen35Block" and type(m.blocks[3]).__name__ == "DevQwen35Block"
     err = capsys.readouterr().err
     assert "offloaded 3/6 layers" in err and "weights" in err and "KV cache" in err

@@ -27,8 +27,9 @@ class KVCache:
     def __init__(self, n_ctx: int, layers: dict[int, tuple[int, int, int]]):
         # layers: il -> (n_head_kv, head_dim_k, head_dim_v)
         self.n_ctx = n_ctx
-        self.k = {il: np.zeros((h, n_ctx, dk), dtype=np.float32) for il, (h, dk, dv) in layers.items()}
-        self.v = {il: np.zeros((h, n_ctx, dv), dtype=np.float32) for il, (h, dk, dv) in layers.items()}
+        # fp16 bits (K.KV_DTYPE uint16, like llama.cpp's F16 cache; LLAMBA_KV_F32=1: float32 holding fp16 values)
+        self.k = {il: np.zeros((h, n_ctx, dk), dtype=K.KV_DTYPE) for il, (h, dk, dv) in layers.items()}
+        self.v = {il: np.zeros((h, n_ctx, dv), dtype=K.KV_DTYPE) for il, (h, dk, dv) in layers.items()}
 
     @property
     def nbytes(self) -> int:

@@ -508,3 +508,31 @@ def test_expf_is_float64_exp_rounded_once():
     with np.errstate(over="ignore", under="ignore"):
         ref = np.exp(x.astype(np.float64)).astype(f32)
     assert np.array_equal(out, ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("T,Hq,Hkv,dk,dv,n_kv,n_swa", [(1, 4, 2, 64, 64, 37, 0), (5, 8, 1, 256, 256, 100, 0),
+                                                     (3, 4, 4, 80, 48, 19, 8), (1, 2, 1, 17, 9, 5, 0)])
+def test_fp16_bits_kv_cache_equals_float32_cache(T, Hq, Hkv, dk, dv, n_kv, n_swa):
+    """store_kv into uint16 caches (ops.KV_DTYPE: fp16 bits, llama.cpp's F16 cache) writes numpy's float16 bits of
+    the values, the float32 caches hold the same values, and attention over either gives identical outputs
+    (incl. head dims that are not multiples of 16, for dot16's uint16 tail)."""
+    r = rng(9)
+    k = (r.standard_normal((n_kv, Hkv, dk)) * 3).astype(f32)
+    k[0, 0, :3] = [70000.0, -1e-8, 3e-5]  # overflow to inf is avoided in attention below: set after the check
+    v = r.standard_normal((n_kv, Hkv, dv)).astype(f32)
+    kc32, vc32 = np.zeros((Hkv, 128, dk), f32), np.zeros((Hkv, 128, dv), f32)
+    kc16, vc16 = np.zeros((Hkv, 128, dk), np.uint16), np.zeros((Hkv, 128, dv), np.uint16)
+    ops.store_kv(k, v, kc16, vc16, 0)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(kc16[:, :n_kv], k.transpose(1, 0, 2).astype(np.float16).view(np.uint16))
+    assert np.array_equal(vc16[:, :n_kv], v.transpose(1, 0, 2).astype(np.float16).view(np.uint16))
+    k[0, 0, 0] = 7.0
+    ops.store_kv(k, v, kc16, vc16, 0)
+    ops.store_kv(k, v, kc32, vc32, 0)
+    assert np.array_equal(kc16.view(np.float16).astype(f32), kc32)
+    q = r.standard_normal((T, Hq, dk)).astype(f32)
+    pos = np.arange(n_kv - T, n_kv)
+    o32, o16 = np.empty((T, Hq, dv), f32), np.empty((T, Hq, dv), f32)
+    ops.attention(q, kc32, vc32, pos, n_kv, 0.125, n_swa, o32)
+    ops.attention(q, kc16, vc16, pos, n_kv, 0.125, n_swa, o16)
+    assert np.array_equal(o16, o32)
