@@ -139,6 +139,34 @@ class _Cursor:
         raise self.fail(f"corrupt {what}: unknown metadata value type {code}")
 
     def _string_array(self, n: int, what: str) -> list[str]:
+        if n >= 256:  # large arrays (vocabularies): one compiled scan, one UTF-8 decode
+            fast = self._string_array_fast(n)
+            if fast is not None:
+                return fast
+        return self._string_array_slow(n, what)
+
+    def _string_array_fast(self, n: int):
+        """The strings of the array via llamba.kernels.text.gather_strings and a single decode of all their bytes,
+        split at character offsets (in valid UTF-8 each character has exactly one non-continuation byte). None when
+        the array is malformed or not valid UTF-8: the slow path then reports the error / decodes string by
+        string with surrogateescape, exactly as before."""
+        from llamba.kernels.text import gather_strings
+        data = np.frombuffer(self.buf, dtype=np.uint8)
+        blob, offs, end = gather_strings(data, self.pos, n, MAX_STRING)
+        if end < 0:
+            return None
+        try:
+            text = blob.tobytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+        lead = np.empty(len(blob) + 1, dtype=np.int64)
+        lead[0] = 0
+        np.cumsum((blob & 0xC0) != 0x80, out=lead[1:])
+        co = lead[offs].tolist()
+        self.pos = int(end)
+        return [text[a:b] for a, b in zip(co[:-1], co[1:])]
+
+    def _string_array_slow(self, n: int, what: str) -> list[str]:
         out = []
         buf, pos, size = self.buf, self.pos, self.size
         unpack = struct.unpack_from

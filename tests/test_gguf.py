@@ -177,3 +177,35 @@ def test_split_files(tmp_path):
     (tmp_path / "m-00002-of-00002.gguf").unlink()
     with pytest.raises(GGUFError, match="split model part missing"):
         GGUFFile(tmp_path / "m-00001-of-00002.gguf")
+
+
+def _string_array_buf(items: list[bytes], extra: bytes = b"") -> bytes:
+    import struct
+    return b"".join(struct.pack("<Q", len(x)) + x for x in items) + extra
+
+
+@pytest.mark.parametrize("kind", ["ascii", "utf8", "invalid", "empty"])
+def test_string_array_fast_path_equals_slow_path(kind):
+    """Vocabulary-sized string arrays go through llamba.kernels.text.gather_strings and one UTF-8 decode; they
+    equal the per-string reference loop, including multibyte characters, empty strings and invalid UTF-8
+    (surrogateescape, through the fallback)."""
+    from llamba.gguf import _Cursor
+    r = np.random.default_rng(3)
+    pool = {"ascii": [b"a", b"hello", b"<0x0A>", b" the"], "utf8": ["é".encode(), "日本".encode(), "🙂x".encode(),
+            "Ġ".encode(), b"z"], "invalid": [b"ok", b"\xff\xfe", "é".encode()[:1], b"x"],
+            "empty": [b"", b"", b"q"]}[kind]
+    items = [pool[i] * int(r.integers(0, 3)) for i in r.integers(0, len(pool), 1000)]
+    buf = _string_array_buf(items, b"TAIL")
+    fast = _Cursor(buf, "mem")
+    got = fast._string_array(len(items), "tokens")
+    slow = _Cursor(buf, "mem")
+    ref = slow._string_array_slow(len(items), "tokens")
+    assert got == ref and fast.pos == slow.pos == len(buf) - 4
+
+
+def test_string_array_fast_path_reports_truncation_like_slow_path():
+    from llamba.gguf import _Cursor
+    items = [b"abc"] * 300
+    buf = _string_array_buf(items)[:-2]
+    with pytest.raises(GGUFError, match="truncated"):
+        _Cursor(buf, "mem")._string_array(300, "tokens")
