@@ -214,6 +214,9 @@ class Llama:
                           presence_penalty: float = 0.0, repeat_penalty: float = 1.0, top_k: int = 40,
                           stream: bool = False, seed: int | None = None, logit_bias=None, **kwargs):
         self._need_model()
+        if logprobs:  # say so instead of returning "logprobs": None as if there were none
+            raise LlambaError("logprobs is not supported by llamba yet (no token log-probabilities are computed); "
+                              "call eval() with logits_all=True for raw logits")
         if isinstance(prompt, (bytes, str)):
             text = prompt.encode("utf-8") if isinstance(prompt, str) else prompt
             toks = self.tokenize(text, add_bos=True, special=kwargs.get("special", False))

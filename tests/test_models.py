@@ -237,3 +237,11 @@ def test_qwen35moe_missing_experts_through_cli(tmp_path):
                        capture_output=True, text=True)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and "ffn_down_exps" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_completion_logprobs_is_a_clear_error(models):
+    from llamba.errors import LlambaError
+    llm = Llama(str(models["llama", QT.F32]), n_ctx=32, verbose=False)
+    with pytest.raises(LlambaError, match="logprobs is not supported"):
+        llm.create_completion([5, 6, 7], max_tokens=2, logprobs=3)
+    assert llm.create_completion([5, 6, 7], max_tokens=2, logprobs=None, temperature=0)["choices"][0]["logprobs"] is None
