@@ -214,9 +214,13 @@ class Llama:
                           presence_penalty: float = 0.0, repeat_penalty: float = 1.0, top_k: int = 40,
                           stream: bool = False, seed: int | None = None, logit_bias=None, **kwargs):
         self._need_model()
-        if logprobs:  # say so instead of returning "logprobs": None as if there were none
-            raise LlambaError("logprobs is not supported by llamba yet (no token log-probabilities are computed); "
-                              "call eval() with logits_all=True for raw logits")
+        if logprobs is not None:
+            if not self.logits_all:  # llama-cpp-python's rule and message
+                raise ValueError("logprobs is not supported for models created with logits_all=False")
+            if stream:
+                raise LlambaError("logprobs with stream=True is not supported yet; use stream=False")
+            if not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0:
+                raise LlambaError(f"logprobs must be a non-negative integer, got {logprobs!r}")
         if isinstance(prompt, (bytes, str)):
             text = prompt.encode("utf-8") if isinstance(prompt, str) else prompt
             toks = self.tokenize(text, add_bos=True, special=kwargs.get("special", False))
@@ -235,8 +239,10 @@ class Llama:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         cid = f"cmpl-{uuid.uuid4()}"
         created = int(time.time())
+        gen_toks: list[int] | None = [] if logprobs is not None else None
         it = self._completion_stream(toks, max_tokens, temperature, top_k, top_p, min_p, typical_p,
-                                     repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias)
+                                     repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias,
+                                     gen_toks)
         if stream:
             return self._stream_chunks(it, cid, created, prompt_text if echo else None)
         pieces, finish = [], "length"
@@ -248,9 +254,10 @@ class Llama:
         if echo:
             text = prompt_text + text
         st = self.last_stats
+        lp = self._completion_logprobs(prompt, toks, gen_toks, logprobs, echo) if logprobs is not None else None
         return {
             "id": cid, "object": "text_completion", "created": created, "model": self.model_path,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}],
             "usage": {"prompt_tokens": len(toks), "completion_tokens": st.n_gen if st else 0,
                       "total_tokens": len(toks) + (st.n_gen if st else 0)},
         }
@@ -266,8 +273,60 @@ class Llama:
         return {"id": cid, "object": "text_completion", "created": created, "model": self.model_path,
                 "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
+    @staticmethod
+    def logits_to_logprobs(logits, axis: int = -1) -> np.ndarray:
+        """log-softmax in float32, computed as llama-cpp-python's `Llama.logits_to_logprobs`."""
+        logits = np.asarray(logits, dtype=np.float32)
+        m = np.amax(logits, axis=axis, keepdims=True)
+        m[~np.isfinite(m)] = 0
+        sub = np.subtract(logits, m, dtype=np.float32)
+        with np.errstate(divide="ignore"):
+            out = np.log(np.sum(np.exp(sub), axis=axis, keepdims=True))
+        return sub - out
+
+    def _completion_logprobs(self, prompt, prompt_tokens, completion_tokens, n: int, echo: bool) -> dict:
+        """The OpenAI `logprobs` object of a finished completion, laid out as llama-cpp-python lays it out (its
+        offsets, its BOS handling, null first entry with echo). The logits of every position come from one batched
+        evaluation of prompt + completion (bit-identical to the rows the generation sampled from: the batched path
+        is row-exact); they are also left in `scores`. Like llama-cpp-python, entry i pairs token i with the i-th
+        evaluated row (with echo on a model without BOS that row is the one after the token, not before it)."""
+        full = list(prompt_tokens) + list(completion_tokens)
+        # the positions llama.cpp evaluated: not the last sampled token when generation stopped on the length
+        n_eval = min(len(full), max(len(self.session.tokens), len(prompt_tokens)))
+        rows = self.eval_logits(full[:n_eval])
+        self._scores_buf()[:n_eval] = rows
+        lp_rows = self.logits_to_logprobs(rows)
+        text_offset = 0 if echo else len(prompt)
+        token_offset = 0 if echo else len(prompt_tokens) - 1
+        bos = self.token_bos()
+        if echo:
+            all_tokens = list(prompt_tokens[1 if prompt_tokens and prompt_tokens[0] == bos else 0:]) + \
+                list(completion_tokens)
+        else:
+            all_tokens = list(completion_tokens)
+        strs = [self.detokenize([t], prev_tokens=all_tokens[:i]).decode("utf-8", errors="ignore")
+                for i, t in enumerate(all_tokens)]
+        offsets, token_lps, tokens, tops = [], [], [], []
+        ranks = np.arange(lp_rows.shape[1])
+        for idx, (tok, tok_str, lp) in enumerate(zip(all_tokens, strs, lp_rows[token_offset:])):
+            if tok == bos:
+                continue
+            offsets.append(text_offset + len(self.detokenize(all_tokens[:idx]).decode("utf-8", errors="ignore")))
+            tokens.append(tok_str)
+            token_lps.append(float(lp[tok]))
+            # sorted((logprob, id), reverse=True): logprob descending, then the higher id first
+            order = np.lexsort((-ranks, -lp))[:n]
+            top = {self.detokenize([int(i)], prev_tokens=all_tokens[:idx]).decode("utf-8", errors="ignore"):
+                   float(lp[i]) for i in order}
+            top[tok_str] = float(lp[tok])
+            tops.append(top)
+        if echo and all_tokens:
+            token_lps[0] = None
+            tops[0] = None
+        return {"tokens": tokens, "text_offset": offsets, "token_logprobs": token_lps, "top_logprobs": tops}
+
     def _completion_stream(self, toks, max_tokens, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
-                           frequency_penalty, presence_penalty, seed, stops, logit_bias):
+                           frequency_penalty, presence_penalty, seed, stops, logit_bias, out_tokens=None):
         """Yield (text_piece, finish_reason|None). Text that could be the start of a stop string is held back."""
         sampler = self._make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                                      frequency_penalty, presence_penalty, seed, logit_bias)
@@ -280,6 +339,8 @@ class Llama:
         n = 0
         for tok in generate(self.session, toks, sampler, max_tokens, stats, tk.is_eog, self._proposer()):
             n += 1
+            if out_tokens is not None and not tk.is_eog(tok):
+                out_tokens.append(tok)
             if tk.is_eog(tok):
                 pending += dec.flush()
                 yield pending, "stop"

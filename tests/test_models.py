@@ -239,9 +239,32 @@ def test_qwen35moe_missing_experts_through_cli(tmp_path):
     assert r.returncode == 1 and len(lines) == 1 and "ffn_down_exps" in lines[0] and "Traceback" not in r.stderr
 
 
-def test_completion_logprobs_is_a_clear_error(models):
+def test_completion_logprobs_like_llama_cpp_python(models):
+    """logprobs needs logits_all=True (llama-cpp-python's rule and message); the object has llama-cpp-python's
+    layout: one entry per completion token (the last sampled token is not evaluated, as in llama.cpp), text
+    offsets into prompt + text, log-softmax values of the rows sampled from, the token itself in its top dict,
+    and with echo the prompt tokens first with a null first entry."""
     from llamba.errors import LlambaError
-    llm = Llama(str(models["llama", QT.F32]), n_ctx=32, verbose=False)
-    with pytest.raises(LlambaError, match="logprobs is not supported"):
-        llm.create_completion([5, 6, 7], max_tokens=2, logprobs=3)
-    assert llm.create_completion([5, 6, 7], max_tokens=2, logprobs=None, temperature=0)["choices"][0]["logprobs"] is None
+    p = str(models["llama", QT.F32])
+    with pytest.raises(ValueError, match="logits_all=False"):
+        Llama(p, n_ctx=64, verbose=False).create_completion([5, 6, 7], max_tokens=2, logprobs=3)
+    llm = Llama(p, n_ctx=64, logits_all=True, verbose=False)
+    with pytest.raises(LlambaError, match="stream=True"):
+        llm.create_completion([5, 6, 7], max_tokens=2, logprobs=1, stream=True)
+    prompt = [5, 6, 7, 8]
+    out = llm.create_completion(prompt, max_tokens=5, temperature=0, logprobs=3)
+    lp, text = out["choices"][0]["logprobs"], out["choices"][0]["text"]
+    gen = list(llm.generate(prompt, temp=0, max_tokens=5))
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 5
+    assert "".join(lp["tokens"]) == text
+    assert lp["text_offset"][0] == len(prompt) and lp["text_offset"] == sorted(lp["text_offset"])
+    rows = Llama.logits_to_logprobs(llm.eval_logits(prompt + gen)[len(prompt) - 1:len(prompt) + 4])
+    for k, (tok, row) in enumerate(zip(gen, rows)):
+        assert lp["token_logprobs"][k] == pytest.approx(float(row[tok]), abs=1e-6)
+        assert lp["token_logprobs"][k] == pytest.approx(float(row.max()), abs=1e-6)  # greedy: the top token
+        assert lp["tokens"][k] in lp["top_logprobs"][k] and 1 <= len(lp["top_logprobs"][k]) <= 4  # keys: decoded strings (may collide)
+    echo = llm.create_completion(prompt, max_tokens=3, temperature=0, logprobs=2, echo=True)["choices"][0]
+    elp = echo["logprobs"]
+    assert elp["token_logprobs"][0] is None and elp["top_logprobs"][0] is None
+    assert elp["text_offset"][0] == 0 and "".join(elp["tokens"]) == echo["text"][:len("".join(elp["tokens"]))]
+    assert llm.create_completion(prompt, max_tokens=2, temperature=0)["choices"][0]["logprobs"] is None
