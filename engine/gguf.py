@@ -155,6 +155,9 @@ class _Cursor:
         blob, offs, end = gather_strings(data, self.pos, n, MAX_STRING)
         if end < 0:
             return None
+        starts = offs[:-1][offs[1:] > offs[:-1]]
+        if len(starts) and np.any((blob[starts] & 0xC0) == 0x80):
+            return None  # a string starts with a continuation byte: it is invalid alone (or splits a character)
         try:
             text = blob.tobytes().decode("utf-8")
         except UnicodeDecodeError:

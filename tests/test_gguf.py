@@ -184,16 +184,16 @@ def _string_array_buf(items: list[bytes], extra: bytes = b"") -> bytes:
     return b"".join(struct.pack("<Q", len(x)) + x for x in items) + extra
 
 
-@pytest.mark.parametrize("kind", ["ascii", "utf8", "invalid", "empty"])
+@pytest.mark.parametrize("kind", ["ascii", "utf8", "invalid", "empty", "split"])
 def test_string_array_fast_path_equals_slow_path(kind):
     """Vocabulary-sized string arrays go through llamba.kernels.text.gather_strings and one UTF-8 decode; they
-    equal the per-string reference loop, including multibyte characters, empty strings and invalid UTF-8
-    (surrogateescape, through the fallback)."""
+    equal the per-string reference loop, including multibyte characters, empty strings, invalid UTF-8
+    (surrogateescape, through the fallback) and characters split across two strings (valid only together)."""
     from llamba.gguf import _Cursor
     r = np.random.default_rng(3)
     pool = {"ascii": [b"a", b"hello", b"<0x0A>", b" the"], "utf8": ["é".encode(), "日本".encode(), "🙂x".encode(),
             "Ġ".encode(), b"z"], "invalid": [b"ok", b"\xff\xfe", "é".encode()[:1], b"x"],
-            "empty": [b"", b"", b"q"]}[kind]
+            "empty": [b"", b"", b"q"], "split": [b"\xc3", b"\xa9", b"", "é".encode(), b"a\xe6\x97", b"\xa5"]}[kind]
     items = [pool[i] * int(r.integers(0, 3)) for i in r.integers(0, len(pool), 1000)]
     buf = _string_array_buf(items, b"TAIL")
     fast = _Cursor(buf, "mem")
@@ -209,3 +209,11 @@ def test_string_array_fast_path_reports_truncation_like_slow_path():
     buf = _string_array_buf(items)[:-2]
     with pytest.raises(GGUFError, match="truncated"):
         _Cursor(buf, "mem")._string_array(300, "tokens")
+
+
+def test_string_array_character_split_across_strings_decodes_each_string_alone():
+    """b"\\xc3" + b"\\xa9" is valid UTF-8 only together: each string still decodes alone (surrogateescape)."""
+    from llamba.gguf import _Cursor
+    items = [b"x"] * 300 + [b"\xc3", b"\xa9", "é".encode()]
+    got = _Cursor(_string_array_buf(items), "mem")._string_array(len(items), "tokens")
+    assert got[-3:] == ["\udcc3", "\udca9", "é"] and got[:300] == ["x"] * 300
