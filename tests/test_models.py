@@ -22,7 +22,8 @@ def models(tmp_path_factory):
         for qt in (QT.F32, QT.Q8_0, QT.Q4_K):
             p = d / f"{arch}-{qt.name}.gguf"
             kw = dict(n_embd=256, n_ff=512, head_dim=64) if qt == QT.Q4_K else {}
-            write_model(p, arch, qtype=qt, seed=hash(arch) % 1000, **kw)
+            # a seed stable across processes (str hash() is salted per process)
+            write_model(p, arch, qtype=qt, seed=sum(map(ord, arch)), **kw)
             out[arch, qt] = p
     return out
 
