@@ -469,17 +469,16 @@ def _gelu1(g):
     return GELU_F16_TABLE[f16_bits(g)]
 
 
-@njit(cache=True, parallel=True)
-def swiglu(gate, up, out):
-    """out = silu(gate) * up, silu(g) = g/(1+expf(-g)). out may alias gate or up."""
-    # gate, up, out: one shape, C-contiguous, e.g. (T, n_ff)
-    g = gate.reshape(gate.size)
-    u = up.reshape(up.size)
+@njit(cache=True, inline="always")
+def _map1(x, out, f):
+    """out = f(x) elementwise over flat C-contiguous arrays: one thread below _PAR_MIN values, else _BLOCK-sized
+    blocks in parallel (the per-element function is the same either way)."""
+    g = x.reshape(x.size)
     o = out.reshape(out.size)
     n = g.size
     if n < _PAR_MIN:
         for i in range(n):
-            o[i] = _silu1(g[i]) * u[i]
+            o[i] = f(g[i])
         return
     nb = (n + _BLOCK - 1) // _BLOCK
     for b in prange(nb):
@@ -487,9 +486,37 @@ def swiglu(gate, up, out):
         a1 = min(n, a0 + _BLOCK)
         ob = o[a0:a1]  # slices from 0: no negative-index check, so the loop vectorizes
         gb = g[a0:a1]
+        for i in range(a1 - a0):
+            ob[i] = f(gb[i])
+
+
+@njit(cache=True, inline="always")
+def _map2(x, y, out, f):
+    """out = f(x) * y elementwise (see _map1)."""
+    g = x.reshape(x.size)
+    u = y.reshape(y.size)
+    o = out.reshape(out.size)
+    n = g.size
+    if n < _PAR_MIN:
+        for i in range(n):
+            o[i] = f(g[i]) * u[i]
+        return
+    nb = (n + _BLOCK - 1) // _BLOCK
+    for b in prange(nb):
+        a0 = b * _BLOCK
+        a1 = min(n, a0 + _BLOCK)
+        ob = o[a0:a1]
+        gb = g[a0:a1]
         ub = u[a0:a1]
         for i in range(a1 - a0):
-            ob[i] = _silu1(gb[i]) * ub[i]
+            ob[i] = f(gb[i]) * ub[i]
+
+
+@njit(cache=True, parallel=True)
+def swiglu(gate, up, out):
+    """out = silu(gate) * up, silu(g) = g/(1+expf(-g)). out may alias gate or up."""
+    # gate, up, out: one shape, C-contiguous, e.g. (T, n_ff)
+    _map2(gate, up, out, _silu1)
 
 
 @njit(cache=True, parallel=True)
@@ -497,107 +524,31 @@ def geglu_tanh(gate, up, out):
     """out = gelu_tanh(gate) * up the way ggml_vec_geglu_f32 does it (GGML_GELU_FP16): gate <= -10 -> 0,
     gate >= 10 -> gate*up, else fp16 table[fp16(gate)] * up. out may alias gate or up."""
     # gate, up, out: one shape, C-contiguous, e.g. (T, n_ff)
-    g = gate.reshape(gate.size)
-    u = up.reshape(up.size)
-    o = out.reshape(out.size)
-    n = g.size
-    if n < _PAR_MIN:
-        for i in range(n):
-            o[i] = _gelu1(g[i]) * u[i]
-        return
-    nb = (n + _BLOCK - 1) // _BLOCK
-    for b in prange(nb):
-        a0 = b * _BLOCK
-        a1 = min(n, a0 + _BLOCK)
-        ob = o[a0:a1]  # slices from 0: no negative-index check, so the loop vectorizes
-        gb = g[a0:a1]
-        ub = u[a0:a1]
-        for i in range(a1 - a0):
-            ob[i] = _gelu1(gb[i]) * ub[i]
+    _map2(gate, up, out, _gelu1)
 
 
 @njit(cache=True, parallel=True)
 def gelu_tanh(x, out):
     """ggml_vec_gelu_f32 (fp16 table, same thresholds as geglu_tanh). out may be x."""
-    # x, out: one shape, C-contiguous
-    g = x.reshape(x.size)
-    o = out.reshape(out.size)
-    n = g.size
-    if n < _PAR_MIN:
-        for i in range(n):
-            o[i] = _gelu1(g[i])
-        return
-    nb = (n + _BLOCK - 1) // _BLOCK
-    for b in prange(nb):
-        a0 = b * _BLOCK
-        a1 = min(n, a0 + _BLOCK)
-        ob = o[a0:a1]  # slices from 0: no negative-index check, so the loop vectorizes
-        gb = g[a0:a1]
-        for i in range(a1 - a0):
-            ob[i] = _gelu1(gb[i])
+    _map1(x, out, _gelu1)
 
 
 @njit(cache=True, parallel=True)
 def silu(x, out):
     """out = x/(1+expf(-x)). out may be x."""
-    # x, out: one shape, C-contiguous
-    g = x.reshape(x.size)
-    o = out.reshape(out.size)
-    n = g.size
-    if n < _PAR_MIN:
-        for i in range(n):
-            o[i] = _silu1(g[i])
-        return
-    nb = (n + _BLOCK - 1) // _BLOCK
-    for b in prange(nb):
-        a0 = b * _BLOCK
-        a1 = min(n, a0 + _BLOCK)
-        ob = o[a0:a1]  # slices from 0: no negative-index check, so the loop vectorizes
-        gb = g[a0:a1]
-        for i in range(a1 - a0):
-            ob[i] = _silu1(gb[i])
+    _map1(x, out, _silu1)
 
 
 @njit(cache=True, parallel=True)
 def sigmoid(x, out):
     """out = 1/(1+expf(-x)). out may be x."""
-    # x, out: one shape, C-contiguous
-    g = x.reshape(x.size)
-    o = out.reshape(out.size)
-    n = g.size
-    if n < _PAR_MIN:
-        for i in range(n):
-            o[i] = _sigmoid1(g[i])
-        return
-    nb = (n + _BLOCK - 1) // _BLOCK
-    for b in prange(nb):
-        a0 = b * _BLOCK
-        a1 = min(n, a0 + _BLOCK)
-        ob = o[a0:a1]  # slices from 0: no negative-index check, so the loop vectorizes
-        gb = g[a0:a1]
-        for i in range(a1 - a0):
-            ob[i] = _sigmoid1(gb[i])
+    _map1(x, out, _sigmoid1)
 
 
 @njit(cache=True, parallel=True)
 def softplus(x, out):
     """out = x if x > 20 else logf(1 + expf(x)) (ggml's op_softplus). out may be x."""
-    # x, out: one shape, C-contiguous
-    g = x.reshape(x.size)
-    o = out.reshape(out.size)
-    n = g.size
-    if n < _PAR_MIN:
-        for i in range(n):
-            o[i] = _softplus1(g[i])
-        return
-    nb = (n + _BLOCK - 1) // _BLOCK
-    for b in prange(nb):
-        a0 = b * _BLOCK
-        a1 = min(n, a0 + _BLOCK)
-        ob = o[a0:a1]  # slices from 0: no negative-index check, so the loop vectorizes
-        gb = g[a0:a1]
-        for i in range(a1 - a0):
-            ob[i] = _softplus1(gb[i])
+    _map1(x, out, _softplus1)
 
 
 # ----------------------------------------------------------------------------------------------------
