@@ -343,12 +343,14 @@ class GGUFFile:
         arr = np.frombuffer(mm, dtype=np.uint8, count=info.nbytes, offset=info.offset)
         return arr.reshape(shape[:-1] + (rb,))
 
-    def release(self, name: str, upto: int | None = None) -> bool:
+    def release(self, name: str, upto: int | None = None, since: int = 0) -> bool:
         """Drop the pages of tensor `name` from this process's resident memory (madvise MADV_DONTNEED on the whole
         pages inside its byte range), for a tensor whose bytes were copied into another layout.  The mapping is
         read-only and file-backed, so this loses nothing: views stay valid and fault their bytes back in from the
         file (the page cache) when read.  `upto`: only the tensor's first `upto` bytes (the pages wholly inside
-        them).  Returns False where madvise is unavailable or the mapping is closed."""
+        them).  `since`: the `upto` of an earlier call, whose pages are gone already: only the pages from there on
+        (so successive calls over growing prefixes release each page once and leave no gap between them).
+        Returns False where madvise is unavailable or the mapping is closed."""
         info = self.info(name)
         nbytes = info.nbytes if upto is None else min(int(upto), info.nbytes)
         mm = self.parts[info.part].mm
@@ -357,6 +359,8 @@ class GGUFFile:
             return False
         ps = mmap.PAGESIZE
         a = -(-info.offset // ps) * ps
+        if since > 0:  # the earlier call ended at this page boundary
+            a = max(a, (info.offset + min(int(since), info.nbytes)) // ps * ps)
         b = (info.offset + nbytes) // ps * ps
         if b <= a:
             return True

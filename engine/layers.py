@@ -67,8 +67,12 @@ class Linear:
             if self.wp is None:
                 if hasattr(gf, "derived"):
                     rb = self.w.shape[1]
-                    # chunk by chunk, dropping the raw pages already copied: never both copies of a big tensor
-                    self.wp = QS.repack_q8_0(self.w, REPACK_CHUNK_BYTES, lambda r1: gf.release(name, r1 * rb))
+                    done = [0]  # bytes released so far
+
+                    def release(r1):  # chunk by chunk, dropping the raw pages just copied: never both copies
+                        gf.release(name, r1 * rb, since=done[0])
+                        done[0] = r1 * rb
+                    self.wp = QS.repack_q8_0(self.w, REPACK_CHUNK_BYTES, release)
                     gf.derived[key] = self.wp
                 else:
                     self.wp = QS.repack_q8_0(self.w)

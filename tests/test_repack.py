@@ -160,3 +160,40 @@ def test_packed_copy_shared_while_used_and_freed_after(q8_model, monkeypatch):
     del a, b
     gc.collect()
     assert ("q8_0p", "blk.0.ffn_up.weight") not in gf.derived
+
+
+def test_release_since_covers_every_page_once(q8_model, monkeypatch):
+    """Releasing growing prefixes with `since` = the previous `upto` madvises contiguous page ranges that together
+    equal one release of the whole prefix (no page left between two chunks)."""
+    import mmap as _mmap
+    gf = GGUFFile(q8_model)
+    calls = []
+
+    class Spy:
+        def __init__(self, mm):
+            self.mm = mm
+
+        def madvise(self, adv, a, n):
+            calls.append((a, a + n))
+
+    name = "token_embd.weight"
+    info = gf.info(name)
+    part = gf.parts[info.part]
+    real = part.mm
+    part.mm = Spy(real)
+    try:
+        prev = 0
+        for upto in range(1000, info.nbytes, 1777):
+            gf.release(name, upto, since=prev)
+            prev = upto
+        gf.release(name, info.nbytes, since=prev)
+        pieces = [c for c in calls if c[1] > c[0]]
+        calls.clear()
+        gf.release(name)
+        (whole,) = calls
+    finally:
+        part.mm = real
+    ps = _mmap.PAGESIZE
+    assert all(a % ps == 0 and b % ps == 0 for a, b in pieces)
+    assert pieces[0][0] == whole[0] and pieces[-1][1] == whole[1]
+    assert all(p[1] == q[0] for p, q in zip(pieces, pieces[1:]))
