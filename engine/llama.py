@@ -307,15 +307,19 @@ class Llama:
         strs = [self.detokenize([t], prev_tokens=all_tokens[:i]).decode("utf-8", errors="ignore")
                 for i, t in enumerate(all_tokens)]
         offsets, token_lps, tokens, tops = [], [], [], []
-        ranks = np.arange(lp_rows.shape[1])
         for idx, (tok, tok_str, lp) in enumerate(zip(all_tokens, strs, lp_rows[token_offset:])):
             if tok == bos:
                 continue
             offsets.append(text_offset + len(self.detokenize(all_tokens[:idx]).decode("utf-8", errors="ignore")))
             tokens.append(tok_str)
             token_lps.append(float(lp[tok]))
-            # sorted((logprob, id), reverse=True): logprob descending, then the higher id first
-            order = np.lexsort((-ranks, -lp))[:n]
+            # sorted((logprob, id), reverse=True)[:n]: logprob descending, then the higher id first; sorted among
+            # the ids at or above the n-th largest logprob only (all of the first n, ties included)
+            if 0 < n < len(lp):
+                cand = np.flatnonzero(lp >= np.partition(lp, len(lp) - n)[len(lp) - n])
+            else:
+                cand = np.arange(len(lp))
+            order = cand[np.lexsort((-cand, -lp[cand]))][:n]
             top = {self.detokenize([int(i)], prev_tokens=all_tokens[:idx]).decode("utf-8", errors="ignore"):
                    float(lp[i]) for i in order}
             top[tok_str] = float(lp[tok])
