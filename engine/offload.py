@@ -26,7 +26,7 @@ from llamba.backend import Device, discover_devices, parse_ngl, parse_split_mode
     warn_once
 from llamba.kernels import deltanet as D
 from llamba.kernels import ops as K
-from llamba.layers import Linear
+from llamba.layers import GEGLU, Linear
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ class DevFFN(_On):
     def __init__(self, dev, ffn):
         super().__init__(dev)
         self.w_gate, self.w_up, self.w_down = self.w(ffn.w_gate), self.w(ffn.w_up), self.w(ffn.w_down)
-        self.gelu = ffn.act is K.geglu_tanh
+        self.gelu = ffn.glu == GEGLU
 
     def __call__(self, h, gemm):
         k = self.k

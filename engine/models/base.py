@@ -127,8 +127,7 @@ class FFN:
         self.w_gate = Linear(gf, p + "ffn_gate.weight", p + "ffn_gate.bias", (n_ff, n_embd))
         self.w_up = Linear(gf, p + "ffn_up.weight", p + "ffn_up.bias", (n_ff, n_embd))
         self.w_down = Linear(gf, p + "ffn_down.weight", p + "ffn_down.bias", (n_embd, n_ff))
-        self.act = K.swiglu if activation == "silu" else K.geglu_tanh
-        self.glu = SWIGLU if activation == "silu" else GEGLU
+        self.glu = SWIGLU if activation == "silu" else GEGLU  # LinearGroup input mode of down
         self.up = LinearGroup([self.w_gate, self.w_up])
         self.down = LinearGroup([self.w_down])
 

@@ -17,7 +17,7 @@ from llamba.config import ModelConfig, base_config
 from llamba.errors import GGUFError, UnsupportedError
 from llamba.kernels import deltanet as D
 from llamba.kernels import ops as K
-from llamba.layers import RMS_NORM, Embedding, Linear, LinearGroup, norm_weight
+from llamba.layers import Embedding, Linear, LinearGroup, norm_weight
 from llamba.models.base import FFN, GEMM_MIN_BATCH, BaseModel, KVCache, RopeTable, proj, rms_norm
 from llamba.models.moe import MoEFFN
 
