@@ -37,7 +37,6 @@ KQUANTS = (QKm.Q2_K, QKm.Q3_K, QKm.Q4_K, QKm.Q5_K, QKm.Q6_K, QKm.IQ4_XS)
 SUPPORTED = frozenset(BLOCK32 + KQUANTS)
 _QK = 32
 _QK_K = 256
-_C127 = np.float32(127.0)
 _PREP_PAR_MIN = 4096  # SwiGLU/GeGLU inputs at least this many values are transformed in parallel
 
 
@@ -84,14 +83,9 @@ def _prep(mode, x, x2, norm_w, rsc, t, j0, j1, xin, need32, needk, qs, d, s, asu
             xo[i] = xi[i]
     if need32:
         xr = xin[t]
+        qr = qs[t]
         for b in range(j0 // _QK, j1 // _QK):
-            amax = QS._absmax32(xr, b * _QK)
-            db = amax / _C127
-            idb = _C127 / amax if amax != np.float32(0.0) else np.float32(0.0)
-            isum = QS._quant32(xr, b * _QK, idb, qs[t], b * _QK)
-            d[t, b] = QS._round_f16(db)
-            s[t, b] = QS._round_f16(db * np.float32(isum))
-            asum[t, b] = isum
+            asum[t, b] = QS._act_q8_block(xr, qr, b, d, s, True, t)
     if needk:
         xb = xin.view(np.uint32)
         for b in range(j0 // _QK_K, j1 // _QK_K):

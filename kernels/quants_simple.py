@@ -1181,18 +1181,25 @@ def _act_q8_kernel(x, qs, d, s, with_sum):
 
 @njit(cache=True, inline="always")
 def _act_q8_row(x, qs, d, s, with_sum, t):
-    nb = x.shape[1] // QK
-    c127 = np.float32(127.0)
     xr = x[t]
     qr = qs[t]
-    for b in range(nb):
-        amax = _absmax32(xr, b * QK)
-        db = amax / c127
-        idb = c127 / amax if amax != np.float32(0.0) else np.float32(0.0)
-        isum = _quant32(xr, b * QK, idb, qr, b * QK)
-        d[t, b] = _round_f16(db)
-        if with_sum:
-            s[t, b] = _round_f16(db * np.float32(isum))
+    for b in range(x.shape[1] // QK):
+        _act_q8_block(xr, qr, b, d, s, with_sum, t)
+
+
+@njit(cache=True, inline="always")
+def _act_q8_block(xr, qr, b, d, s, with_sum, t):
+    """Activation block b of row t (xr = x[t], qr = qs[t]): llama.cpp's quantize_row_q8_1 (Q8_0: its first two
+    arrays) -> qr[32b:32b+32], d[t, b] (and s[t, b] = d * sum q with with_sum); returns the exact sum of q."""
+    c127 = np.float32(127.0)
+    amax = _absmax32(xr, b * QK)
+    db = amax / c127
+    idb = c127 / amax if amax != np.float32(0.0) else np.float32(0.0)
+    isum = _quant32(xr, b * QK, idb, qr, b * QK)
+    d[t, b] = _round_f16(db)
+    if with_sum:
+        s[t, b] = _round_f16(db * np.float32(isum))
+    return isum
 
 
 def _act_input(x):
