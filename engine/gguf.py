@@ -10,6 +10,8 @@ import weakref
 import os
 import re
 import struct
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +42,73 @@ _PLAIN_DTYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np
                  28: np.float64, 30: np.uint16}  # BF16 is viewed as raw uint16
 
 _SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+class StringArray(Sequence):
+    """A large GGUF string array (a vocabulary, a merge list) kept as its UTF-8 bytes: one blob and n+1 offsets.
+
+    It reads like a list of str (index, slice -> list, len, iteration, == with a list), decoding one item on
+    access, so a 262k-entry vocabulary costs ~5 MiB instead of ~30 MiB of str objects. Only arrays whose every
+    string is valid UTF-8 become a StringArray (the reader checks; others stay lists decoded with
+    surrogateescape)."""
+
+    __slots__ = ("_blob", "_offs")
+
+    def __init__(self, blob: bytes, offsets):
+        self._blob = bytes(blob)
+        if not isinstance(offsets, array):
+            offsets = np.asarray(offsets, np.int64)
+            small = len(offsets) == 0 or offsets[-1] < 2**31
+            offsets = array("i" if small else "q", offsets.astype(np.int32 if small else np.int64).tobytes())
+        self._offs = offsets
+
+    def __len__(self) -> int:
+        return len(self._offs) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self._offs) - 1
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError("StringArray index out of range")
+        o = self._offs
+        return self._blob[o[i]:o[i + 1]].decode("utf-8")
+
+    def item_bytes(self, i: int) -> bytes:
+        o = self._offs
+        return self._blob[o[i]:o[i + 1]]
+
+    def byte_lengths(self) -> np.ndarray:
+        return np.diff(np.frombuffer(self._offs, dtype=np.int32 if self._offs.typecode == "i" else np.int64))
+
+    def tolist(self) -> list[str]:
+        """Every string, with one UTF-8 decode of the blob split at character offsets."""
+        text = self._blob.decode("utf-8")
+        b = np.frombuffer(self._blob, dtype=np.uint8)
+        lead = np.empty(len(b) + 1, dtype=np.int64)
+        lead[0] = 0
+        np.cumsum((b & 0xC0) != 0x80, out=lead[1:])
+        co = lead[np.frombuffer(self._offs, dtype=np.int32 if self._offs.typecode == "i" else np.int64)].tolist()
+        return [text[a:c] for a, c in zip(co[:-1], co[1:])]
+
+    def __iter__(self):
+        return iter(self.tolist())
+
+    def __eq__(self, other):
+        if isinstance(other, StringArray):
+            return self._blob == other._blob and self._offs == other._offs
+        if isinstance(other, (list, tuple)):
+            return len(other) == len(self) and self.tolist() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # mutable-sequence-like equality, like a list
+
+    def __repr__(self) -> str:
+        n = len(self)
+        head = ", ".join(repr(self[i]) for i in range(min(n, 3)))
+        return f"StringArray([{head}{', ...' if n > 3 else ''}], {n} strings)"
 
 
 @dataclass(frozen=True)
@@ -138,18 +207,17 @@ class _Cursor:
             raise self.fail(f"corrupt {what}: unknown array element type {et}")
         raise self.fail(f"corrupt {what}: unknown metadata value type {code}")
 
-    def _string_array(self, n: int, what: str) -> list[str]:
-        if n >= 256:  # large arrays (vocabularies): one compiled scan, one UTF-8 decode
+    def _string_array(self, n: int, what: str) -> "list[str] | StringArray":
+        if n >= 256:  # large arrays (vocabularies): one compiled scan, kept as bytes (StringArray)
             fast = self._string_array_fast(n)
             if fast is not None:
                 return fast
         return self._string_array_slow(n, what)
 
     def _string_array_fast(self, n: int):
-        """The strings of the array via llamba.kernels.text.gather_strings and a single decode of all their bytes,
-        split at character offsets (in valid UTF-8 each character has exactly one non-continuation byte). None when
-        the array is malformed or not valid UTF-8: the slow path then reports the error / decodes string by
-        string with surrogateescape, exactly as before."""
+        """The strings of the array via llamba.kernels.text.gather_strings, as a StringArray (bytes + offsets).
+        None when the array is malformed or not valid UTF-8: the slow path then reports the error / decodes string
+        by string with surrogateescape, exactly as before."""
         from llamba.kernels.text import gather_strings
         data = np.frombuffer(self.buf, dtype=np.uint8)
         blob, offs, end = gather_strings(data, self.pos, n, MAX_STRING)
@@ -158,16 +226,13 @@ class _Cursor:
         starts = offs[:-1][offs[1:] > offs[:-1]]
         if len(starts) and np.any((blob[starts] & 0xC0) == 0x80):
             return None  # a string starts with a continuation byte: it is invalid alone (or splits a character)
+        raw = blob.tobytes()
         try:
-            text = blob.tobytes().decode("utf-8")
+            raw.decode("utf-8")  # valid as a whole, and every string starts at a character: each one is valid
         except UnicodeDecodeError:
             return None
-        lead = np.empty(len(blob) + 1, dtype=np.int64)
-        lead[0] = 0
-        np.cumsum((blob & 0xC0) != 0x80, out=lead[1:])
-        co = lead[offs].tolist()
         self.pos = int(end)
-        return [text[a:b] for a, b in zip(co[:-1], co[1:])]
+        return StringArray(raw, offs)
 
     def _string_array_slow(self, n: int, what: str) -> list[str]:
         out = []

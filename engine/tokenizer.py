@@ -200,9 +200,71 @@ def _lenient_utf8_decode(b: bytes) -> str:
     return "".join(out)
 
 
+def _is_str_seq(v) -> bool:
+    """A GGUF string array: a list of str or a llamba.gguf.StringArray."""
+    from llamba.gguf import StringArray
+    return isinstance(v, (list, StringArray))
+
+
 def _utf8_len(lead: int) -> int:
     """unicode_len_utf8: sequence length from the high nibble of the lead byte."""
     return (1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 4)[lead >> 4]
+
+
+# ================================================================= compact string -> index map
+
+
+class StrIndex:
+    """str -> index over a sequence of strings (a list or a gguf StringArray), without a dict of its strings.
+
+    A dict over a 262k-entry vocabulary costs ~37 MiB (str objects, int objects, the table); this keeps 8-byte
+    hashes, 4-byte ids and a bucket table (~4 MiB) and verifies a hit against the sequence itself. Buckets are
+    the low bits of Python's str hash; inside a bucket, entries are ordered so that among duplicate texts the
+    winner comes first: the last occurrence (`last_wins`, llama.cpp's token_to_id map, where a later token
+    overwrites) or the first (`merges`' std::unordered_map::emplace keeps the first rank)."""
+
+    __slots__ = ("_texts", "_hs", "_ids", "_bucket", "_mask", "_blob", "_offs")
+
+    def __init__(self, texts, last_wins: bool):
+        n = len(texts)
+        strs = texts.tolist() if hasattr(texts, "tolist") else texts
+        hs = np.fromiter(map(hash, strs), dtype=np.int64, count=n)
+        del strs
+        nbits = max(4, int(n).bit_length())  # 2^nbits buckets >= n: ~1 entry per bucket
+        mask = (1 << nbits) - 1
+        keys = hs & mask
+        idx = np.arange(n, dtype=np.int64)
+        order = np.lexsort((-idx if last_wins else idx, keys))
+        bucket = np.searchsorted(keys[order], np.arange(mask + 2, dtype=np.int64)).astype(np.int32)
+        self._texts = texts
+        # a StringArray is verified straight from its bytes (no per-item method call)
+        self._blob = getattr(texts, "_blob", None)
+        self._offs = getattr(texts, "_offs", None) if self._blob is not None else None
+        self._hs = array("q", hs[order].tobytes())
+        self._ids = array("i", order.astype(np.int32).tobytes())
+        self._bucket = array("i", bucket.tobytes())
+        self._mask = mask
+
+    def get(self, text: str, default=None):
+        h = hash(text)
+        b = h & self._mask
+        bucket = self._bucket
+        k, e = bucket[b], bucket[b + 1]
+        hs = self._hs
+        while k < e:
+            if hs[k] == h:
+                i = self._ids[k]
+                o = self._offs
+                if (self._texts[i] if o is None else self._blob[o[i]:o[i + 1]].decode("utf-8")) == text:
+                    return i
+            k += 1
+        return default
+
+    def __contains__(self, text) -> bool:
+        return self.get(text) is not None
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 # ================================================================= Tokenizer
@@ -211,7 +273,8 @@ def _utf8_len(lead: int) -> int:
 class Tokenizer:
     """A GGUF vocabulary with llama.cpp's tokenize / token_to_piece / detokenize behaviour.
 
-    Attributes: `model` ("gpt2" or "llama"), `pre`, `tokens` (list[str]), `token_type` (int32 array as stored),
+    Attributes: `model` ("gpt2" or "llama"), `pre`, `tokens` (a sequence of str: a list, or for GGUF vocabularies
+    a llamba.gguf.StringArray that decodes each token on access), `token_type` (int32 array as stored),
     `attrs` (llama token attribute bit masks, after llama.cpp's load-time adjustments), `n_vocab`, `bos_id`,
     `eos_id`, `eot_id`, `eom_id`, `unk_id`, `pad_id`, `sep_id`, `mask_id`, `fim_*_id` (None when absent),
     `eog_ids` (frozenset), `add_bos`, `add_eos`, `add_space_prefix`, `clean_spaces`, `ignore_merges`,
@@ -246,18 +309,19 @@ class Tokenizer:
         self.pre = pre if isinstance(pre, str) else ""
 
         tokens = meta.get("tokenizer.ggml.tokens")
-        if not isinstance(tokens, list) or not tokens:
+        if not _is_str_seq(tokens) or not len(tokens):
             raise GGUFError("missing or empty metadata key 'tokenizer.ggml.tokens'")
         n = len(tokens)
-        tokens = list(tokens)
-        self._tok2id: dict[str, int] = dict(zip(tokens, range(n)))  # last duplicate wins, as in llama.cpp
-        if "" in self._tok2id:  # llama.cpp renames empty tokens
-            del self._tok2id[""]
-            for i, t in enumerate(tokens):
-                if not t:
-                    tokens[i] = f"[EMPTY_{i}]"
-                    self._tok2id[tokens[i]] = i
-        self.tokens: list[str] = tokens
+        empty = (np.nonzero(tokens.byte_lengths() == 0)[0].tolist() if hasattr(tokens, "byte_lengths")
+                 else [i for i, t in enumerate(tokens) if not t])
+        if empty:  # llama.cpp renames empty tokens
+            tokens = list(tokens)
+            for i in empty:
+                tokens[i] = f"[EMPTY_{i}]"
+        elif not hasattr(tokens, "byte_lengths"):
+            tokens = list(tokens)
+        self._tok2id = StrIndex(tokens, last_wins=True)  # a later duplicate wins, as in llama.cpp
+        self.tokens = tokens
         self.n_vocab = n
 
         tt = meta.get("tokenizer.ggml.token_type")
@@ -307,11 +371,12 @@ class Tokenizer:
             if flags.get("no_bos"):
                 bos = null
             merges = meta.get("tokenizer.ggml.merges")
-            if not isinstance(merges, list):
+            if not _is_str_seq(merges):
                 raise GGUFError("BPE vocabulary without 'tokenizer.ggml.merges'; re-convert the model")
+            if not hasattr(merges, "byte_lengths"):
+                merges = list(merges)
             # key "left right" -> rank; the first occurrence of a duplicate wins (std::unordered_map::emplace)
-            nm = len(merges)
-            self._ranks: dict[str, int] = dict(zip(reversed(merges), range(nm - 1, -1, -1)))
+            self._ranks = StrIndex(merges, last_wins=False)
         if self.is_spm:
             self.pre_family = "spm"
         v = meta.get("tokenizer.ggml.add_space_prefix")
@@ -436,11 +501,11 @@ class Tokenizer:
         elif "modern-bert" in name:
             set_attr("[MASK]", ATTR_LSTRIP, True)
 
-        self.attrs: list[int] = attrs.tolist()
+        self.attrs = array("i", attrs.astype(np.int32).tobytes())  # compact; indexing gives ints
         part_all = [(cand_b[i], i, self.attrs[i]) for i in self.special_ids]
         part_user = [c for c in part_all if not c[2] & (ATTR_CONTROL | ATTR_UNKNOWN)]
         self._partition_sets = (_PartitionSet(part_user), _PartitionSet(part_all))
-        self._pieces: list = [None] * n
+        self._pieces: dict = {}
         self._word_cache: dict = {}
         self._spm_cache: dict = {}
         self._byte_tokens: list | None = None
@@ -790,7 +855,7 @@ class Tokenizer:
 
     def _piece(self, token_id: int) -> bytes:
         """token_to_piece(special=True) without lstrip (llama.cpp's cache_token_to_piece)."""
-        p = self._pieces[token_id]
+        p = self._pieces.get(token_id)
         if p is not None:
             return p
         attr = self.attrs[token_id]

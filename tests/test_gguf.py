@@ -25,7 +25,11 @@ def test_metadata_and_views_match_gguf_py(model_file):
     r = GGUFReader(str(model_file))
     assert f.architecture == "llama"
     assert f.metadata["llama.embedding_length"] == 64
-    assert isinstance(f.metadata["tokenizer.ggml.tokens"], list)
+    from collections.abc import Sequence
+    toks = f.metadata["tokenizer.ggml.tokens"]
+    assert isinstance(toks, Sequence) and not isinstance(toks, str)
+    assert list(toks) == [str(x, "utf-8") for x in (bytes(r.fields["tokenizer.ggml.tokens"].parts[i])
+                                                     for i in r.fields["tokenizer.ggml.tokens"].data)]
     assert set(f.tensors) == {t.name for t in r.tensors}
     for t in r.tensors:
         mine = f.tensor(t.name)
@@ -201,6 +205,11 @@ def test_string_array_fast_path_equals_slow_path(kind):
     slow = _Cursor(buf, "mem")
     ref = slow._string_array_slow(len(items), "tokens")
     assert got == ref and fast.pos == slow.pos == len(buf) - 4
+    # item by item (a StringArray decodes each on access), negative indices, slices, iteration
+    assert [got[i] for i in range(len(got))] == ref and list(got) == ref
+    assert [got[-i] for i in range(1, 6)] == [ref[-i] for i in range(1, 6)] and got[5:17:3] == ref[5:17:3]
+    with pytest.raises(IndexError):
+        got[len(got)]
 
 
 def test_string_array_fast_path_reports_truncation_like_slow_path():
