@@ -22,6 +22,8 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("-m", "--model", help="GGUF model file (default: the embedded Gemma 3 270M from llamba[demo])")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens (0 = the model's)")
+    p.add_argument("-b", "--batch-size", type=int, default=512,
+                   help="most prompt tokens processed in one step (default 512; bounds activation memory)")
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", default="0",
                    help="layers to offload to the GPU (N, -1 or 'all')")
     p.add_argument("--tensor-split", default=None, help="GPU split proportions, e.g. 3,1")
@@ -134,7 +136,7 @@ def cmd_run(a) -> int:
     _compile_notice()
     t0 = time.perf_counter()
     llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, seed=RANDOM_SEED if a.seed < 0 else a.seed,
-                verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
+                n_batch=a.batch_size, verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
                 draft_model=a.draft_model, **_gpu_kwargs(a))
     llm._proposer()  # a bad --spec choice fails here, before any output
     t_load = time.perf_counter() - t0
@@ -169,7 +171,7 @@ def _load_for_chat(a):
     from llamba.sampling import RANDOM_SEED
     path = _model_path(a.model)
     llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, seed=RANDOM_SEED if a.seed < 0 else a.seed,
-                verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
+                n_batch=a.batch_size, verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
                 draft_model=a.draft_model, chat_template=a.chat_template, **_gpu_kwargs(a))
     llm._proposer()  # a bad --spec choice fails here
     if not a.chat_template and not llm.metadata.get("tokenizer.chat_template"):

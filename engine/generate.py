@@ -44,9 +44,13 @@ def common_prefix(a, b) -> int:
 class Session:
     """A model plus the token ids in its cache (prefix reuse across calls, like llama-cpp-python)."""
 
-    def __init__(self, model):
+    def __init__(self, model, n_batch: int = 512):
         self.model = model
         self.tokens: list[int] = []
+        # longest batch one forward call processes (llama.cpp's n_batch/n_ubatch): a long prompt goes through in
+        # chunks, so activation memory is bounded by n_batch rows, not by the prompt length; the rows are
+        # computed exactly as in one call (the kernels are row-exact)
+        self.n_batch = max(1, int(n_batch)) if n_batch else 0
 
     def reset(self):
         self.model.truncate(0)
@@ -57,12 +61,37 @@ class Session:
         del self.tokens[n:]
 
     def eval(self, tokens, logits: str = "last", gemm=None, keep_hidden=False):
-        if keep_hidden:
-            out = self.model.forward(tokens, logits=logits, gemm=gemm, keep_hidden=True)
+        nb = self.n_batch
+        if not nb or len(tokens) <= nb:
+            if keep_hidden:
+                out = self.model.forward(tokens, logits=logits, gemm=gemm, keep_hidden=True)
+            else:
+                out = self.model.forward(tokens, logits=logits, gemm=gemm)
         else:
-            out = self.model.forward(tokens, logits=logits, gemm=gemm)
+            out = self._eval_chunked(tokens, logits, gemm, keep_hidden, nb)
         self.tokens.extend(int(t) for t in tokens)
         return out
+
+    def _eval_chunked(self, tokens, logits, gemm, keep_hidden, nb):
+        model = self.model
+        model.check_room(len(tokens))  # all or nothing: fail before the first chunk
+        n0 = model.n_past
+        outs, hids = [], []
+        try:
+            for i in range(0, len(tokens), nb):
+                last = i + nb >= len(tokens)
+                lg = logits if logits != "last" or last else "none"
+                kw = {"keep_hidden": True} if keep_hidden else {}
+                outs.append(model.forward(tokens[i:i + nb], logits=lg, gemm=gemm, **kw))
+                if keep_hidden:
+                    hids.append(model.hidden)
+        except BaseException:
+            if model.can_truncate(n0):
+                model.truncate(n0)
+            raise
+        if keep_hidden:
+            model.hidden = np.concatenate(hids)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def prefill_body(self, prompt: list[int], stats: GenStats, keep_hidden: bool = False, can_resume=None) -> int:
         """Bring the cache to prompt[:-1], reusing the common prefix; returns how many tokens were reused.

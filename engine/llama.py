@@ -64,7 +64,7 @@ class Llama:
                 from llamba.offload import offload_model
                 offload_model(self.model, n_gpu_layers, tensor_split=tensor_split, main_gpu=main_gpu,
                               split_mode=split_mode, verbose=verbose)
-            self.session = Session(self.model)
+            self.session = Session(self.model, n_batch)
         self._n_ctx = n_ctx
         self.logits_all = bool(logits_all)
         self._scores = None  # (n_ctx, n_vocab) logits rows by position, allocated on first eval (see `scores`)

@@ -269,3 +269,34 @@ def test_completion_logprobs_like_llama_cpp_python(models):
     assert elp["token_logprobs"][0] is None and elp["top_logprobs"][0] is None
     assert elp["text_offset"][0] == 0 and "".join(elp["tokens"]) == echo["text"][:len("".join(elp["tokens"]))]
     assert llm.create_completion(prompt, max_tokens=2, temperature=0)["choices"][0]["logprobs"] is None
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen35"])
+def test_long_prompt_goes_through_in_n_batch_chunks_with_the_same_numbers(models, tmp_path, kind):
+    """A prompt longer than n_batch is processed n_batch rows per forward call (bounded activation memory, as
+    llama.cpp's n_batch/n_ubatch): every logit row, the cached state and the following decode are bit-identical
+    to one call over the whole prompt (the quantized kernels are row-exact)."""
+    from tiny_models import write_qwen35
+    p = str(models["llama", QT.Q8_0]) if kind == "llama" else str(write_qwen35(tmp_path / "q35.gguf", seed=5))
+    toks = [int(t) for t in np.random.default_rng(7).integers(3, 300, 45)]
+    whole = Llama(p, n_ctx=64, n_batch=512, logits_all=True, verbose=False)
+    chunked = Llama(p, n_ctx=64, n_batch=8, logits_all=True, verbose=False)
+    calls = []
+    fwd = chunked.model.forward
+    chunked.model.forward = lambda t, **kw: (calls.append(len(t)), fwd(t, **kw))[1]
+    a, b = whole.eval(toks), chunked.eval(toks)
+    assert calls == [8, 8, 8, 8, 8, 5] and np.array_equal(a, b)
+    assert np.array_equal(whole.eval([5])[-1], chunked.eval([5])[-1])  # same cache after the chunks
+    # logits of the last row only / with the hidden rows kept (MTP prefill): the same rows as one call
+    for llm in (whole, chunked):
+        llm.reset()
+    la = whole.session.eval(toks, logits="last", gemm=False, keep_hidden=True)
+    ha = whole.model.hidden.copy()
+    lb = chunked.session.eval(toks, logits="last", gemm=False, keep_hidden=True)
+    assert lb.shape == (1, chunked.n_vocab()) and np.array_equal(la, lb)
+    assert np.array_equal(ha, chunked.model.hidden)
+    # all or nothing: a batch that does not fit fails before the first chunk and leaves the cache as it was
+    n = chunked.n_tokens
+    with pytest.raises(ContextOverflowError):
+        chunked.eval(toks)
+    assert chunked.n_tokens == n == chunked.model.n_past
