@@ -17,6 +17,7 @@ way (slot s = s tokens before the end).
 from __future__ import annotations
 
 import numpy as np
+from llamba.kernels import _jit  # noqa: F401  (Numba set-up: before the first kernel)
 from numba import njit, prange
 
 # Reassociation lets LLVM vectorize the dot products. Each value depends only on the compiled code,

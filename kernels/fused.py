@@ -22,6 +22,7 @@ The work is split over threads by weight bytes (8-row units, whichever matrix th
 """
 from __future__ import annotations
 
+from llamba.kernels import _jit  # noqa: F401  (Numba set-up: before the first kernel)
 import numba
 import numpy as np
 from numba import njit, prange

@@ -26,6 +26,7 @@ import os
 
 import numpy as np
 from llvmlite import ir as _llir
+from llamba.kernels import _jit  # noqa: F401  (Numba set-up: before the first kernel)
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload

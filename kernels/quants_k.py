@@ -42,6 +42,7 @@ How the matmul is organised (decode, T = 1, is memory-bound; prefill reuses each
 """
 from __future__ import annotations
 
+from llamba.kernels import _jit  # noqa: F401  (Numba set-up: before the first kernel)
 import numba
 import numpy as np
 from llvmlite import binding as _llb

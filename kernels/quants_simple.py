@@ -52,6 +52,7 @@ Implementation notes:
 """
 from __future__ import annotations
 
+from llamba.kernels import _jit  # noqa: F401  (Numba set-up: before the first kernel)
 import numba
 import numpy as np
 from llvmlite import binding as _llb

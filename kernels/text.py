@@ -9,6 +9,7 @@ which the tests compare it with.
 from __future__ import annotations
 
 import numpy as np
+from llamba.kernels import _jit  # noqa: F401  (Numba set-up: before the first kernel)
 from numba import njit
 
 

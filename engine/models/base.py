@@ -12,7 +12,7 @@ import numpy as np
 
 from llamba.errors import ContextOverflowError
 from llamba.kernels import ops as K
-from llamba.layers import GEGLU, RMS_NORM, SWIGLU, Embedding, Linear, LinearGroup, norm_weight
+from llamba.layers import FUSED_MAX_T, GEGLU, RMS_NORM, SWIGLU, Embedding, Linear, LinearGroup, norm_weight
 
 # Prompt batches at least this long use the dequantize+BLAS path. Off by default: the quantized int8 path is
 # as fast on 2 threads (measured: SmolLM2 pp512 373 vs 141 tokens/s, because OpenBLAS's and Numba's OpenMP
@@ -132,12 +132,24 @@ class FFN:
         self.down = LinearGroup([self.w_down])
 
     def __call__(self, h: np.ndarray, gemm: bool) -> np.ndarray:
-        g, u = self.up(h, gemm=gemm)
-        return self.down(g, self.glu, u, gemm=gemm)[0]
+        return self._down(self.up(h, gemm=gemm), gemm)
 
     def normed(self, x: np.ndarray, norm_w: np.ndarray, eps: float, gemm: bool) -> np.ndarray:
         """self(rms_norm(x, norm_w, eps)); small batches in two fused kernel calls."""
-        g, u = self.up(x, RMS_NORM, None, norm_w, eps, gemm=gemm)
+        return self._down(self.up(x, RMS_NORM, None, norm_w, eps, gemm=gemm), gemm)
+
+    def _down(self, gu: list, gemm: bool) -> np.ndarray:
+        """down(act(gate) * up) from the list [gate, up] (which it empties)."""
+        g = gu[0]
+        if gemm or g.shape[0] > FUSED_MAX_T or not self.down.fused:
+            # prompt batches: act(g) * u written over g, and u let go (the list held the last reference) before
+            # the down projection: the same kernel and numbers as LinearGroup's transform, with two (T, n_ff)
+            # buffers fewer at the memory peak of a prefill
+            (K.swiglu if self.glu == SWIGLU else K.geglu_tanh)(g, gu[1], g)
+            gu.clear()
+            return self.down(g, gemm=gemm)[0]
+        u = gu[1]
+        gu.clear()
         return self.down(g, self.glu, u, gemm=gemm)[0]
 
 

@@ -1,0 +1,57 @@
+"""Numba set-up shared by every kernel module (imported by each before its first ``@njit``).
+
+Memory of kernels loaded from Numba's on-disk cache: for each cached function Numba keeps, besides the machine
+code, the function's LLVM module parsed back from bitcode (``CPUCodeLibrary._shared_module``), only so that a
+function compiled later in the same process could link it in. Parsed LLVM IR is several times larger than the
+code: 5-6 MiB for one overload of the big matmul kernels, 10-15 MiB of a small model's peak RSS. We drop it right
+after loading and keep the (compact) bitcode instead, parsing it again only if something does ask for the module
+(``_get_module_for_linking``); the machine code that runs is the same.
+
+If this Numba's internals are not the ones expected, nothing is changed. ``LLAMBA_NUMBA_KEEP_IR=1`` also turns it
+off.
+"""
+from __future__ import annotations
+
+import os
+
+PATCHED = False
+
+
+def _patch_cached_library_memory() -> bool:
+    try:
+        import llvmlite.binding as ll
+        from numba.core import codegen as cg
+    except Exception:  # noqa: BLE001 - no Numba internals as expected: leave it alone
+        return False
+    lib_cls = getattr(cg, "CPUCodeLibrary", None)
+    unser = getattr(lib_cls, "_unserialize", None)
+    gml = getattr(lib_cls, "_get_module_for_linking", None)
+    if unser is None or gml is None or not hasattr(unser, "__func__") or getattr(lib_cls, "_llamba_patched", False):
+        return False
+    orig_unserialize = unser.__func__
+
+    def _unserialize(cls, codegen, state):
+        self = orig_unserialize(cls, codegen, state)
+        try:
+            _name, kind, data = state
+        except (TypeError, ValueError):
+            return self
+        if kind == "object" and getattr(self, "_shared_module", None) is not None:
+            self._llamba_bitcode = data[1]
+            self._shared_module = None
+        return self
+
+    def _get_module_for_linking(self):
+        bc = getattr(self, "_llamba_bitcode", None)
+        if bc is not None and self._shared_module is None:
+            self._shared_module = ll.parse_bitcode(bc)
+        return gml(self)
+
+    lib_cls._unserialize = classmethod(_unserialize)
+    lib_cls._get_module_for_linking = _get_module_for_linking
+    lib_cls._llamba_patched = True
+    return True
+
+
+if not os.environ.get("LLAMBA_NUMBA_KEEP_IR"):
+    PATCHED = _patch_cached_library_memory()
