@@ -223,7 +223,7 @@ class StrIndex:
     winner comes first: the last occurrence (`last_wins`, llama.cpp's token_to_id map, where a later token
     overwrites) or the first (`merges`' std::unordered_map::emplace keeps the first rank)."""
 
-    __slots__ = ("_texts", "_hs", "_ids", "_bucket", "_mask", "_blob", "_offs")
+    __slots__ = ("_texts", "_hs", "_ids", "_bucket", "_mask", "_blob", "_offs", "get")
 
     def __init__(self, texts, last_wins: bool):
         n = len(texts)
@@ -244,21 +244,36 @@ class StrIndex:
         self._ids = array("i", order.astype(np.int32).tobytes())
         self._bucket = array("i", bucket.tobytes())
         self._mask = mask
+        self.get = self._make_get()
 
-    def get(self, text: str, default=None):
-        h = hash(text)
-        b = h & self._mask
-        bucket = self._bucket
-        k, e = bucket[b], bucket[b + 1]
-        hs = self._hs
-        while k < e:
-            if hs[k] == h:
-                i = self._ids[k]
-                o = self._offs
-                if (self._texts[i] if o is None else self._blob[o[i]:o[i + 1]].decode("utf-8")) == text:
-                    return i
-            k += 1
-        return default
+    def _make_get(self):
+        """get(text, default=None) as a closure over the tables (the tokenizer's hot lookup: no attribute reads)."""
+        hs, ids, bucket, mask, texts = self._hs, self._ids, self._bucket, self._mask, self._texts
+        blob, offs = self._blob, self._offs
+
+        if offs is None:
+            def get(text: str, default=None):
+                h = hash(text)
+                b = h & mask
+                k, e = bucket[b], bucket[b + 1]
+                while k < e:
+                    if hs[k] == h and texts[ids[k]] == text:
+                        return ids[k]
+                    k += 1
+                return default
+        else:
+            def get(text: str, default=None):
+                h = hash(text)
+                b = h & mask
+                k, e = bucket[b], bucket[b + 1]
+                while k < e:
+                    if hs[k] == h:
+                        i = ids[k]
+                        if blob[offs[i]:offs[i + 1]].decode("utf-8") == text:
+                            return i
+                    k += 1
+                return default
+        return get
 
     def __contains__(self, text) -> bool:
         return self.get(text) is not None

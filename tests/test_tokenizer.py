@@ -421,3 +421,29 @@ def test_gemma3():
     for s in ["Hello world", "日本語のテキスト", "  spaces\n\nand\ttabs 🦙"]:
         assert tk.decode(tk.encode(s, add_bos=False)) == s.encode()
         assert tk.decode(tk.encode(s)) == s.encode()  # BOS prints empty; no space prefix to strip
+
+
+@pytest.mark.parametrize("container", ["list", "StringArray"])
+@pytest.mark.parametrize("last_wins", [True, False])
+def test_str_index_is_a_dict_with_llama_cpp_duplicate_rules(container, last_wins):
+    """StrIndex (the tokenizer's compact text -> id map) answers exactly what a dict built the llama.cpp way
+    answers: for duplicated texts the last id (token_to_id) or the first (merge ranks), None for absent texts."""
+    from llamba.gguf import StringArray
+    import numpy as np
+    from llamba.tokenizer import StrIndex
+    rng = np.random.default_rng(5)
+    alphabet = ["a", "b", "é", "日", "🙂", " ", "Ġ", "\n"]
+    texts = ["".join(rng.choice(alphabet, int(rng.integers(1, 5)))) for _ in range(3000)]  # many duplicates
+    if container == "StringArray":
+        raw = [t.encode() for t in texts]
+        seq = StringArray(b"".join(raw), np.concatenate([[0], np.cumsum([len(r) for r in raw])]))
+    else:
+        seq = list(texts)
+    ix = StrIndex(seq, last_wins=last_wins)
+    n = len(texts)
+    ref = dict(zip(texts, range(n))) if last_wins else dict(zip(reversed(texts), range(n - 1, -1, -1)))
+    assert len(ref) < len(texts)  # the test does have duplicates
+    for t, i in ref.items():
+        assert ix.get(t) == i
+    for t in ("", "zz", "aaaaaa", "日本", "a" * 9):
+        assert ix.get(t) == ref.get(t) and ix.get(t, -1) == ref.get(t, -1)
