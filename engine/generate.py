@@ -116,9 +116,10 @@ class Session:
 
 
 def generate(session: Session, prompt: list[int], sampler, max_tokens: int | None, stats: GenStats,
-             is_eog=None, proposer=None):
+             is_eog=None, proposer=None, on_logits=None):
     """Yield generated token ids. Stops at an end-of-generation token (which is yielded), after
-    `max_tokens`, or when the context is full. `proposer` enables speculative decoding."""
+    `max_tokens`, or when the context is full. `proposer` enables speculative decoding. `on_logits(row)`, if
+    given, is called before each token is yielded with the model's logits row it was sampled from (logprobs)."""
     t0 = time.perf_counter()
     model = session.model
     budget = max_tokens if max_tokens is not None and max_tokens > 0 else model.n_ctx
@@ -127,7 +128,7 @@ def generate(session: Session, prompt: list[int], sampler, max_tokens: int | Non
         keep = session.prefill_body(prompt, stats, keep_hidden=proposer.needs_hidden,
                                     can_resume=proposer.can_resume)
         proposer.begin(session, keep)
-        yield from speculative_generate(session, prompt, sampler, budget, stats, is_eog, proposer, t0)
+        yield from speculative_generate(session, prompt, sampler, budget, stats, is_eog, proposer, t0, on_logits)
         return
     session.prefill_body(prompt, stats)
     logits = session.eval(prompt[-1:], logits="last", gemm=False)[-1]
@@ -135,6 +136,8 @@ def generate(session: Session, prompt: list[int], sampler, max_tokens: int | Non
     t1 = time.perf_counter()
     stats.t_prompt = stats.t_first = t1 - t0
     stats.n_gen = 1
+    if on_logits is not None:
+        on_logits(logits)
     yield tok
     while stats.n_gen < budget and not (is_eog and is_eog(tok)):
         if model.n_past >= model.n_ctx:
@@ -143,4 +146,6 @@ def generate(session: Session, prompt: list[int], sampler, max_tokens: int | Non
         tok = sampler.sample_and_accept(logits)
         stats.n_gen += 1
         stats.t_gen = time.perf_counter() - t1
+        if on_logits is not None:
+            on_logits(logits)
         yield tok

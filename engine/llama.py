@@ -214,11 +214,10 @@ class Llama:
                           presence_penalty: float = 0.0, repeat_penalty: float = 1.0, top_k: int = 40,
                           stream: bool = False, seed: int | None = None, logit_bias=None, **kwargs):
         self._need_model()
+        keep_scores = not kwargs.pop("_no_scores", False)  # the server: logprobs without keeping `scores` rows
         if logprobs is not None:
-            if not self.logits_all:  # llama-cpp-python's rule and message
+            if not self.logits_all and keep_scores:  # llama-cpp-python's rule and message
                 raise ValueError("logprobs is not supported for models created with logits_all=False")
-            if stream:
-                raise LlambaError("logprobs with stream=True is not supported yet; use stream=False")
             if not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0:
                 raise LlambaError(f"logprobs must be a non-negative integer, got {logprobs!r}")
         if isinstance(prompt, (bytes, str)):
@@ -240,11 +239,12 @@ class Llama:
         cid = f"cmpl-{uuid.uuid4()}"
         created = int(time.time())
         gen_toks: list[int] | None = [] if logprobs is not None else None
+        rec = _LogprobRecorder(logprobs) if logprobs is not None and stream else None
         it = self._completion_stream(toks, max_tokens, temperature, top_k, top_p, min_p, typical_p,
                                      repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias,
-                                     gen_toks)
+                                     gen_toks, rec)
         if stream:
-            return self._stream_chunks(it, cid, created, prompt_text if echo else None)
+            return self._stream_chunks(it, cid, created, prompt_text if echo else None, rec, toks, len(prompt_text))
         pieces, finish = [], "length"
         for piece, fin in it:
             pieces.append(piece)
@@ -254,7 +254,8 @@ class Llama:
         if echo:
             text = prompt_text + text
         st = self.last_stats
-        lp = self._completion_logprobs(prompt, toks, gen_toks, logprobs, echo) if logprobs is not None else None
+        lp = (self._completion_logprobs(prompt, toks, gen_toks, logprobs, echo, keep_scores)
+              if logprobs is not None else None)
         return {
             "id": cid, "object": "text_completion", "created": created, "model": self.model_path,
             "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}],
@@ -262,16 +263,45 @@ class Llama:
                       "total_tokens": len(toks) + (st.n_gen if st else 0)},
         }
 
-    def _stream_chunks(self, it, cid, created, echo_text):
-        if echo_text:
-            yield self._chunk(cid, created, echo_text, None)
-        for piece, fin in it:
-            if piece or fin:
-                yield self._chunk(cid, created, piece, fin)
+    def _stream_chunks(self, it, cid, created, echo_text, rec=None, prompt_tokens=None, prompt_len=0):
+        try:
+            if echo_text:
+                yield self._chunk(cid, created, echo_text, None)
+            for piece, fin in it:
+                if piece or fin:
+                    lp = self._completion_chunk_logprobs(rec.take(), prompt_tokens, prompt_len) if rec else None
+                    yield self._chunk(cid, created, piece, fin, lp)
+        finally:
+            it.close()
 
-    def _chunk(self, cid, created, text, finish):
+    def _chunk(self, cid, created, text, finish, logprobs=None):
         return {"id": cid, "object": "text_completion", "created": created, "model": self.model_path,
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]}
+
+    def _completion_chunk_logprobs(self, records, prompt_tokens, prompt_len) -> dict:
+        """The llama-cpp-python `logprobs` object of one streamed chunk: the tokens whose text the chunk starts
+        (tokens, text offsets into prompt + completion, their logprobs, top dicts with the token itself)."""
+        out = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+        for r in records:
+            prev = list(prompt_tokens) + r.prev
+            s = self.detokenize([r.id], prev_tokens=prev).decode("utf-8", errors="ignore")
+            top = {self.detokenize([i], prev_tokens=prev).decode("utf-8", errors="ignore"): v for i, v in r.top}
+            top[s] = r.logprob
+            out["tokens"].append(s)
+            out["text_offset"].append(prompt_len + r.start)
+            out["token_logprobs"].append(r.logprob)
+            out["top_logprobs"].append(top)
+        return out
+
+    def _chat_logprobs_content(self, records) -> list[dict]:
+        """OpenAI chat `logprobs.content` entries: token text, logprob, UTF-8 bytes, top_logprobs."""
+        tk = self.tokenizer
+
+        def entry(t, v):
+            b = tk.token_to_piece(t, special=True)
+            return {"token": b.decode("utf-8", errors="replace"), "logprob": v, "bytes": list(b)}
+
+        return [dict(entry(r.id, r.logprob), top_logprobs=[entry(i, v) for i, v in r.top]) for r in records]
 
     @staticmethod
     def logits_to_logprobs(logits, axis: int = -1) -> np.ndarray:
@@ -284,18 +314,17 @@ class Llama:
             out = np.log(np.sum(np.exp(sub), axis=axis, keepdims=True))
         return sub - out
 
-    def _completion_logprobs(self, prompt, prompt_tokens, completion_tokens, n: int, echo: bool) -> dict:
+    def _completion_logprobs(self, prompt, prompt_tokens, completion_tokens, n: int, echo: bool,
+                             keep_scores: bool = True) -> dict:
         """The OpenAI `logprobs` object of a finished completion, laid out as llama-cpp-python lays it out (its
-        offsets, its BOS handling, null first entry with echo). The logits of every position come from one batched
-        evaluation of prompt + completion (bit-identical to the rows the generation sampled from: the batched path
-        is row-exact); they are also left in `scores`. Like llama-cpp-python, entry i pairs token i with the i-th
-        evaluated row (with echo on a model without BOS that row is the one after the token, not before it)."""
+        offsets, its BOS handling, null first entry with echo). The logits of every position come from a batched
+        evaluation of prompt + completion, n_batch rows at a time (bit-identical to the rows the generation sampled
+        from: the batched path is row-exact); they are also left in `scores` (keep_scores). Like llama-cpp-python,
+        entry i pairs token i with the i-th evaluated row (with echo on a model without BOS that row is the one
+        after the token, not before it)."""
         full = list(prompt_tokens) + list(completion_tokens)
         # the positions llama.cpp evaluated: not the last sampled token when generation stopped on the length
         n_eval = min(len(full), max(len(self.session.tokens), len(prompt_tokens)))
-        rows = self.eval_logits(full[:n_eval])
-        self._scores_buf()[:n_eval] = rows
-        lp_rows = self.logits_to_logprobs(rows)
         text_offset = 0 if echo else len(prompt)
         token_offset = 0 if echo else len(prompt_tokens) - 1
         bos = self.token_bos()
@@ -304,25 +333,34 @@ class Llama:
                 list(completion_tokens)
         else:
             all_tokens = list(completion_tokens)
+        # per entry idx (row token_offset + idx): (its token's logprob, [(id, logprob)] top n), row by row
+        red: list = []
+        self.session.reset()
+        self.model.check_room(n_eval)
+        nb = self.session.n_batch or n_eval
+        n_need = min(len(all_tokens), max(0, n_eval - token_offset))
+        for a in range(0, n_eval, nb):
+            rows = self.session.eval(full[a:min(a + nb, n_eval)], logits="all")
+            if keep_scores:
+                self._scores_buf()[a:a + len(rows)] = rows
+            for r in range(max(a, token_offset), a + len(rows)):
+                idx = r - token_offset
+                if idx >= n_need:
+                    break
+                lp = self.logits_to_logprobs(rows[r - a])
+                red.append((float(lp[all_tokens[idx]]), _top_n(lp, n)))
         strs = [self.detokenize([t], prev_tokens=all_tokens[:i]).decode("utf-8", errors="ignore")
                 for i, t in enumerate(all_tokens)]
         offsets, token_lps, tokens, tops = [], [], [], []
-        for idx, (tok, tok_str, lp) in enumerate(zip(all_tokens, strs, lp_rows[token_offset:])):
+        for idx, (tok, tok_str, (lp_tok, top_ids)) in enumerate(zip(all_tokens, strs, red)):
             if tok == bos:
                 continue
             offsets.append(text_offset + len(self.detokenize(all_tokens[:idx]).decode("utf-8", errors="ignore")))
             tokens.append(tok_str)
-            token_lps.append(float(lp[tok]))
-            # sorted((logprob, id), reverse=True)[:n]: logprob descending, then the higher id first; sorted among
-            # the ids at or above the n-th largest logprob only (all of the first n, ties included)
-            if 0 < n < len(lp):
-                cand = np.flatnonzero(lp >= np.partition(lp, len(lp) - n)[len(lp) - n])
-            else:
-                cand = np.arange(len(lp))
-            order = cand[np.lexsort((-cand, -lp[cand]))][:n]
-            top = {self.detokenize([int(i)], prev_tokens=all_tokens[:idx]).decode("utf-8", errors="ignore"):
-                   float(lp[i]) for i in order}
-            top[tok_str] = float(lp[tok])
+            token_lps.append(lp_tok)
+            top = {self.detokenize([i], prev_tokens=all_tokens[:idx]).decode("utf-8", errors="ignore"): v
+                   for i, v in top_ids}
+            top[tok_str] = lp_tok
             tops.append(top)
         if echo and all_tokens:
             token_lps[0] = None
@@ -330,8 +368,11 @@ class Llama:
         return {"tokens": tokens, "text_offset": offsets, "token_logprobs": token_lps, "top_logprobs": tops}
 
     def _completion_stream(self, toks, max_tokens, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
-                           frequency_penalty, presence_penalty, seed, stops, logit_bias, out_tokens=None):
-        """Yield (text_piece, finish_reason|None). Text that could be the start of a stop string is held back."""
+                           frequency_penalty, presence_penalty, seed, stops, logit_bias, out_tokens=None, rec=None):
+        """Yield (text_piece, finish_reason|None). Text that could be the start of a stop string is held back.
+        `rec` (a _LogprobRecorder): each generated token's logprobs are recorded, and after each yield
+        `rec.take()` gives the tokens whose text has started to come out (tokens of a cut stop string or the
+        end-of-generation token never do)."""
         sampler = self._make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                                      frequency_penalty, presence_penalty, seed, logit_bias)
         sampler.accept_many(toks)
@@ -341,33 +382,58 @@ class Llama:
         tk = self.tokenizer
         pending = ""
         n = 0
-        for tok in generate(self.session, toks, sampler, max_tokens, stats, tk.is_eog, self._proposer()):
+        total = 0  # characters decoded so far (yielded + pending)
+        gen: list[int] = []
+        on_logits = rec.row if rec is not None else None
+        for tok in generate(self.session, toks, sampler, max_tokens, stats, tk.is_eog, self._proposer(),
+                            on_logits):
             n += 1
             if out_tokens is not None and not tk.is_eog(tok):
                 out_tokens.append(tok)
             if tk.is_eog(tok):
-                pending += dec.flush()
+                tail = dec.flush()
+                total += len(tail)
+                pending += tail
+                if rec is not None:
+                    rec.emitted(total)
                 yield pending, "stop"
                 return
-            pending += dec.feed(tok)
+            if rec is not None:
+                rec.token(tok, total, gen)
+            gen.append(tok)
+            piece = dec.feed(tok)
+            total += len(piece)
+            pending += piece
             if stops:
                 hit = _find_stop(pending, stops)
                 if hit is not None:
+                    if rec is not None:
+                        rec.emitted(total - len(pending) + hit)
                     yield pending[:hit], "stop"
                     return
                 safe = len(pending) - _partial_stop_len(pending, stops)
                 if safe > 0:
+                    if rec is not None:
+                        rec.emitted(total - len(pending) + safe)
                     yield pending[:safe], None
                     pending = pending[safe:]
             elif pending:
+                if rec is not None:
+                    rec.emitted(total)
                 yield pending, None
                 pending = ""
-        pending += dec.flush()
+        tail = dec.flush()
+        total += len(tail)
+        pending += tail
         if stops:
             hit = _find_stop(pending, stops)
             if hit is not None:
+                if rec is not None:
+                    rec.emitted(total - len(pending) + hit)
                 yield pending[:hit], "stop"
                 return
+        if rec is not None:
+            rec.emitted(total)
         yield pending, "length"
 
     # ---- chat
@@ -393,10 +459,14 @@ class Llama:
                                seed: int | None = None, max_tokens: int | None = None,
                                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                                repeat_penalty: float = 1.0, logit_bias=None, tools=None, tool_choice=None,
-                               response_format=None, chat_template_kwargs: dict | None = None, **kwargs):
+                               response_format=None, chat_template_kwargs: dict | None = None,
+                               logprobs: bool | None = None, top_logprobs: int | None = None, **kwargs):
         """OpenAI-style chat completion (a `chat.completion` dict, or `chat.completion.chunk` dicts when
         streaming), like llama-cpp-python. `tools` and `chat_template_kwargs` (e.g. {"enable_thinking": False};
-        `enable_thinking=` also works) go to the template; `tool_choice`/`response_format` are ignored."""
+        `enable_thinking=` also works) go to the template; `tool_choice`/`response_format` are ignored.
+        `logprobs=True` (with `top_logprobs` alternatives per token, default 0) adds OpenAI's
+        `logprobs.content` (token, logprob, bytes, top_logprobs) for the generated tokens, recorded from the rows
+        they were sampled from (no logits_all needed)."""
         self._need_model()
         tkw = dict(chat_template_kwargs or {})
         if "enable_thinking" in kwargs:
@@ -405,11 +475,12 @@ class Llama:
         return self._chat_completion_from_tokens(
             toks, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
             stream=stream, stop=stop, seed=seed, max_tokens=max_tokens, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, logit_bias=logit_bias)
+            frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, logit_bias=logit_bias,
+            logprobs=logprobs, top_logprobs=top_logprobs)
 
     def _chat_stream_pieces(self, toks, temperature=0.2, top_p=0.95, top_k=40, min_p=0.05, typical_p=1.0,
                             stop=None, seed=None, max_tokens=None, presence_penalty=0.0, frequency_penalty=0.0,
-                            repeat_penalty=1.0, logit_bias=None):
+                            repeat_penalty=1.0, logit_bias=None, rec=None):
         """Check a rendered chat prompt and return `_completion_stream`'s (piece, finish) iterator for it."""
         self._need_model()
         if not toks:
@@ -423,37 +494,46 @@ class Llama:
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         stops += [s for s in self.get_chat_template().stop if s not in stops]
         return self._completion_stream(list(toks), max_tokens, temperature, top_k, top_p, min_p, typical_p,
-                                       repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias)
+                                       repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias,
+                                       None, rec)
 
-    def _chat_completion_from_tokens(self, toks, stream: bool = False, **kw):
-        it = self._chat_stream_pieces(toks, **kw)
+    def _chat_completion_from_tokens(self, toks, stream: bool = False, logprobs=None, top_logprobs=None, **kw):
+        rec = None
+        if logprobs:
+            n = 0 if top_logprobs is None else top_logprobs
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise LlambaError(f"top_logprobs must be a non-negative integer, got {top_logprobs!r}")
+            rec = _LogprobRecorder(n)
+        it = self._chat_stream_pieces(toks, rec=rec, **kw)
         cid = f"chatcmpl-{uuid.uuid4()}"
         created = int(time.time())
         if stream:
-            return self._chat_chunks(it, cid, created)
+            return self._chat_chunks(it, cid, created, rec)
         pieces, finish = [], "length"
         for piece, fin in it:
             pieces.append(piece)
             if fin:
                 finish = fin
         n_gen = self.last_stats.n_gen if self.last_stats else 0
+        lp = {"content": self._chat_logprobs_content(rec.take()), "refusal": None} if rec else None
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_path,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                         "logprobs": None, "finish_reason": finish}],
+                         "logprobs": lp, "finish_reason": finish}],
             "usage": {"prompt_tokens": len(toks), "completion_tokens": n_gen, "total_tokens": len(toks) + n_gen},
         }
 
-    def _chat_chunks(self, it, cid, created):
-        def chunk(delta, finish):
+    def _chat_chunks(self, it, cid, created, rec=None):
+        def chunk(delta, finish, lp=None):
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_path,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
         try:
             yield chunk({"role": "assistant"}, None)
             finish = "length"
             for piece, fin in it:
                 if piece:
-                    yield chunk({"content": piece}, None)
+                    lp = {"content": self._chat_logprobs_content(rec.take()), "refusal": None} if rec else None
+                    yield chunk({"content": piece}, None, lp)
                 if fin:
                     finish = fin
             yield chunk({}, finish)
@@ -466,6 +546,64 @@ class Llama:
     def close(self):
         self.model = None
         self.session = None
+
+
+def _top_n(lp: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """The n (id, logprob) pairs of a logprob row as llama-cpp-python picks them, sorted((logprob, id),
+    reverse=True)[:n]: logprob descending, then the higher id first; sorted among the ids at or above the n-th
+    largest logprob only (all of the first n, ties included)."""
+    if n <= 0:
+        return []
+    if n < len(lp):
+        cand = np.flatnonzero(lp >= np.partition(lp, len(lp) - n)[len(lp) - n])
+    else:
+        cand = np.arange(len(lp))
+    order = cand[np.lexsort((-cand, -lp[cand]))][:n]
+    return [(int(i), float(lp[i])) for i in order]
+
+
+class _TokenLogprob:
+    __slots__ = ("id", "logprob", "top", "start", "_gen", "_k")
+
+    def __init__(self, tok, logprob, top, start, gen, k):
+        self.id, self.logprob, self.top, self.start, self._gen, self._k = tok, logprob, top, start, gen, k
+
+    @property
+    def prev(self) -> list[int]:
+        """The completion tokens before this one."""
+        return self._gen[:self._k]
+
+
+class _LogprobRecorder:
+    """Logprobs of generated tokens as they are sampled (no logits_all needed): `row(logits)` is called with the
+    row a token is sampled from, `token(id, start, gen)` when it arrives (`start`: characters of completion text
+    before it); `emitted(upto)` releases the tokens whose text starts before `upto` characters, `take()` returns
+    the released ones not taken yet."""
+
+    def __init__(self, n: int):
+        self.n = int(n)
+        self._lp = None
+        self._held: list = []
+        self._ready: list = []
+
+    def row(self, logits):
+        self._lp = Llama.logits_to_logprobs(logits)
+
+    def token(self, tok: int, start: int, gen: list):
+        lp, self._lp = self._lp, None
+        self._held.append(_TokenLogprob(tok, float(lp[tok]), _top_n(lp, self.n), start, gen, len(gen)))
+
+    def emitted(self, upto: int):
+        k = 0
+        while k < len(self._held) and self._held[k].start < upto:
+            k += 1
+        if k:
+            self._ready += self._held[:k]
+            del self._held[:k]
+
+    def take(self) -> list:
+        out, self._ready = self._ready, []
+        return out
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

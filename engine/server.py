@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from llamba.errors import ContextOverflowError, LlambaError
 
 DEFAULT_MAX_BODY = 1 << 20
+MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (OpenAI: 20 for chat)
 
 
 class APIError(Exception):
@@ -111,9 +112,16 @@ def _one(name, v):
     return 1
 
 
-def _no_logprobs(name, v):
-    if v not in (False, 0):
-        raise _bad(f"'{name}' is not supported by this server", name)
+def _logprobs_n(name, v):
+    """/v1/completions `logprobs`: how many alternatives per token (llama-cpp-python / OpenAI legacy)."""
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_LOGPROBS:
+        raise _bad(f"'{name}' must be an integer from 0 to {MAX_LOGPROBS}", name)
+    return v
+
+
+def _top_logprobs(name, v):
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_LOGPROBS:
+        raise _bad(f"'{name}' must be an integer from 0 to {MAX_LOGPROBS}", name)
     return v
 
 
@@ -166,14 +174,14 @@ _SAMPLING = {
     "model": (_str, None),
     "n": (_one, None),
     "user": (_str, None),
-    "logprobs": (_no_logprobs, None),
-    "top_logprobs": (_no_logprobs, None),
     "cache_prompt": (_bool, None),  # llama.cpp: prefix reuse is always on here
     "metadata": (_any, None),
     "store": (_any, None),
 }
 _CHAT_PARAMS = dict(_SAMPLING, **{
     "messages": (_any, None),
+    "logprobs": (_bool, "logprobs"),
+    "top_logprobs": (_top_logprobs, "top_logprobs"),
     "max_completion_tokens": (_int(1, None), "max_tokens"),
     "tools": (_tools, None),
     "tool_choice": (_any, None),
@@ -183,6 +191,7 @@ _CHAT_PARAMS = dict(_SAMPLING, **{
 })
 _COMPLETION_PARAMS = dict(_SAMPLING, **{
     "prompt": (_any, None),
+    "logprobs": (_logprobs_n, "logprobs"),
     "echo": (_bool, "echo"),
     "best_of": (_one, None),
     "suffix": (_any, None),
@@ -300,6 +309,8 @@ class LlambaService:
         clash = sorted(set(tkw) & {"messages", "tools", "add_generation_prompt", "tokenize"})
         if clash:
             raise _bad(f"chat_template_kwargs may not set {', '.join(clash)}", "chat_template_kwargs")
+        if body.get("top_logprobs") is not None and not body.get("logprobs"):
+            raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         tools = body.get("tools")
         with self._tok_lock:
             try:
@@ -352,8 +363,9 @@ class LlambaService:
         text = kw.pop("prompt_text")
         max_tokens = kw.pop("max_tokens", None) or -1
         # a text prompt goes in as text (so `echo` returns it verbatim); it tokenizes as in prepare_completion
+        # logprobs without keeping every row in `scores` (that is llama-cpp-python's logits_all memory)
         out = self.llm.create_completion(text if text is not None else toks, max_tokens=max_tokens, stream=stream,
-                                         special=True, **kw)
+                                         special=True, _no_scores=True, **kw)
         if not stream:
             out["model"] = self.alias
             return out

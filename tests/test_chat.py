@@ -628,3 +628,37 @@ def test_smollm2_own_template(smollm2):
         gen[:n]).decode()}, "logprobs": None, "finish_reason": "stop"}
     assert out["choices"][0]["message"]["content"] == "The capital of France is Paris."
     assert out["usage"] == {"prompt_tokens": len(toks), "completion_tokens": n + 1, "total_tokens": len(toks) + n + 1}
+
+
+def test_chat_logprobs_like_openai(tmp_path):
+    """create_chat_completion(logprobs=True, top_logprobs=n): one entry per generated token (the end-of-generation
+    token and a cut stop string excluded) whose bytes make up the message; the logprob is the log-softmax of the
+    row the token was sampled from; streamed chunks carry the same entries; no logits_all needed."""
+    from tiny_models import write_model
+    p = str(write_model(tmp_path / "m.gguf", "llama", seed=4, chat_template=BUILTIN_TEMPLATES["chatml"][0]))
+    llm = Llama(p, n_ctx=128, verbose=False)
+    msgs = [{"role": "user", "content": "Say something."}]
+    out = llm.create_chat_completion(msgs, temperature=0, max_tokens=10, logprobs=True, top_logprobs=2)
+    ch = out["choices"][0]
+    content = ch["logprobs"]["content"]
+    assert len(content) == out["usage"]["completion_tokens"] - (ch["finish_reason"] == "stop")
+    assert b"".join(bytes(e["bytes"]) for e in content).decode("utf-8", "replace") == ch["message"]["content"]
+    toks = llm.apply_chat_template(msgs, tokenize=True)
+    gen = [int(t) for t in llm.generate(toks, temp=0, max_tokens=10)]  # the same greedy tokens
+    rows = Llama.logits_to_logprobs(Llama(p, n_ctx=128, logits_all=True, verbose=False).eval_logits(toks + gen))
+    for k, e in enumerate(content):
+        row = rows[len(toks) - 1 + k]
+        assert e["logprob"] == pytest.approx(float(row.max()), abs=1e-5)  # greedy: the most likely token
+        assert [t["logprob"] for t in e["top_logprobs"]] == pytest.approx(sorted(row)[::-1][:2], abs=1e-5)
+    chunks = list(llm.create_chat_completion(msgs, temperature=0, max_tokens=10, logprobs=True, top_logprobs=2,
+                                             stream=True))
+    streamed = [e for c in chunks if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
+    assert streamed == content
+    assert llm.create_chat_completion(msgs, temperature=0, max_tokens=4)["choices"][0]["logprobs"] is None
+    # with a stop string, the tokens of the cut text are not listed
+    first = content[0]["token"] if content else ""
+    if len(content) > 2 and first:
+        cut = llm.create_chat_completion(msgs, temperature=0, max_tokens=10, logprobs=True,
+                                         stop=[content[2]["token"]])["choices"][0]
+        assert b"".join(bytes(e["bytes"]) for e in cut["logprobs"]["content"]).decode("utf-8", "replace").startswith(
+            cut["message"]["content"])

@@ -250,8 +250,8 @@ def test_completion_logprobs_like_llama_cpp_python(models):
     with pytest.raises(ValueError, match="logits_all=False"):
         Llama(p, n_ctx=64, verbose=False).create_completion([5, 6, 7], max_tokens=2, logprobs=3)
     llm = Llama(p, n_ctx=64, logits_all=True, verbose=False)
-    with pytest.raises(LlambaError, match="stream=True"):
-        llm.create_completion([5, 6, 7], max_tokens=2, logprobs=1, stream=True)
+    with pytest.raises(LlambaError, match="non-negative integer"):
+        llm.create_completion([5, 6, 7], max_tokens=2, logprobs=-1)
     prompt = [5, 6, 7, 8]
     out = llm.create_completion(prompt, max_tokens=5, temperature=0, logprobs=3)
     lp, text = out["choices"][0]["logprobs"], out["choices"][0]["text"]
@@ -264,6 +264,14 @@ def test_completion_logprobs_like_llama_cpp_python(models):
         assert lp["token_logprobs"][k] == pytest.approx(float(row[tok]), abs=1e-6)
         assert lp["token_logprobs"][k] == pytest.approx(float(row.max()), abs=1e-6)  # greedy: the top token
         assert lp["tokens"][k] in lp["top_logprobs"][k] and 1 <= len(lp["top_logprobs"][k]) <= 4  # keys: decoded strings (may collide)
+    # streamed: each chunk carries the entries of the tokens whose text it starts; together the same object
+    chunks = list(llm.create_completion(prompt, max_tokens=5, temperature=0, logprobs=3, stream=True))
+    slp = {k: [x for c in chunks if c["choices"][0]["logprobs"] for x in c["choices"][0]["logprobs"][k]]
+           for k in lp}
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+    assert slp["tokens"] == lp["tokens"] and slp["text_offset"] == lp["text_offset"]
+    assert slp["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-6)
+    assert [list(t) for t in slp["top_logprobs"]] == [list(t) for t in lp["top_logprobs"]]
     echo = llm.create_completion(prompt, max_tokens=3, temperature=0, logprobs=2, echo=True)["choices"][0]
     elp = echo["logprobs"]
     assert elp["token_logprobs"][0] is None and elp["top_logprobs"][0] is None

@@ -166,6 +166,42 @@ def test_streaming_chat_and_completion(server, client):
     assert parts[-1].choices[0].finish_reason == fullc.choices[0].finish_reason
 
 
+def test_logprobs_chat_and_completion(server, client, llm):
+    """OpenAI logprobs through the official client: chat `logprobs`/`top_logprobs` (token, logprob, bytes,
+    alternatives) equal the library's, streamed or not; /v1/completions `logprobs=N` (llama-cpp-python's layout)
+    equals the library's create_completion on a logits_all model."""
+    msgs = chat_msgs(QUESTIONS[4])
+    r = client.chat.completions.create(model="x", messages=msgs, temperature=0, max_tokens=12, logprobs=True,
+                                       top_logprobs=3)
+    ref = llm.create_chat_completion(msgs, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    rc = ref["choices"][0]["logprobs"]["content"]
+    assert len(content) == len(rc) > 0
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == r.choices[0].message.content
+    for e, f in zip(content, rc):
+        assert (e.token, e.bytes) == (f["token"], f["bytes"]) and e.logprob == pytest.approx(f["logprob"], abs=1e-6)
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token  # greedy: the top token
+        assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
+    chunks = list(client.chat.completions.create(model="x", messages=msgs, temperature=0, max_tokens=12,
+                                                 logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed] == [(e.token, round(e.logprob, 5)) for e in content]
+    plain = client.chat.completions.create(model="x", messages=msgs, temperature=0, max_tokens=12)
+    assert plain.choices[0].logprobs is None
+
+    ref_llm = Llama(llm.model_path, n_ctx=N_CTX, n_threads=1, logits_all=True, verbose=False)
+    prompt = "The sea and the sky"
+    rc = client.completions.create(model="x", prompt=prompt, temperature=0, max_tokens=8, logprobs=2)
+    want = ref_llm.create_completion(prompt, temperature=0, max_tokens=8, logprobs=2, special=True)
+    got, exp = rc.choices[0].logprobs, want["choices"][0]["logprobs"]
+    assert got.tokens == exp["tokens"] and got.text_offset == exp["text_offset"]
+    assert got.token_logprobs == pytest.approx(exp["token_logprobs"], abs=1e-6)
+    assert [sorted(d) for d in got.top_logprobs] == [sorted(d) for d in exp["top_logprobs"]]
+    parts = list(client.completions.create(model="x", prompt=prompt, temperature=0, max_tokens=8, logprobs=2,
+                                           stream=True))
+    assert [t for p in parts if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens] == exp["tokens"]
+
+
 def test_concurrent_streams_get_their_own_output(server, client):
     ref = {q: client.chat.completions.create(model="x", messages=chat_msgs(q), temperature=0, max_tokens=48)
            .choices[0].message.content for q in QUESTIONS}
@@ -210,6 +246,9 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": N_CTX}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x " * 3000}]}, "context"),
     ({"temperature": 0}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 99}, "top_logprobs"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": 3}, "logprobs"),
 ]
 
 

@@ -223,3 +223,23 @@ def test_spec_mtp_without_nextn_is_one_clear_line(tiny):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "no MTP (nextn) layers" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_streamed_logprobs_equal_with_and_without_mtp(tiny):
+    """Logprobs recorded during generation come from the verify rows under speculation: the same tokens, values
+    and alternatives as plain decoding (the verify batch is row-exact)."""
+    path = tiny["qwen35"]
+    plain = Llama(path, n_ctx=256, logits_all=True, verbose=False)
+    spec = Llama(path, n_ctx=256, logits_all=True, verbose=False, spec="mtp", draft_max=3)
+    prompt = [int(t) for t in np.random.default_rng(9).integers(3, 300, 12)]
+
+    def streamed(llm):
+        chunks = list(llm.create_completion(prompt, max_tokens=30, temperature=0, logprobs=3, stream=True))
+        lps = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+        return [t for lp in lps for t in lp["tokens"]], [v for lp in lps for v in lp["token_logprobs"]], \
+            [list(d.items()) for lp in lps for d in lp["top_logprobs"]]
+
+    (ta, va, da), (tb, vb, db) = streamed(plain), streamed(spec)
+    assert spec.spec_stats.n_drafted > 0 and ta == tb and len(ta) > 0
+    assert va == pytest.approx(vb, abs=1e-6)
+    assert [[k for k, _ in d] for d in da] == [[k for k, _ in d] for d in db]

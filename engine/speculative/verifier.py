@@ -72,8 +72,9 @@ def draft_limit(draft_max: int, room: int, budget: int, n_gen: int) -> int:
     return max(0, min(draft_max, room, budget - n_gen - 1))
 
 
-def speculative_generate(session, prompt, sampler, budget, stats, is_eog, proposer, t0):
-    """Generator of token ids; the prompt body (all but the last token) is already in the cache."""
+def speculative_generate(session, prompt, sampler, budget, stats, is_eog, proposer, t0, on_logits=None):
+    """Generator of token ids; the prompt body (all but the last token) is already in the cache. `on_logits(row)`:
+    called before each token is yielded with the verify row it was sampled from."""
     model = session.model
     spec = SpecStats(kind=proposer.kind, draft_max=proposer.draft_max)
     stats.spec = spec
@@ -110,10 +111,12 @@ def speculative_generate(session, prompt, sampler, budget, stats, is_eog, propos
         if t_first is None:
             t_first = time.perf_counter()
             stats.t_prompt = stats.t_first = t_first - t0
-        for t in ids:
+        for j, t in enumerate(ids):
             n_gen += 1
             stats.n_gen = n_gen
             stats.t_gen = time.perf_counter() - t_first
+            if on_logits is not None:
+                on_logits(logits[j])
             yield t
             if (is_eog and is_eog(t)) or n_gen >= budget:
                 return
