@@ -5,8 +5,8 @@
 
 Each engine runs in a fresh process that loads the model (n_ctx 1024), processes a 512-token prompt and decodes
 32 tokens. Printed per engine: the runtime floor (RSS once the engine is imported and its kernel runtime is
-started, before any model is opened: for llamba that includes Numba/LLVM and one loaded kernel, for llama.cpp
-libllama and its backend), the peak RSS of the whole process (ru_maxrss), peak minus floor, the KV cache size,
+started, before any model is opened: for llamba that includes Numba/LLVM and one loaded kernel, with LLVM's code
+pages handed back as `Llama` does after loading; for llama.cpp libllama and its backend), the peak RSS of the whole process (ru_maxrss), peak minus floor, the KV cache size,
 and the memory target 1.2 x GGUF size + KV cache.
 
 `--synthetic GB` writes a llama-architecture GGUF of about that many GB with random weights (Q8_0 or Q4_0,
@@ -37,6 +37,8 @@ import numpy as np
 import llamba
 from llamba.kernels import ops
 ops.rms_norm(np.ones((1, 8), np.float32), np.ones(8, np.float32), 1e-6, np.empty((1, 8), np.float32))
+from llamba.kernels._jit import release_llvm_pages
+release_llvm_pages()  # as Llama does after loading a model
 floor = _rss()
 from llamba import Llama
 llm = Llama(sys.argv[1], n_ctx=1024, n_threads=int(sys.argv[2]), verbose=False)

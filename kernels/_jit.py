@@ -9,10 +9,20 @@ after loading and keep the (compact) bitcode instead, parsing it again only if s
 
 If this Numba's internals are not the ones expected, nothing is changed. ``LLAMBA_NUMBA_KEEP_IR=1`` also turns it
 off.
+
+``release_llvm_pages()``: LLVM's machine code and read-only data (libllvmlite.so, ~65 MiB resident once Numba has
+initialised and loaded a few kernels) are only executed to compile or load a kernel, never to run one. After a
+model is loaded, `Llama` hands those pages back to the kernel with ``madvise(MADV_PAGEOUT)``: they are clean
+file-backed pages, so nothing is lost, and any later kernel load faults back the few it needs (~10 MiB for a
+model's first forward pass). Only read-only mappings of that one library are advised; on systems without
+``/proc/self/maps`` or ``MADV_PAGEOUT`` (Linux < 5.4) it does nothing; ``LLAMBA_KEEP_JIT_PAGES=1`` turns it off.
 """
 from __future__ import annotations
 
 import os
+import sys
+
+MADV_PAGEOUT = 21  # linux/mman.h
 
 PATCHED = False
 
@@ -55,3 +65,38 @@ def _patch_cached_library_memory() -> bool:
 
 if not os.environ.get("LLAMBA_NUMBA_KEEP_IR"):
     PATCHED = _patch_cached_library_memory()
+
+
+def release_llvm_pages() -> int:
+    """Advise the kernel to reclaim libllvmlite's resident read-only pages; returns the bytes of address range
+    advised (0 when nothing was done)."""
+    if os.environ.get("LLAMBA_KEEP_JIT_PAGES") or not sys.platform.startswith("linux"):
+        return 0
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    ranges = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 6 or not parts[5].endswith(".so") or "libllvmlite" not in parts[5] or "w" in parts[1]:
+            continue
+        a, b = (int(x, 16) for x in parts[0].split("-"))
+        ranges.append((a, b))
+    if not ranges:
+        return 0
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise.restype = ctypes.c_int
+    except (OSError, AttributeError):
+        return 0
+    done = 0
+    for a, b in ranges:
+        if madvise(a, b - a, MADV_PAGEOUT) != 0:
+            break  # EINVAL: no MADV_PAGEOUT in this kernel; nothing else to try
+        done += b - a
+    return done
