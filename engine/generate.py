@@ -136,6 +136,8 @@ def generate(session: Session, prompt: list[int], sampler, max_tokens: int | Non
     t1 = time.perf_counter()
     stats.t_prompt = stats.t_first = t1 - t0
     stats.n_gen = 1
+    from llamba.kernels._jit import release_llvm_pages_after_first_token  # (imports Numba: lazily)
+    release_llvm_pages_after_first_token()
     if on_logits is not None:
         on_logits(logits)
     yield tok

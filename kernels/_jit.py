@@ -100,3 +100,15 @@ def release_llvm_pages() -> int:
             break  # EINVAL: no MADV_PAGEOUT in this kernel; nothing else to try
         done += b - a
     return done
+
+
+_AFTER_FIRST_TOKEN_DONE = False
+
+
+def release_llvm_pages_after_first_token():
+    """Once per process, after the first generated token: by then the kernels of a prompt batch and of a decode
+    step are loaded, so the LLVM pages their loading faulted back (~10 MiB) can go too."""
+    global _AFTER_FIRST_TOKEN_DONE
+    if not _AFTER_FIRST_TOKEN_DONE:
+        _AFTER_FIRST_TOKEN_DONE = True
+        release_llvm_pages()

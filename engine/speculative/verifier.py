@@ -111,6 +111,8 @@ def speculative_generate(session, prompt, sampler, budget, stats, is_eog, propos
         if t_first is None:
             t_first = time.perf_counter()
             stats.t_prompt = stats.t_first = t_first - t0
+            from llamba.kernels._jit import release_llvm_pages_after_first_token
+            release_llvm_pages_after_first_token()
         for j, t in enumerate(ids):
             n_gen += 1
             stats.n_gen = n_gen
