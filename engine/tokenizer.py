@@ -214,6 +214,9 @@ def _utf8_len(lead: int) -> int:
 # ================================================================= compact string -> index map
 
 
+_HIT_CACHE = 1 << 14  # StrIndex: most recent distinct hits remembered per index
+
+
 class StrIndex:
     """str -> index over a sequence of strings (a list or a gguf StringArray), without a dict of its strings.
 
@@ -262,7 +265,14 @@ class StrIndex:
                     k += 1
                 return default
         else:
+            # texts found recently (bounded): most lookups of a tokenizer are hits on a few thousand common tokens,
+            # which then skip decoding the token's bytes to compare
+            hits: dict = {}
+
             def get(text: str, default=None):
+                i = hits.get(text)
+                if i is not None:
+                    return i
                 h = hash(text)
                 b = h & mask
                 k, e = bucket[b], bucket[b + 1]
@@ -270,6 +280,9 @@ class StrIndex:
                     if hs[k] == h:
                         i = ids[k]
                         if blob[offs[i]:offs[i + 1]].decode("utf-8") == text:
+                            if len(hits) >= _HIT_CACHE:
+                                hits.clear()
+                            hits[text] = i
                             return i
                     k += 1
                 return default
