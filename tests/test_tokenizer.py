@@ -375,6 +375,36 @@ def test_construction_time():
     assert dt < 0.5, f"constructing a {n}-token vocabulary took {dt:.2f}s"
 
 
+def test_vocabulary_as_string_array_equals_list_including_empty_tokens():
+    """A GGUF vocabulary arrives as a StringArray (bytes + offsets); the tokenizer built from it answers as the one
+    built from the same tokens as a list, and empty tokens are renamed [EMPTY_i] as llama.cpp does."""
+    import numpy as np
+    from llamba.gguf import StringArray
+    n = 400
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += ["▁a", "▁b", "", "ab", "▁ab", "▁", "b", "a", ""] + [f"▁w{i}" for i in range(n - len(tokens) - 9)]
+    types = [TOKEN_TYPE_CONTROL] * 3 + [TOKEN_TYPE_UNKNOWN] + [TOKEN_TYPE_BYTE] * 256
+    types += [TOKEN_TYPE_NORMAL] * (n - len(types))
+    raw = [t.encode() for t in tokens]
+    arr = StringArray(b"".join(raw), np.concatenate([[0], np.cumsum([len(r) for r in raw])]))
+
+    def meta(toks):
+        return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": toks,
+                "tokenizer.ggml.token_type": np.array(types, dtype=np.int32),
+                "tokenizer.ggml.scores": -np.arange(n, dtype=np.float32), "tokenizer.ggml.bos_token_id": 2,
+                "tokenizer.ggml.eos_token_id": 1}
+
+    a, b = Tokenizer.from_metadata(meta(arr)), Tokenizer.from_metadata(meta(list(tokens)))
+    empty = [i for i, t in enumerate(tokens) if not t]
+    for tk in (a, b):
+        assert [tk.tokens[i] for i in empty] == [f"[EMPTY_{i}]" for i in empty]
+        assert all(tk.token_id(f"[EMPTY_{i}]") == i for i in empty) and tk.token_id("") is None
+        assert tk.token_id("▁ab") == tokens.index("▁ab")
+    for text in ("ab ab a b", "ba w3 ▁w7", " é\n"):
+        assert a.encode(text) == b.encode(text)
+        assert a.decode(a.encode(text)) == b.decode(b.encode(text))
+
+
 # ---------------------------------------------------------------- real models (token ids from llama.cpp)
 
 
