@@ -1,6 +1,7 @@
 """A small Hugging Face transformers -> GGUF converter for the parity tests (tests/test_hf_parity.py).
 
-`convert(model, path)` writes a GGUF (F32 weights) from a transformers `Qwen3ForCausalLM` (arch `qwen3`),
+`convert(model, path)` writes a GGUF (F32 weights) from a transformers `Qwen2ForCausalLM` (arch `qwen2`: llama's
+names plus attn_q/k/v.bias, no QK-norm), `Qwen3ForCausalLM` (arch `qwen3`),
 `Qwen3_5ForCausalLM` (arch `qwen35`) or `Qwen3_5MoeForCausalLM` (arch `qwen35moe`), applying the conversion
 transforms of llama.cpp's convert_hf_to_gguf.py (`Qwen3Model`, `Qwen3NextModel`, `_LinearAttentionVReorderBase`,
 `Qwen3_5TextModel`, `Qwen3_5MoeTextModel`; ENGINE_BRIEF §3.3, §3.4, §3.5):
@@ -62,6 +63,9 @@ _COMMON = {
     "mlp.down_proj.weight": "ffn_down.weight",
 }
 _QWEN3 = {**_COMMON, "post_attention_layernorm.weight": "ffn_norm.weight"}
+_QWEN2 = {**{k: v for k, v in _QWEN3.items() if "_norm." not in k},
+          "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+          "self_attn.v_proj.bias": "attn_v.bias"}
 _QWEN35 = {
     **_COMMON,
     "post_attention_layernorm.weight": "post_attention_norm.weight",  # the pre-FFN norm
@@ -153,6 +157,8 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
     mt = cfg.model_type
     if mt == "qwen3":
         arch, pre, table = "qwen3", "qwen2", _QWEN3
+    elif mt == "qwen2":
+        arch, pre, table = "qwen2", "qwen2", _QWEN2
     elif mt in ("qwen3_5_text", "qwen3_5"):
         if mt == "qwen3_5":
             cfg = cfg.text_config

@@ -64,9 +64,10 @@ class RefModel:
             p = f"blk.{il}."
             W = lambda n: self.t[p + n]  # noqa: E731
             h = rms(x, W("attn_norm.weight"))
-            q = (h @ W("attn_q.weight").T).reshape(T, H, hd)
-            k = (h @ W("attn_k.weight").T).reshape(T, Hkv, hd)
-            v = (h @ W("attn_v.weight").T).reshape(T, Hkv, hd)
+            B = lambda n: self.t.get(p + n, 0.0)  # noqa: E731  (qwen2: q/k/v biases)
+            q = (h @ W("attn_q.weight").T + B("attn_q.bias")).reshape(T, H, hd)
+            k = (h @ W("attn_k.weight").T + B("attn_k.bias")).reshape(T, Hkv, hd)
+            v = (h @ W("attn_v.weight").T + B("attn_v.bias")).reshape(T, Hkv, hd)
             if a in ("gemma3", "qwen3"):
                 q = rms(q, W("attn_q_norm.weight"))
                 k = rms(k, W("attn_k_norm.weight"))

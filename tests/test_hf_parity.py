@@ -1,4 +1,4 @@
-"""Independent check of the qwen3, qwen35 and qwen35moe forward passes against Hugging Face transformers.
+"""Independent check of the qwen2, qwen3, qwen35 and qwen35moe forward passes against Hugging Face transformers.
 
 Tiny random transformers models (float32, eager attention) are converted to GGUF by tests/hf_convert.py (the
 transforms of llama.cpp's convert_hf_to_gguf.py) and llamba's logits are compared with the transformers logits:
@@ -41,6 +41,15 @@ def _qwen3():
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     cfg._attn_implementation = "eager"
     return transformers.Qwen3ForCausalLM(cfg)
+
+
+def _qwen2():
+    cfg = transformers.Qwen2Config(
+        vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=N_CTX, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg._attn_implementation = "eager"
+    return transformers.Qwen2ForCausalLM(cfg)
 
 
 def _qwen35(n_k: int, n_v: int, head_dim: int, partial: float, sections, layer_types, tied: bool):
@@ -101,6 +110,7 @@ def _randomize(model, seed: int, zero_centred_norms: bool):
 
 
 CASES = {
+    "qwen2": lambda: _randomize(_qwen2(), 10, zero_centred_norms=False),  # Q/K/V biases, NEOX RoPE
     "qwen3": lambda: _randomize(_qwen3(), 11, zero_centred_norms=False),
     # n_v == n_k, rope on 1/4 of head_dim 64 (n_rot 16), full attention at layers 1 and 3
     "qwen35-nv1x": lambda: _randomize(_qwen35(2, 2, 64, 0.25, (3, 3, 2), [

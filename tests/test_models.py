@@ -11,7 +11,7 @@ from llamba.errors import ContextOverflowError
 from ref_forward import RefModel
 from tiny_models import write_model
 
-ARCHS = ["llama", "gemma3", "qwen3"]
+ARCHS = ["llama", "gemma3", "qwen2", "qwen3"]
 
 
 @pytest.fixture(scope="module")

@@ -147,6 +147,9 @@ def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 
         _add_tensor(w, p + "ffn_gate.weight", mat(n_ff, n_embd), qtype)
         _add_tensor(w, p + "ffn_up.weight", mat(n_ff, n_embd), qtype)
         _add_tensor(w, p + "ffn_down.weight", mat(n_embd, n_ff), qtype)
+        if arch == "qwen2":
+            for n, rows in (("attn_q", n_head * hd), ("attn_k", n_head_kv * hd), ("attn_v", n_head_kv * hd)):
+                _add_tensor(w, p + n + ".bias", (0.5 * rng.standard_normal(rows)).astype(np.float32), QT.F32)
         if arch in ("gemma3", "qwen3"):
             _add_tensor(w, p + "attn_q_norm.weight", norm(hd), QT.F32)
             _add_tensor(w, p + "attn_k_norm.weight", norm(hd), QT.F32)
