@@ -334,8 +334,8 @@ def cmd_info(a) -> int:
     print(f"layers:         {cfg.n_layer} (+{cfg.n_nextn} MTP)" if cfg.n_nextn else f"layers:         {cfg.n_layer}")
     print(f"embedding:      {cfg.n_embd}, heads {cfg.n_head[0]} (kv {cfg.n_head_kv[0]}), head dim {cfg.head_dim}")
     if cfg.n_expert:
-        print(f"experts:        {cfg.n_expert} ({cfg.n_expert_used} used per token), expert FFN {cfg.n_ff_exp}, "
-              f"shared expert FFN {cfg.n_ff_shexp}")
+        shared = f", shared expert FFN {cfg.n_ff_shexp}" if cfg.n_ff_shexp else ", no shared expert"
+        print(f"experts:        {cfg.n_expert} ({cfg.n_expert_used} used per token), expert FFN {cfg.n_ff_exp}{shared}")
     print(f"context length: {cfg.n_ctx_train}")
     print(f"tokenizer:      {gf.get('tokenizer.ggml.model')} (pre: {gf.get('tokenizer.ggml.pre', 'default')}), "
           f"{tok.n_vocab} tokens")

@@ -169,7 +169,7 @@ def _dev_ffn(dev, ffn):
 
 
 class DevAttentionBlock(_On):
-    """llamba.models.base.AttentionBlock on a device (llama, gemma3, qwen3)."""
+    """llamba.models.base.AttentionBlock on a device (llama, gemma3, qwen2, qwen3, qwen3moe)."""
 
     recurrent = False
 
@@ -185,7 +185,7 @@ class DevAttentionBlock(_On):
         self.wo = self.w(blk.wo)
         self.post_attn_norm = self.p(blk.post_attn_norm)
         self.ffn_norm = self.p(blk.ffn_norm)
-        self.ffn = DevFFN(dev, blk.ffn)
+        self.ffn = _dev_ffn(dev, blk.ffn)  # an MoE FFN (qwen3moe) stays on the CPU
         self.post_ffw_norm = self.p(blk.post_ffw_norm)
         self.nbytes += self.ffn.nbytes
 

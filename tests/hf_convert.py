@@ -1,7 +1,8 @@
 """A small Hugging Face transformers -> GGUF converter for the parity tests (tests/test_hf_parity.py).
 
 `convert(model, path)` writes a GGUF (F32 weights) from a transformers `Qwen2ForCausalLM` (arch `qwen2`: llama's
-names plus attn_q/k/v.bias, no QK-norm), `Qwen3ForCausalLM` (arch `qwen3`),
+names plus attn_q/k/v.bias, no QK-norm), `Qwen3ForCausalLM` (arch `qwen3`), `Qwen3MoeForCausalLM` (arch
+`qwen3moe`: qwen3's attention, router ffn_gate_inp and experts as for qwen35moe, no shared expert),
 `Qwen3_5ForCausalLM` (arch `qwen35`) or `Qwen3_5MoeForCausalLM` (arch `qwen35moe`), applying the conversion
 transforms of llama.cpp's convert_hf_to_gguf.py (`Qwen3Model`, `Qwen3NextModel`, `_LinearAttentionVReorderBase`,
 `Qwen3_5TextModel`, `Qwen3_5MoeTextModel`; ENGINE_BRIEF §3.3, §3.4, §3.5):
@@ -66,6 +67,12 @@ _QWEN3 = {**_COMMON, "post_attention_layernorm.weight": "ffn_norm.weight"}
 _QWEN2 = {**{k: v for k, v in _QWEN3.items() if "_norm." not in k},
           "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
           "self_attn.v_proj.bias": "attn_v.bias"}
+_QWEN3MOE = {
+    **{k: v for k, v in _QWEN3.items() if not k.startswith("mlp.")},
+    "mlp.gate.weight": "ffn_gate_inp.weight",  # router (n_expert, n_embd)
+    "mlp.experts.gate_up_proj": "ffn_gate_up_exps.weight",  # (n_expert, 2 n_ff_exp, n_embd), gate rows first
+    "mlp.experts.down_proj": "ffn_down_exps.weight",  # (n_expert, n_embd, n_ff_exp)
+}
 _QWEN35 = {
     **_COMMON,
     "post_attention_layernorm.weight": "post_attention_norm.weight",  # the pre-FFN norm
@@ -159,6 +166,8 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
         arch, pre, table = "qwen3", "qwen2", _QWEN3
     elif mt == "qwen2":
         arch, pre, table = "qwen2", "qwen2", _QWEN2
+    elif mt == "qwen3_moe":
+        arch, pre, table = "qwen3moe", "qwen2", _QWEN3MOE
     elif mt in ("qwen3_5_text", "qwen3_5"):
         if mt == "qwen3_5":
             cfg = cfg.text_config
@@ -215,6 +224,10 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_file_type(0)  # ALL_F32
+    if arch == "qwen3moe":
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if arch == "qwen35moe":
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)

@@ -68,7 +68,7 @@ class RefModel:
             q = (h @ W("attn_q.weight").T + B("attn_q.bias")).reshape(T, H, hd)
             k = (h @ W("attn_k.weight").T + B("attn_k.bias")).reshape(T, Hkv, hd)
             v = (h @ W("attn_v.weight").T + B("attn_v.bias")).reshape(T, Hkv, hd)
-            if a in ("gemma3", "qwen3"):
+            if a in ("gemma3", "qwen3", "qwen3moe"):
                 q = rms(q, W("attn_q_norm.weight"))
                 k = rms(k, W("attn_k_norm.weight"))
             swa = a == "gemma3" and n_swa > 0 and (il % 6 < 5)
@@ -91,6 +91,21 @@ class RefModel:
                 att = rms(att, W("post_attention_norm.weight"))
             x = x + att
             h = rms(x, W("ffn_norm.weight"))
+            if p + "ffn_gate_inp.weight" in self.t:  # qwen3moe: softmax router, top-k renormalized, SwiGLU experts
+                k_used = self.m("expert_used_count")
+                lg = h @ W("ffn_gate_inp.weight").T
+                pr = np.exp(lg - lg.max(-1, keepdims=True))
+                pr /= pr.sum(-1, keepdims=True)
+                f = np.zeros_like(x)
+                for t in range(T):
+                    sel = np.argsort(-pr[t], kind="stable")[:k_used]
+                    wsel = pr[t, sel] / pr[t, sel].sum()
+                    for e, we in zip(sel, wsel):
+                        ge = W("ffn_gate_exps.weight")[e] @ h[t]
+                        ue = W("ffn_up_exps.weight")[e] @ h[t]
+                        f[t] += we * (W("ffn_down_exps.weight")[e] @ (ge / (1 + np.exp(-ge)) * ue))
+                x = x + f
+                continue
             gt = h @ W("ffn_gate.weight").T
             up = h @ W("ffn_up.weight").T
             if a == "gemma3":

@@ -1,4 +1,5 @@
-"""Independent check of the qwen2, qwen3, qwen35 and qwen35moe forward passes against Hugging Face transformers.
+"""Independent check of the qwen2, qwen3, qwen3moe, qwen35 and qwen35moe forward passes against Hugging Face
+transformers.
 
 Tiny random transformers models (float32, eager attention) are converted to GGUF by tests/hf_convert.py (the
 transforms of llama.cpp's convert_hf_to_gguf.py) and llamba's logits are compared with the transformers logits:
@@ -50,6 +51,17 @@ def _qwen2():
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     cfg._attn_implementation = "eager"
     return transformers.Qwen2ForCausalLM(cfg)
+
+
+def _qwen3moe(n_experts: int, top_k: int):
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=n_experts,
+        num_experts_per_tok=top_k, norm_topk_prob=True, max_position_embeddings=N_CTX, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"
+    return transformers.Qwen3MoeForCausalLM(cfg)
 
 
 def _qwen35(n_k: int, n_v: int, head_dim: int, partial: float, sections, layer_types, tied: bool):
@@ -112,6 +124,7 @@ def _randomize(model, seed: int, zero_centred_norms: bool):
 CASES = {
     "qwen2": lambda: _randomize(_qwen2(), 10, zero_centred_norms=False),  # Q/K/V biases, NEOX RoPE
     "qwen3": lambda: _randomize(_qwen3(), 11, zero_centred_norms=False),
+    "qwen3moe": lambda: _randomize(_qwen3moe(8, 2), 14, zero_centred_norms=False),  # no shared expert
     # n_v == n_k, rope on 1/4 of head_dim 64 (n_rot 16), full attention at layers 1 and 3
     "qwen35-nv1x": lambda: _randomize(_qwen35(2, 2, 64, 0.25, (3, 3, 2), [
         "linear_attention", "full_attention", "linear_attention", "full_attention"], tied=False), 12, True),

@@ -11,7 +11,7 @@ from llamba.errors import ContextOverflowError
 from ref_forward import RefModel
 from tiny_models import write_model
 
-ARCHS = ["llama", "gemma3", "qwen2", "qwen3"]
+ARCHS = ["llama", "gemma3", "qwen2", "qwen3", "qwen3moe"]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def models(tmp_path_factory):
     for arch in ARCHS:
         for qt in (QT.F32, QT.Q8_0, QT.Q4_K):
             p = d / f"{arch}-{qt.name}.gguf"
-            kw = dict(n_embd=256, n_ff=512, head_dim=64) if qt == QT.Q4_K else {}
+            kw = dict(n_embd=256, n_ff=512, head_dim=64, n_ff_exp=256) if qt == QT.Q4_K else {}
             # a seed stable across processes (str hash() is salted per process)
             write_model(p, arch, qtype=qt, seed=sum(map(ord, arch)), **kw)
             out[arch, qt] = p

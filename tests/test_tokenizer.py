@@ -382,7 +382,8 @@ def test_vocabulary_as_string_array_equals_list_including_empty_tokens():
     from llamba.gguf import StringArray
     n = 400
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
-    tokens += ["▁a", "▁b", "", "ab", "▁ab", "▁", "b", "a", ""] + [f"▁w{i}" for i in range(n - len(tokens) - 9)]
+    tokens += ["▁a", "▁b", "", "ab", "▁ab", "▁", "b", "a", ""]
+    tokens += [f"▁w{i}" for i in range(n - len(tokens))]
     types = [TOKEN_TYPE_CONTROL] * 3 + [TOKEN_TYPE_UNKNOWN] + [TOKEN_TYPE_BYTE] * 256
     types += [TOKEN_TYPE_NORMAL] * (n - len(types))
     raw = [t.encode() for t in tokens]

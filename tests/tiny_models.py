@@ -93,7 +93,10 @@ def _add_tensor(w: GGUFWriter, name: str, arr: np.ndarray, qtype: QT):
 def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 64, n_layer: int = 2,
                 n_head: int = 4, n_head_kv: int = 2, head_dim: int | None = None, n_ff: int = 128,
                 qtype: QT = QT.F32, seed: int = 0, tied: bool = True, n_ctx: int = 256,
-                sliding_window: int = 8, extra_meta: dict | None = None, chat_template: str | None = None):
+                sliding_window: int = 8, extra_meta: dict | None = None, chat_template: str | None = None,
+                n_expert: int = 8, n_expert_used: int = 2, n_ff_exp: int = 32):
+    """A random llama / gemma3 / qwen2 / qwen3 / qwen3moe model (qwen3moe: every FFN a mixture of n_expert
+    experts of width n_ff_exp, top-n_expert_used, no shared expert)."""
     rng = np.random.default_rng(seed)
     hd = head_dim or n_embd // n_head
     w = GGUFWriter(str(path), arch)
@@ -110,6 +113,10 @@ def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 
         w.add_value_length(hd)
     if arch == "gemma3":
         w.add_sliding_window(sliding_window)
+    if arch == "qwen3moe":
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_expert_used)
+        w.add_expert_feed_forward_length(n_ff_exp)
     for k, v in (extra_meta or {}).items():
         if isinstance(v, float):
             w.add_float32(k, v)
@@ -144,13 +151,20 @@ def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 
         _add_tensor(w, p + "attn_v.weight", mat(n_head_kv * hd, n_embd), qtype)
         _add_tensor(w, p + "attn_output.weight", mat(n_embd, n_head * hd), qtype)
         _add_tensor(w, p + "ffn_norm.weight", norm(n_embd), QT.F32)
-        _add_tensor(w, p + "ffn_gate.weight", mat(n_ff, n_embd), qtype)
-        _add_tensor(w, p + "ffn_up.weight", mat(n_ff, n_embd), qtype)
-        _add_tensor(w, p + "ffn_down.weight", mat(n_embd, n_ff), qtype)
+        if arch == "qwen3moe":
+            _add_tensor(w, p + "ffn_gate_inp.weight", mat(n_expert, n_embd, 1.0), QT.F32)
+            for n, o, i in (("ffn_gate_exps", n_ff_exp, n_embd), ("ffn_up_exps", n_ff_exp, n_embd),
+                            ("ffn_down_exps", n_embd, n_ff_exp)):
+                e = rng.standard_normal((n_expert, o, i)).astype(np.float32) / np.sqrt(i)
+                _add_tensor(w, p + n + ".weight", e, qtype)
+        else:
+            _add_tensor(w, p + "ffn_gate.weight", mat(n_ff, n_embd), qtype)
+            _add_tensor(w, p + "ffn_up.weight", mat(n_ff, n_embd), qtype)
+            _add_tensor(w, p + "ffn_down.weight", mat(n_embd, n_ff), qtype)
         if arch == "qwen2":
             for n, rows in (("attn_q", n_head * hd), ("attn_k", n_head_kv * hd), ("attn_v", n_head_kv * hd)):
                 _add_tensor(w, p + n + ".bias", (0.5 * rng.standard_normal(rows)).astype(np.float32), QT.F32)
-        if arch in ("gemma3", "qwen3"):
+        if arch in ("gemma3", "qwen3", "qwen3moe"):
             _add_tensor(w, p + "attn_q_norm.weight", norm(hd), QT.F32)
             _add_tensor(w, p + "attn_k_norm.weight", norm(hd), QT.F32)
         if arch == "gemma3":

@@ -157,7 +157,7 @@ class AttentionBlock:
     """Pre-norm transformer block: [norm -> attention (+q/k norm, rope) -> (post norm) -> residual] then
     [norm -> gated FFN -> (post norm) -> residual]. Which optional pieces exist is read from the file."""
 
-    def __init__(self, gf, cfg, il: int, *, activation: str, post_norms: bool):
+    def __init__(self, gf, cfg, il: int, *, activation: str, post_norms: bool, ffn=None):
         p = f"blk.{il}."
         E = cfg.n_embd
         self.il = il
@@ -184,7 +184,7 @@ class AttentionBlock:
         self.o = LinearGroup([self.wo])
         self.post_attn_norm = norm_weight(gf, p + "post_attention_norm.weight", E) if post_norms else None
         self.ffn_norm = norm_weight(gf, p + "ffn_norm.weight", E)
-        self.ffn = FFN(gf, p, E, cfg.n_ff[il], activation)
+        self.ffn = ffn if ffn is not None else FFN(gf, p, E, cfg.n_ff[il], activation)  # ffn: e.g. an MoEFFN
         self.post_ffw_norm = norm_weight(gf, p + "post_ffw_norm.weight", E) if post_norms else None
         self.swa = cfg.swa_layers[il] if cfg.swa_layers else False
         self.n_swa = cfg.n_swa if self.swa else 0
@@ -250,7 +250,8 @@ class Transformer(BaseModel):
         self.config = cfg
         self.n_ctx = n_ctx
         self.token_embd = Embedding(gf, "token_embd.weight")
-        self.blocks = [AttentionBlock(gf, cfg, il, activation=self.activation, post_norms=self.post_norms)
+        self.blocks = [AttentionBlock(gf, cfg, il, activation=self.activation, post_norms=self.post_norms,
+                                      ffn=self.make_ffn(gf, cfg, il))
                        for il in range(cfg.n_layer)]
         self.output_norm = norm_weight(gf, "output_norm.weight", cfg.n_embd)
         self.output = Linear(gf, "output.weight" if gf.has("output.weight") else "token_embd.weight",
@@ -260,6 +261,10 @@ class Transformer(BaseModel):
         self.kv = KVCache(n_ctx, {b.il: (b.n_head_kv, b.hd, b.hd_v) for b in self.blocks})
         self.n_past = 0
         self.hidden = None
+
+    def make_ffn(self, gf, cfg, il: int):
+        """The FFN of layer il when it is not the dense gated FFN (None: that one)."""
+        return None
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         x = self.token_embd(tokens)

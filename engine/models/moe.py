@@ -1,5 +1,5 @@
-"""Mixture-of-experts FFN (qwen35moe, ENGINE_BRIEF §3.5): softmax router, top-k experts renormalized, SwiGLU
-experts stored as 3-D GGUF tensors, plus a sigmoid-gated shared expert.
+"""Mixture-of-experts FFN (qwen35moe, ENGINE_BRIEF §3.5; qwen3moe): softmax router, top-k experts renormalized,
+SwiGLU experts stored as 3-D GGUF tensors, plus (qwen35moe) a sigmoid-gated shared expert.
 
 For the rows u (T, n_embd) after post_attention_norm:
 
@@ -7,7 +7,7 @@ For the rows u (T, n_embd) after post_attention_norm:
     sel = the expert_used_count largest p (ties: lower expert index first, a stable sort like llama.cpp's)
     w = p[sel] / max(sum(p[sel]), 2^-14)
     moe = sum_j w_j * down_j(silu(gate_j u) * up_j u)       accumulated in slot order j = 0, 1, ...
-    out = moe + SwiGLU_shexp(u) * sigmoid(ffn_gate_inp_shexp . u)
+    out = moe + SwiGLU_shexp(u) * sigmoid(ffn_gate_inp_shexp . u)   (qwen3moe: out = moe)
 
 Row-exact: every operation is per row. Tokens are grouped by expert and each expert's rows go through the
 (row-exact) quantized Linears of that expert, so a token's numbers do not depend on which other tokens share
@@ -70,12 +70,13 @@ def route(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class MoEFFN:
-    """The qwen35moe FFN of layer p = 'blk.{il}.': router, experts (separate gate/up or fused gate_up), shared
-    expert with its scalar sigmoid gate. Same interface as llamba.models.base.FFN (`__call__`, `normed`)."""
+    """The MoE FFN of layer p = 'blk.{il}.': router, experts (separate gate/up or fused gate_up) and, with `shared`
+    (qwen35moe), a shared expert with its scalar sigmoid gate (qwen3moe has none). Same interface as
+    llamba.models.base.FFN (`__call__`, `normed`)."""
 
     offload_on_cpu = True  # llamba.offload keeps MoE FFNs on the CPU (like llama.cpp's --cpu-moe)
 
-    def __init__(self, gf, cfg, il: int):
+    def __init__(self, gf, cfg, il: int, shared: bool = True):
         p = f"blk.{il}."
         E = cfg.n_embd
         n_exp, k = cfg.n_expert, cfg.n_expert_used
@@ -97,13 +98,18 @@ class MoEFFN:
             self.gate_exps, self.gate = expert_linears(gf, p + "ffn_gate_exps.weight", ff, E, n_exp)
             self.up_exps, self.up = expert_linears(gf, p + "ffn_up_exps.weight", ff, E, n_exp)
         self.down_exps, self.down = expert_linears(gf, p + "ffn_down_exps.weight", E, ff, n_exp)
-        self.w_gate_sh = Linear(gf, p + "ffn_gate_shexp.weight", None, (ffs, E))
-        self.w_up_sh = Linear(gf, p + "ffn_up_shexp.weight", None, (ffs, E))
-        self.w_down_sh = Linear(gf, p + "ffn_down_shexp.weight", None, (E, ffs))
-        self.w_gate_inp_sh = Linear(gf, p + "ffn_gate_inp_shexp.weight", None, (1, E))
-        # everything that reads u: router logits, shared gate and up, shared-expert gate logit
-        self.inp = LinearGroup([self.router, self.w_gate_sh, self.w_up_sh, self.w_gate_inp_sh])
-        self.down_sh = LinearGroup([self.w_down_sh])
+        self.shared = shared
+        if shared:
+            self.w_gate_sh = Linear(gf, p + "ffn_gate_shexp.weight", None, (ffs, E))
+            self.w_up_sh = Linear(gf, p + "ffn_up_shexp.weight", None, (ffs, E))
+            self.w_down_sh = Linear(gf, p + "ffn_down_shexp.weight", None, (E, ffs))
+            self.w_gate_inp_sh = Linear(gf, p + "ffn_gate_inp_shexp.weight", None, (1, E))
+            # everything that reads u: router logits, shared gate and up, shared-expert gate logit
+            self.inp = LinearGroup([self.router, self.w_gate_sh, self.w_up_sh, self.w_gate_inp_sh])
+            self.down_sh = LinearGroup([self.w_down_sh])
+        else:
+            self.w_gate_sh = self.w_up_sh = self.w_down_sh = self.w_gate_inp_sh = self.down_sh = None
+            self.inp = LinearGroup([self.router])
         self._up_g: list = [None] * n_exp  # per-expert LinearGroups, built on first use
         self._down_g: list = [None] * n_exp
 
@@ -123,7 +129,10 @@ class MoEFFN:
     def __call__(self, u: np.ndarray, gemm: bool) -> np.ndarray:
         u = np.ascontiguousarray(u, dtype=np.float32)
         T, k = u.shape[0], self.k
-        logits, g_sh, u_sh, gate_sh = self.inp(u, gemm=gemm)
+        if self.shared:
+            logits, g_sh, u_sh, gate_sh = self.inp(u, gemm=gemm)
+        else:
+            logits, = self.inp(u, gemm=gemm)
         idx, w = route(logits, k)
         # group the (token, slot) pairs by expert; each expert runs once on its rows
         flat = idx.reshape(-1)
@@ -139,6 +148,8 @@ class MoEFFN:
         out = Y[:, 0] * w[:, 0:1]  # llama.cpp: experts * weights, then added view by view in slot order
         for j in range(1, k):
             out += Y[:, j] * w[:, j:j + 1]
+        if not self.shared:
+            return out
         sh = self.down_sh(g_sh, SWIGLU, u_sh, gemm=gemm)[0]
         sg = np.empty_like(gate_sh)
         K.sigmoid(np.ascontiguousarray(gate_sh), sg)
