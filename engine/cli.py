@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--chat-template", default=None, metavar="NAME|FILE",
                        help="chat template instead of the model's (built-in name or Jinja file)")
     serve.add_argument("--seed", type=int, default=-1, help="RNG seed for requests without one (-1: random)")
+    serve.add_argument("--pooling", choices=["none", "mean", "cls", "last"], default=None,
+                       help="pooling of /v1/embeddings (default: the model's pooling_type)")
     _add_spec_args(serve)
     info = sub.add_parser("info", help="describe a GGUF model")
     info.add_argument("model", nargs="?", help="GGUF model file")
@@ -169,10 +171,14 @@ def _load_for_chat(a):
     from llamba.chat import ChatTemplate
     from llamba.llama import Llama
     from llamba.sampling import RANDOM_SEED
+    from llamba.llama import POOLING_NAMES, POOLING_UNSPECIFIED
     path = _model_path(a.model)
+    pooling = getattr(a, "pooling", None)
+    pt = {v: k for k, v in POOLING_NAMES.items()}[pooling] if pooling else POOLING_UNSPECIFIED
     llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, seed=RANDOM_SEED if a.seed < 0 else a.seed,
                 n_batch=a.batch_size, verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
-                draft_model=a.draft_model, chat_template=a.chat_template, **_gpu_kwargs(a))
+                draft_model=a.draft_model, chat_template=a.chat_template, embedding=True, pooling_type=pt,
+                **_gpu_kwargs(a))
     llm._proposer()  # a bad --spec choice fails here
     if not a.chat_template and not llm.metadata.get("tokenizer.chat_template"):
         arch = str(llm.metadata.get("general.architecture", ""))

@@ -21,6 +21,11 @@ from llamba.gguf import GGUFFile
 from llamba.sampling import RANDOM_SEED, Sampler, SamplingParams
 from llamba.tokenizer import StreamDecoder, Tokenizer
 
+# llama.cpp's enum llama_pooling_type (the `{arch}.pooling_type` GGUF key, llama-cpp-python's pooling_type)
+POOLING_UNSPECIFIED, POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST, POOLING_RANK = -1, 0, 1, 2, 3, 4
+POOLING_NAMES = {POOLING_NONE: "none", POOLING_MEAN: "mean", POOLING_CLS: "cls", POOLING_LAST: "last",
+                 POOLING_RANK: "rank"}
+
 
 def set_threads(n_threads: int | None):
     import numba
@@ -37,7 +42,8 @@ class Llama:
                  tensor_split=None, main_gpu: int = 0, split_mode="layer",
                  spec: str = "none", draft_max: int = 3, draft_p_min: float = 0.0,
                  draft_model: str | None = None, chat_format: str | None = None,
-                 chat_template: str | None = None, **kwargs):
+                 chat_template: str | None = None, embedding: bool = False,
+                 pooling_type: int = POOLING_UNSPECIFIED, **kwargs):
         t0 = time.perf_counter()
         self.model_path = str(model_path)
         self.verbose = verbose
@@ -66,6 +72,12 @@ class Llama:
                               split_mode=split_mode, verbose=verbose)
             self.session = Session(self.model, n_batch)
         self._n_ctx = n_ctx
+        self._n_batch = max(1, min(int(n_batch or 512), int(n_ctx or 512)))
+        self.embedding = bool(embedding)
+        if pooling_type not in POOLING_NAMES and pooling_type != POOLING_UNSPECIFIED:
+            raise LlambaError(f"pooling_type must be one of {sorted(POOLING_NAMES)} or {POOLING_UNSPECIFIED} "
+                              f"(the model's), got {pooling_type!r}")
+        self._pooling = pooling_type
         self.logits_all = bool(logits_all)
         self._scores = None  # (n_ctx, n_vocab) logits rows by position, allocated on first eval (see `scores`)
         self._chat_opt = chat_template or chat_format  # NAME | FILE | template text; None: the model's own
@@ -88,6 +100,18 @@ class Llama:
 
     def n_vocab(self) -> int:
         return self.tokenizer.n_vocab
+
+    def n_embd(self) -> int:
+        self._need_model()
+        return self.model.config.n_embd
+
+    def pooling_type(self) -> int:
+        """The pooling of `embed`: the one given to the constructor, else the model's `{arch}.pooling_type`, else
+        none (one embedding per token), as llama.cpp resolves it."""
+        if self._pooling != POOLING_UNSPECIFIED:
+            return self._pooling
+        v = self.metadata.get(f"{self.metadata.get('general.architecture', '')}.pooling_type")
+        return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else POOLING_NONE
 
     def token_bos(self) -> int:
         return self.tokenizer.bos_id if self.tokenizer.bos_id is not None else -1
@@ -210,6 +234,60 @@ class Llama:
         stats = GenStats()
         self.last_stats = stats
         yield from generate(self.session, toks, sampler, max_tokens, stats, None, self._proposer())
+
+    # ---- embeddings
+    def embed(self, input, normalize: bool = False, truncate: bool = True, return_count: bool = False):
+        """Embeddings of a string or a list of strings, as llama-cpp-python's `embed`: the model's final hidden
+        states after the output norm (llama.cpp's embeddings of a decoder model), pooled by `pooling_type()` --
+        none: one vector per token; mean; cls: the first token's; last: the last token's -- and L2-normalized
+        with `normalize`. Each input is tokenized like `tokenize` (BOS added by the model's rule) and cut to
+        n_batch tokens (`truncate`, else a longer input is an error). Needs `Llama(..., embedding=True)`."""
+        self._need_model()
+        if not self.embedding:
+            raise RuntimeError("Llama model must be created with embedding=True to call this method")
+        pooling = self.pooling_type()
+        if pooling not in (POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST):
+            raise LlambaError(f"pooling type {POOLING_NAMES.get(pooling, pooling)} is not supported for embeddings "
+                              f"(supported: none, mean, cls, last)")
+        inputs = [input] if isinstance(input, str) else list(input)
+        data, total = [], 0
+        try:
+            for text in inputs:
+                if not isinstance(text, str):
+                    raise LlambaError(f"embed: inputs must be strings, got {type(text).__name__}")
+                toks = self.tokenize(text.encode("utf-8"))
+                if truncate:
+                    toks = toks[:self._n_batch]
+                if len(toks) > self._n_batch:
+                    raise ValueError(f"Requested tokens ({len(toks)}) exceed batch size of {self._n_batch}")
+                if not toks:
+                    raise LlambaError("embed: an input has no tokens (empty text); give some text")
+                total += len(toks)
+                self.session.reset()
+                self.session.eval(toks, logits="none", keep_hidden=True)
+                h = np.asarray(self.model.hidden, dtype=np.float32)
+                if pooling == POOLING_NONE:
+                    emb = [_normalized(r) if normalize else r.tolist() for r in h]
+                else:
+                    v = h.mean(axis=0, dtype=np.float32) if pooling == POOLING_MEAN else \
+                        h[0] if pooling == POOLING_CLS else h[-1]
+                    emb = _normalized(v) if normalize else v.tolist()
+                data.append(emb)
+        finally:
+            self.session.reset()
+            self.model.hidden = None
+        out = data[0] if isinstance(input, str) else data
+        return (out, total) if return_count else out
+
+    def create_embedding(self, input, model: str | None = None) -> dict:
+        """OpenAI-style embeddings response for a string or a list of strings (llama-cpp-python's
+        `create_embedding`: `embed` without normalization)."""
+        inputs = input if isinstance(input, list) else [input]
+        embeds, total = self.embed(inputs, return_count=True)
+        return {"object": "list", "data": [{"object": "embedding", "embedding": e, "index": i}
+                                           for i, e in enumerate(embeds)],
+                "model": model if model is not None else self.model_path,
+                "usage": {"prompt_tokens": total, "total_tokens": total}}
 
     # ---- completions
     def create_completion(self, prompt, suffix=None, max_tokens: int | None = 16, temperature: float = 0.8,
@@ -550,6 +628,13 @@ class Llama:
     def close(self):
         self.model = None
         self.session = None
+
+
+def _normalized(v: np.ndarray) -> list[float]:
+    """L2-normalized copy as a list (llama-cpp-python's normalize_embedding: unchanged when the norm is 0)."""
+    v = np.asarray(v, dtype=np.float64)
+    n = float(np.linalg.norm(v))
+    return (v / n).tolist() if n != 0.0 else v.tolist()
 
 
 def _top_n(lp: np.ndarray, n: int) -> list[tuple[int, float]]:

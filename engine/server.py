@@ -5,6 +5,8 @@
     GET  /stats                  counters: requests, cancelled, errors, tokens generated, queue length
     POST /v1/completions         text completion (prompt: a string or a list of token ids)
     POST /v1/chat/completions    chat completion through the model's chat template
+    POST /v1/embeddings          pooled embeddings of strings (float or base64; needs a pooling type:
+                                 the model's or `llamba serve --pooling mean|cls|last`)
     ("stream": true answers with server-sent events: `data: {json}` ... `data: [DONE]`)
 
 One model with one KV cache serves one request at a time: requests wait in a FIFO queue (n-parallel = 1, no
@@ -26,10 +28,13 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
+
 from llamba.errors import ContextOverflowError, LlambaError
 
 DEFAULT_MAX_BODY = 1 << 20
 MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (OpenAI: 20 for chat)
+MAX_EMBED_INPUTS = 2048  # inputs per embeddings request (OpenAI's limit)
 
 
 class APIError(Exception):
@@ -345,6 +350,50 @@ class LlambaService:
         kw["prompt_text"] = p if isinstance(p, str) else None
         return toks, kw
 
+    def prepare_embeddings(self, body: dict):
+        """Validate an OpenAI embeddings request -> (list of input strings, encoding format)."""
+        for k in body:
+            if k not in ("input", "model", "encoding_format", "dimensions", "user"):
+                raise _bad(f"Unrecognized request argument supplied: {k}", k, "unknown_parameter")
+        inp = body.get("input")
+        if isinstance(inp, str):
+            inputs = [inp]
+        elif isinstance(inp, list) and inp and all(isinstance(t, str) for t in inp):
+            inputs = list(inp)
+        elif isinstance(inp, list) and inp and all(isinstance(t, (int, list)) for t in inp):
+            raise _bad("token-id inputs are not supported by this server; send the text", "input")
+        else:
+            raise _bad("'input' must be a string or a non-empty list of strings", "input")
+        if len(inputs) > MAX_EMBED_INPUTS:
+            raise _bad(f"at most {MAX_EMBED_INPUTS} inputs per request", "input")
+        if any(not t for t in inputs):
+            raise _bad("'input' must not contain empty strings", "input")
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise _bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+        dims = body.get("dimensions")
+        if dims is not None and dims != self.llm.n_embd():
+            raise _bad(f"this model's embeddings have {self.llm.n_embd()} dimensions; 'dimensions' cannot change "
+                       f"that", "dimensions")
+        from llamba.llama import POOLING_NAMES, POOLING_NONE
+        pt = self.llm.pooling_type()
+        if pt == POOLING_NONE:
+            raise _bad("this model has no pooling type (its embeddings are per token); start the server with "
+                       "--pooling mean|cls|last", "input")
+        if pt not in POOLING_NAMES or POOLING_NAMES[pt] == "rank":
+            raise _bad(f"pooling type {POOLING_NAMES.get(pt, pt)} cannot produce embeddings", "input")
+        return inputs, fmt
+
+    def embeddings(self, inputs: list[str], fmt: str) -> dict:
+        import base64
+        embeds, total = self.llm.embed(inputs, return_count=True)
+        data = []
+        for i, e in enumerate(embeds):
+            v = base64.b64encode(np.asarray(e, dtype="<f4").tobytes()).decode("ascii") if fmt == "base64" else e
+            data.append({"object": "embedding", "index": i, "embedding": v})
+        return {"object": "list", "data": data, "model": self.alias,
+                "usage": {"prompt_tokens": total, "total_tokens": total}}
+
     # ---- generation (call with self.lock held)
     def bind_thread(self):
         """Numba's thread count is per calling thread: give this handler thread the model's."""
@@ -509,6 +558,30 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send_error(APIError(404, f"unknown path {path}", code="not_found"))
 
+    def _embeddings(self):
+        svc = self.service
+        svc.count("requests")
+        try:
+            body = self._read_json()
+            inputs, fmt = svc.prepare_embeddings(body)
+            with svc.lock:
+                if self._peer_closed():
+                    svc.count("cancelled")
+                    self.close_connection = True
+                    return
+                svc.bind_thread()
+                out = svc.embeddings(inputs, fmt)
+            svc.count("completed")
+            self._send_json(200, out)
+        except ClientGone:
+            self.close_connection = True
+        except APIError as e:
+            svc.count("errors")
+            self._send_error(e, close=e.status in (411, 413))
+        except (ValueError, LlambaError) as e:
+            svc.count("errors")
+            self._send_error(_bad(str(e), "input"))
+
     def do_POST(self):
         path = self.path.split("?", 1)[0].rstrip("/")
         if not self._authorized(path):
@@ -517,6 +590,8 @@ class _Handler(BaseHTTPRequestHandler):
             kind = "chat"
         elif path in ("/v1/completions", "/completions"):
             kind = "completion"
+        elif path in ("/v1/embeddings", "/embeddings"):
+            return self._embeddings()
         else:
             # the body is not read: close so it is not taken for the next request
             self._send_error(APIError(404, f"unknown path {path}", code="not_found"), close=True)

@@ -7,7 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from llamba import Llama
-from llamba.errors import ContextOverflowError
+from llamba.errors import ContextOverflowError, LlambaError
 from ref_forward import RefModel
 from tiny_models import write_model
 
@@ -308,3 +308,40 @@ def test_long_prompt_goes_through_in_n_batch_chunks_with_the_same_numbers(models
     with pytest.raises(ContextOverflowError):
         chunked.eval(toks)
     assert chunked.n_tokens == n == chunked.model.n_past
+
+
+def test_embed_and_create_embedding_like_llama_cpp_python(models):
+    """embed(): per-token post-norm hidden states (pooling none), their mean / first / last row, L2 normalize,
+    truncation to n_batch; create_embedding's OpenAI layout; embedding=True required; the cache is left empty."""
+    p = str(models["qwen3", QT.Q8_0])
+    with pytest.raises(RuntimeError, match="embedding=True"):
+        Llama(p, n_ctx=64, verbose=False).embed("hi")
+    texts = ["the cat sat", "on the mat and more"]
+    llm = Llama(p, n_ctx=64, n_batch=16, embedding=True, verbose=False)
+    assert llm.pooling_type() == 0 and llm.n_embd() == 64
+    rows = llm.embed(texts)
+    for t, r in zip(texts, rows):
+        toks = llm.tokenize(t.encode())
+        llm.model.reset()
+        llm.model.forward(toks, logits="none", keep_hidden=True)
+        assert np.array_equal(np.asarray(r, np.float32), llm.model.hidden)  # the output-norm hidden rows
+    llm.model.reset()
+    assert llm.n_tokens == 0
+    one = llm.embed(texts[0])
+    assert one == rows[0]
+    for pt, pick in ((1, lambda r: r.mean(0, dtype=np.float32)), (2, lambda r: r[0]), (3, lambda r: r[-1])):
+        pooled = Llama(p, n_ctx=64, embedding=True, pooling_type=pt, verbose=False)
+        got = pooled.embed(texts)
+        for g, r in zip(got, rows):
+            assert np.allclose(g, pick(np.asarray(r, np.float32)), atol=1e-6)
+        unit = pooled.embed(texts[1], normalize=True)
+        assert abs(np.linalg.norm(unit) - 1.0) < 1e-6
+    long = "the cat " * 40
+    assert len(llm.embed(long)) == 16  # cut to n_batch tokens
+    with pytest.raises(ValueError, match="exceed batch size"):
+        llm.embed(long, truncate=False)
+    resp = llm.create_embedding(["a b", "c"])
+    assert resp["object"] == "list" and [d["index"] for d in resp["data"]] == [0, 1]
+    assert resp["usage"]["prompt_tokens"] == sum(len(llm.tokenize(t.encode())) for t in ("a b", "c"))
+    with pytest.raises(LlambaError):
+        Llama(p, n_ctx=64, embedding=True, pooling_type=7, verbose=False)

@@ -102,3 +102,29 @@ def test_teacher_forced_parity(name, request):
         print("  ", r)
     assert n_clear_agree == n_clear
     assert n_agree / n_pos >= 0.95
+
+
+EMBED_TEXTS = ["Hello world, this is a test.", "The quick brown fox jumps over the lazy dog",
+               "日本語のテキストと emoji 🦙", "def f(x):\n    return x * 2"]  # bench/make_llamacpp_embedding_refs.py
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_embeddings_match_llamacpp(name, request):
+    """`embed` with pooling none / mean / cls / last against llama-cpp-python's on the same GGUF: the final
+    hidden states after the output norm, pooled. Only the quantized arithmetic differs (as for the logits)."""
+    ref = np.load(DATA / name / "embeddings.npz")
+    path = _model_path(name, request)
+    worst = {}
+    for pt in (0, 1, 2, 3):
+        llm = Llama(path, embedding=True, pooling_type=pt, n_ctx=512, n_threads=2, verbose=False)
+        assert llm.pooling_type() == pt
+        got = llm.embed(EMBED_TEXTS)
+        for i, g in enumerate(got):
+            r = ref[f"p{pt}_t{i}"].astype(np.float64)
+            g = np.asarray(g, np.float64)
+            assert g.shape == r.shape
+            cos = (g * r).sum(-1) / np.linalg.norm(g, axis=-1) / np.linalg.norm(r, axis=-1)
+            worst[pt] = min(worst.get(pt, 1.0), float(np.min(cos)))
+    print(f"{name}: worst cosine to llama.cpp per pooling (none, mean, cls, last): {worst}")
+    assert min(worst.values()) > 0.99

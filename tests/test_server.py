@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from llamba import Llama
@@ -200,6 +201,31 @@ def test_logprobs_chat_and_completion(server, client, llm):
     parts = list(client.completions.create(model="x", prompt=prompt, temperature=0, max_tokens=8, logprobs=2,
                                            stream=True))
     assert [t for p in parts if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens] == exp["tokens"]
+
+
+def test_embeddings_endpoint(server, model, llm):
+    """/v1/embeddings through the openai client (which asks for base64) and as float JSON: the library's
+    pooled embeddings; a model without a pooling type needs --pooling (400 with the hint otherwise)."""
+    status, err = _post(server, {"input": "hello"}, "/v1/embeddings")
+    assert status == 400 and "--pooling" in err["error"]["message"]
+    s = Server(model, "--pooling", "mean")
+    try:
+        c = openai.OpenAI(base_url=s.base + "/v1", api_key="unused", timeout=120, max_retries=0)
+        texts = ["the sea and the sky", "an atom"]
+        r = c.embeddings.create(model="x", input=texts)
+        ref = Llama(model, n_ctx=N_CTX, n_threads=1, embedding=True, pooling_type=1, verbose=False)
+        want = ref.embed(texts)
+        assert [d.index for d in r.data] == [0, 1] and r.usage.prompt_tokens > 0
+        for d, w in zip(r.data, want):
+            assert np.allclose(d.embedding, w, atol=1e-6)
+        status, out = s.request("POST", "/v1/embeddings", {"input": "an atom", "encoding_format": "float"})
+        assert status == 200 and np.allclose(out["data"][0]["embedding"], want[1], atol=1e-6)
+        for bad in ({"input": []}, {"input": [1, 2]}, {"input": "x", "dimensions": 3}, {"input": "x", "foo": 1},
+                    {"input": "x", "encoding_format": "hex"}):
+            status, err = s.request("POST", "/v1/embeddings", bad)
+            assert status == 400 and err["error"]["message"], bad
+    finally:
+        s.stop()
 
 
 def test_concurrent_streams_get_their_own_output(server, client):
