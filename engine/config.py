@@ -48,6 +48,7 @@ class ModelConfig:
     embd_scale: float = 0.0  # 0 = none
     attn_scale: float = 0.0  # applied to Q before attention when > 0 (gemma3); else 1/sqrt(hd) in attention
     final_logit_softcap: float = 0.0
+    attn_softcap: float = 0.0  # gemma2: attention scores cap * tanh(s / cap)
     # qwen35 (Gated DeltaNet) fields
     recurrent: tuple[bool, ...] = ()
     ssm_d_conv: int = 0

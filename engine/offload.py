@@ -507,6 +507,10 @@ def offload_model(model, n_gpu_layers, *, tensor_split=None, main_gpu: int = 0, 
                     f"(-ngl / n_gpu_layers {n_gpu_layers})")
     if n_gpu_layers == 0:
         return None
+    if getattr(model.config, "attn_softcap", 0.0) > 0:  # the device attention kernels have no soft-capping yet
+        warn_once(f"{what} ignored: {model.config.arch} (attention logit soft-capping) is not offloaded yet; "
+                  f"running on the CPU")
+        return None
     if split_mode == "row":  # a usage error whether or not a GPU is present
         from llamba.errors import UnsupportedError
         raise UnsupportedError("--split-mode row is not supported by llamba; use layer (the default) or none")

@@ -716,8 +716,9 @@ def dot16_scalar(a, b):
 
 
 @njit(cache=True)
-def _attn_row(q, kc, vc, t, h, g, p, n_kv, scale, n_swa, qh, pb, acc, out):
-    """One (query row, head): two-pass softmax over the visible keys of kv head g."""
+def _attn_row(q, kc, vc, t, h, g, p, n_kv, scale, n_swa, qh, pb, acc, out, softcap):
+    """One (query row, head): two-pass softmax over the visible keys of kv head g. softcap > 0: each score
+    becomes softcap * tanh(score) (with scale already divided by softcap, as ggml does)."""
     dk = q.shape[2]
     dv = vc.shape[2]
     hi = min(p + 1, n_kv)
@@ -735,6 +736,8 @@ def _attn_row(q, kc, vc, t, h, g, p, n_kv, scale, n_swa, qh, pb, acc, out):
     m = _NEG_INF
     for j in range(n):
         s = dot16(qh, 0, kc, kbase + j * dk, dk) * scale
+        if softcap > 0:
+            s = softcap * np.tanh(s)
         pb[j] = s
         if s > m:
             m = s
@@ -774,12 +777,14 @@ def _attn_row(q, kc, vc, t, h, g, p, n_kv, scale, n_swa, qh, pb, acc, out):
 
 
 @njit(cache=True, parallel=True)
-def attention(q, k_cache, v_cache, q_pos, n_kv, scale, n_swa, out):
+def attention(q, k_cache, v_cache, q_pos, n_kv, scale, n_swa, out, softcap=0.0):
     """Causal (optionally sliding-window) grouped-query attention over a KV cache.
 
     Key j (0 <= j < n_kv, cached at absolute position j) is visible to query t iff j <= q_pos[t] and
     (n_swa == 0 or q_pos[t] - j < n_swa). Query head h reads kv head h // (Hq // Hkv).
-    o = softmax(scale * q·k_j) @ V.
+    o = softmax(scale * q·k_j) @ V; with softcap > 0 (gemma2's attention logit soft-capping) the scores are
+    softcap * tanh(scale * q·k_j / softcap), computed as ggml's flash attention does: (float)(scale / softcap)
+    times q·k, tanhf, times softcap. Left out, softcap is a compile-time 0 and costs nothing.
 
     Numerics (two-pass softmax per row): Q rounded to fp16 (the cache already holds fp16 values, see
     store_kv); q·k in float32 (`dot16`: fixed partial sums, then a fixed tree) times scale; expf against the
@@ -801,7 +806,8 @@ def attention(q, k_cache, v_cache, q_pos, n_kv, scale, n_swa, out):
     grp = Hq // Hkv
     if T == 0 or Hq == 0:
         return
-    sc = np.float32(scale)
+    cap = np.float32(softcap)
+    sc = np.float32(np.float32(scale) / cap) if softcap > 0 else np.float32(scale)
     if T * Hq * max(n_kv, 1) <= _ATTN_SERIAL:  # small decode steps: skip the thread start-up
         qh = np.empty(dk, np.float32)
         pb = np.empty(max(n_kv, 1), np.float32)
@@ -809,7 +815,7 @@ def attention(q, k_cache, v_cache, q_pos, n_kv, scale, n_swa, out):
         for h in range(Hq):
             for t in range(T):
                 _attn_row(q, k_cache, v_cache, t, h, h // grp, np.int64(q_pos[t]), n_kv, sc, n_swa,
-                          qh, pb, acc, out)
+                          qh, pb, acc, out, cap)
         return
     n_tc = max(1, min(T, _ATTN_CHUNKS // Hq))
     for it in prange(Hq * n_tc):
@@ -820,4 +826,4 @@ def attention(q, k_cache, v_cache, q_pos, n_kv, scale, n_swa, out):
         acc = np.empty(dv, np.float32)
         for t in range(tc, T, n_tc):
             _attn_row(q, k_cache, v_cache, t, h, h // grp, np.int64(q_pos[t]), n_kv, sc, n_swa,
-                      qh, pb, acc, out)
+                      qh, pb, acc, out, cap)

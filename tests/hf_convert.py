@@ -3,6 +3,7 @@
 `convert(model, path)` writes a GGUF (F32 weights) from a transformers `Qwen2ForCausalLM` (arch `qwen2`: llama's
 names plus attn_q/k/v.bias, no QK-norm), `Qwen3ForCausalLM` (arch `qwen3`), `Qwen3MoeForCausalLM` (arch
 `qwen3moe`: qwen3's attention, router ffn_gate_inp and experts as for qwen35moe, no shared expert),
+`Gemma2ForCausalLM` (arch `gemma2`: norm weights + 1 baked in, sliding window and soft-capping keys),
 `Qwen3_5ForCausalLM` (arch `qwen35`) or `Qwen3_5MoeForCausalLM` (arch `qwen35moe`), applying the conversion
 transforms of llama.cpp's convert_hf_to_gguf.py (`Qwen3Model`, `Qwen3NextModel`, `_LinearAttentionVReorderBase`,
 `Qwen3_5TextModel`, `Qwen3_5MoeTextModel`; ENGINE_BRIEF §3.3, §3.4, §3.5):
@@ -67,6 +68,19 @@ _QWEN3 = {**_COMMON, "post_attention_layernorm.weight": "ffn_norm.weight"}
 _QWEN2 = {**{k: v for k, v in _QWEN3.items() if "_norm." not in k},
           "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
           "self_attn.v_proj.bias": "attn_v.bias"}
+_GEMMA2 = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "post_attention_norm.weight",  # the attention output norm
+    "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+    "post_feedforward_layernorm.weight": "post_ffw_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
 _QWEN3MOE = {
     **{k: v for k, v in _QWEN3.items() if not k.startswith("mlp.")},
     "mlp.gate.weight": "ffn_gate_inp.weight",  # router (n_expert, n_embd)
@@ -168,6 +182,8 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
         arch, pre, table = "qwen2", "qwen2", _QWEN2
     elif mt == "qwen3_moe":
         arch, pre, table = "qwen3moe", "qwen2", _QWEN3MOE
+    elif mt == "gemma2":
+        arch, pre, table = "gemma2", "gpt-2", _GEMMA2
     elif mt in ("qwen3_5_text", "qwen3_5"):
         if mt == "qwen3_5":
             cfg = cfg.text_config
@@ -194,6 +210,8 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
             a = _qwen35_transform(hf_name, a, cfg, reorder_v)
         if hf_name == "lm_head.weight" and tied:
             continue
+        if arch == "gemma2" and hf_name.endswith("norm.weight"):
+            a = a + 1.0  # Gemma's RMSNorm multiplies by (1 + w): the converter bakes the 1 in
         if hf_name in _GLOBAL:
             tensors[_GLOBAL[hf_name]] = a
             continue
@@ -224,6 +242,10 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_file_type(0)  # ALL_F32
+    if arch == "gemma2":
+        w.add_sliding_window(cfg.sliding_window)
+        w.add_float32("gemma2.attn_logit_softcapping", float(cfg.attn_logit_softcapping))
+        w.add_float32("gemma2.final_logit_softcapping", float(cfg.final_logit_softcapping))
     if arch == "qwen3moe":
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)

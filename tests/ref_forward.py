@@ -1,5 +1,6 @@
-"""An independent float64 numpy forward pass for llama / gemma3 / qwen3 GGUFs, written from ENGINE_BRIEF §3
-and read with gguf-py's own GGUFReader + dequantize (not llamba's loader or kernels). Slow; tiny models only."""
+"""An independent float64 numpy forward pass for llama / gemma2 / gemma3 / qwen2 / qwen3 / qwen3moe GGUFs, written
+from ENGINE_BRIEF §3 and read with gguf-py's own GGUFReader + dequantize (not llamba's loader or kernels). Slow;
+tiny models only."""
 from __future__ import annotations
 
 import math
@@ -57,8 +58,10 @@ class RefModel:
             return y
 
         x = self.t["token_embd.weight"][np.asarray(tokens)]
-        if a == "gemma3":
+        gemma = a in ("gemma2", "gemma3")
+        if gemma:
             x = x * math.sqrt(E)
+        cap = self.m("attn_logit_softcapping", 0.0) or 0.0
         n_swa = self.m("attention.sliding_window", 0)
         for il in range(L):
             p = f"blk.{il}."
@@ -71,7 +74,7 @@ class RefModel:
             if a in ("gemma3", "qwen3", "qwen3moe"):
                 q = rms(q, W("attn_q_norm.weight"))
                 k = rms(k, W("attn_k_norm.weight"))
-            swa = a == "gemma3" and n_swa > 0 and (il % 6 < 5)
+            swa = n_swa > 0 and ((a == "gemma3" and il % 6 < 5) or (a == "gemma2" and il % 2 == 0))
             b = self.m("rope.freq_base_swa", 10000.0) if swa else base
             q, k = rope(q, b, a != "llama"), rope(k, b, a != "llama")
             scale = 1.0 / math.sqrt(hd)
@@ -79,6 +82,8 @@ class RefModel:
             for hh in range(H):
                 g = hh // (H // Hkv)
                 s = q[:, hh] @ k[:, g].T * scale
+                if cap > 0:
+                    s = cap * np.tanh(s / cap)
                 mask = pos[None, :] > pos[:, None]
                 if swa:
                     mask |= (pos[:, None] - pos[None, :]) >= n_swa
@@ -87,7 +92,7 @@ class RefModel:
                 s /= s.sum(-1, keepdims=True)
                 o[:, hh] = s @ v[:, g]
             att = o.reshape(T, -1) @ W("attn_output.weight").T
-            if a == "gemma3":
+            if gemma:
                 att = rms(att, W("post_attention_norm.weight"))
             x = x + att
             h = rms(x, W("ffn_norm.weight"))
@@ -108,14 +113,16 @@ class RefModel:
                 continue
             gt = h @ W("ffn_gate.weight").T
             up = h @ W("ffn_up.weight").T
-            if a == "gemma3":
+            if gemma:
                 act = 0.5 * gt * (1 + np.tanh(math.sqrt(2 / math.pi) * (gt + 0.044715 * gt ** 3)))
             else:
                 act = gt / (1 + np.exp(-gt))
             f = (act * up) @ W("ffn_down.weight").T
-            if a == "gemma3":
+            if gemma:
                 f = rms(f, W("post_ffw_norm.weight"))
             x = x + f
         x = rms(x, self.t["output_norm.weight"])
         out_w = self.t.get("output.weight", self.t["token_embd.weight"])
-        return x @ out_w.T
+        logits = x @ out_w.T
+        fcap = self.m("final_logit_softcapping", 0.0) or 0.0
+        return fcap * np.tanh(logits / fcap) if fcap > 0 else logits

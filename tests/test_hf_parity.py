@@ -1,5 +1,5 @@
-"""Independent check of the qwen2, qwen3, qwen3moe, qwen35 and qwen35moe forward passes against Hugging Face
-transformers.
+"""Independent check of the gemma2, qwen2, qwen3, qwen3moe, qwen35 and qwen35moe forward passes against Hugging
+Face transformers.
 
 Tiny random transformers models (float32, eager attention) are converted to GGUF by tests/hf_convert.py (the
 transforms of llama.cpp's convert_hf_to_gguf.py) and llamba's logits are compared with the transformers logits:
@@ -51,6 +51,20 @@ def _qwen2():
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     cfg._attn_implementation = "eager"
     return transformers.Qwen2ForCausalLM(cfg)
+
+
+def _gemma2():
+    """Gemma 2: alternating sliding-window (8 < N_TOK) / full layers, attention and final logit soft-capping
+    with caps that bite on these random weights, head_dim != hidden / heads, query_pre_attn_scalar = head_dim
+    (llama.cpp's scale for every size but 27B)."""
+    cfg = transformers.Gemma2Config(
+        vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+        attn_logit_softcapping=3.0, final_logit_softcapping=5.0, max_position_embeddings=N_CTX,
+        rms_norm_eps=1e-6, tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    cfg._attn_implementation = "eager"
+    return transformers.Gemma2ForCausalLM(cfg)
 
 
 def _qwen3moe(n_experts: int, top_k: int):
@@ -122,6 +136,7 @@ def _randomize(model, seed: int, zero_centred_norms: bool):
 
 
 CASES = {
+    "gemma2": lambda: _randomize(_gemma2(), 9, zero_centred_norms=True),  # HF Gemma norms are (1 + w)
     "qwen2": lambda: _randomize(_qwen2(), 10, zero_centred_norms=False),  # Q/K/V biases, NEOX RoPE
     "qwen3": lambda: _randomize(_qwen3(), 11, zero_centred_norms=False),
     "qwen3moe": lambda: _randomize(_qwen3moe(8, 2), 14, zero_centred_norms=False),  # no shared expert

@@ -484,6 +484,17 @@ def test_cli_ngl_without_gpu_warns_once_and_runs(tiny):
     assert r0.stdout == r.stdout and "warning" not in r0.stderr
 
 
+def test_gemma2_is_not_offloaded_yet(tmp_path, capsys):
+    """gemma2's attention logit soft-capping has no device kernel yet: -ngl warns once and the model runs on the
+    CPU with the same logits."""
+    p = write_model(tmp_path / "g2.gguf", "gemma2", qtype=QT.Q8_0, n_layer=2, seed=17)
+    llm = Llama(str(p), n_ctx=64, verbose=False)
+    ref = llm.eval_logits([1, 2, 3])
+    assert offload_model(llm.model, B.NGL_ALL, devices=B.fake_devices(1, "host")) is None
+    assert "soft-capping" in capsys.readouterr().err
+    assert llm.model.out_dev is None and np.array_equal(llm.eval_logits([1, 2, 3]), ref)
+
+
 def test_api_ngl_without_gpu_warns_once(tiny, capsys, monkeypatch):
     monkeypatch.setattr(B, "_discover_cuda", lambda: ([], "CuPy is not installed (test)"))
     monkeypatch.delenv("LLAMBA_FAKE_DEVICES", raising=False)

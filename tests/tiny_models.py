@@ -95,7 +95,7 @@ def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 
                 qtype: QT = QT.F32, seed: int = 0, tied: bool = True, n_ctx: int = 256,
                 sliding_window: int = 8, extra_meta: dict | None = None, chat_template: str | None = None,
                 n_expert: int = 8, n_expert_used: int = 2, n_ff_exp: int = 32):
-    """A random llama / gemma3 / qwen2 / qwen3 / qwen3moe model (qwen3moe: every FFN a mixture of n_expert
+    """A random llama / gemma2 / gemma3 / qwen2 / qwen3 / qwen3moe model (qwen3moe: every FFN a mixture of n_expert
     experts of width n_ff_exp, top-n_expert_used, no shared expert)."""
     rng = np.random.default_rng(seed)
     hd = head_dim or n_embd // n_head
@@ -111,8 +111,11 @@ def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 
     if head_dim:
         w.add_key_length(hd)
         w.add_value_length(hd)
-    if arch == "gemma3":
+    if arch in ("gemma2", "gemma3"):
         w.add_sliding_window(sliding_window)
+    if arch == "gemma2":
+        w.add_float32("gemma2.attn_logit_softcapping", 4.0)
+        w.add_float32("gemma2.final_logit_softcapping", 8.0)
     if arch == "qwen3moe":
         w.add_expert_count(n_expert)
         w.add_expert_used_count(n_expert_used)
@@ -167,7 +170,7 @@ def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 
         if arch in ("gemma3", "qwen3", "qwen3moe"):
             _add_tensor(w, p + "attn_q_norm.weight", norm(hd), QT.F32)
             _add_tensor(w, p + "attn_k_norm.weight", norm(hd), QT.F32)
-        if arch == "gemma3":
+        if arch in ("gemma2", "gemma3"):
             _add_tensor(w, p + "post_attention_norm.weight", norm(n_embd), QT.F32)
             _add_tensor(w, p + "post_ffw_norm.weight", norm(n_embd), QT.F32)
     w.write_header_to_file()

@@ -193,6 +193,7 @@ class AttentionBlock:
         self.neox = cfg.rope_neox
         self.n_rot = cfg.n_rot
         self.q_scale = cfg.attn_scale  # > 0: scale Q, attend with scale 1 (gemma3)
+        self.softcap = cfg.attn_softcap  # > 0: attention logit soft-capping (gemma2)
 
     def attention(self, h, pos, n_kv, kv: KVCache, rope: RopeTable, gemm: bool, normed: bool = False):
         """Attention of the rows h (or of rms_norm(h, attn_norm) with normed=True) -> (T, n_head*hd_v)."""
@@ -224,7 +225,10 @@ class AttentionBlock:
         kc, vc = kv.k[self.il], kv.v[self.il]
         K.store_kv(k, v, kc, vc, int(pos[0]))
         o = np.empty((T, self.n_head, self.hd_v), dtype=np.float32)
-        K.attention(q, kc, vc, pos, n_kv, scale, self.n_swa, o)
+        if self.softcap > 0:
+            K.attention(q, kc, vc, pos, n_kv, scale, self.n_swa, o, self.softcap)
+        else:
+            K.attention(q, kc, vc, pos, n_kv, scale, self.n_swa, o)
         return o.reshape(T, -1)
 
     def __call__(self, x, pos, n_kv, kv, rope, gemm: bool):

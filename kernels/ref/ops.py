@@ -104,9 +104,10 @@ def attention_mask(q_pos, n_kv, n_swa=0):  # -> (T, n_kv) bool, True = visible
     return m
 
 
-def attention(q, k_cache, v_cache, q_pos, n_kv, scale, n_swa=0, round_q=False):
+def attention(q, k_cache, v_cache, q_pos, n_kv, scale, n_swa=0, round_q=False, softcap=0.0):
     """q (T, Hq, dk), k_cache (Hkv, n_ctx, dk), v_cache (Hkv, n_ctx, dv) -> (T, Hq, dv), in float64 with
-    an explicit mask. round_q=True rounds Q to fp16 first, as the kernel (and llama.cpp) does."""
+    an explicit mask. round_q=True rounds Q to fp16 first, as the kernel (and llama.cpp) does. softcap > 0:
+    scores softcap * tanh(scores / softcap) (gemma2)."""
     q = round_f16(q) if round_q else np.asarray(q, np.float32)
     q = q.astype(np.float64)
     T, Hq, dk = q.shape
@@ -118,6 +119,8 @@ def attention(q, k_cache, v_cache, q_pos, n_kv, scale, n_swa=0, round_q=False):
         K = np.asarray(k_cache[h // grp, :n_kv], np.float64)
         V = np.asarray(v_cache[h // grp, :n_kv], np.float64)
         s = scale * (q[:, h, :] @ K.T)
+        if softcap > 0:
+            s = softcap * np.tanh(s / softcap)
         s = np.where(mask, s, -np.inf)
         mx = s.max(axis=1, keepdims=True)
         mx = np.where(np.isfinite(mx), mx, 0.0)

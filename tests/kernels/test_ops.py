@@ -413,6 +413,28 @@ def test_attention_vs_twin(T, Hq, Hkv, dk, dv, p0, n_swa):
     np.testing.assert_allclose(out, exact, rtol=0, atol=2e-3)
 
 
+@pytest.mark.parametrize("T,Hq,Hkv,dk,dv,p0,n_swa", [(1, 4, 2, 64, 64, 30, 0), (40, 8, 4, 256, 256, 10, 16),
+                                                    (70, 4, 2, 64, 64, 0, 0)])
+def test_attention_softcap_vs_twin(T, Hq, Hkv, dk, dv, p0, n_swa):
+    """gemma2's attention logit soft-capping: scores cap * tanh(scores / cap), serial and parallel paths, with a
+    sliding window; large scores (q scaled up) so that the cap bites; row-exact in the batch."""
+    r = rng(15)
+    n_ctx = p0 + T + 5
+    kc, vc = _cache(r, Hkv, n_ctx, p0 + T, dk, dv)
+    q = (8 * r.standard_normal((T, Hq, dk))).astype(f32)
+    pos = np.arange(p0, p0 + T, dtype=np.int32)
+    scale, cap = 1.0 / np.sqrt(dk), 5.0
+    out = np.full((T, Hq, dv), np.nan, f32)
+    ops.attention(q, kc, vc, pos, p0 + T, scale, n_swa, out, cap)
+    want = ref.attention(q, kc, vc, pos, p0 + T, scale, n_swa, round_q=True, softcap=cap)
+    np.testing.assert_allclose(out, want, rtol=0, atol=2e-5)
+    plain = ref.attention(q, kc, vc, pos, p0 + T, scale, n_swa, round_q=True)
+    assert np.abs(plain - want).max() > 1e-2  # the cap changes the result here
+    one = np.full((1, Hq, dv), np.nan, f32)
+    ops.attention(q[-1:], kc, vc, pos[-1:], p0 + T, scale, n_swa, one, cap)
+    assert np.array_equal(one[0], out[-1])
+
+
 def test_attention_masks_explicitly():
     """Key j is visible iff j <= pos and pos - j < n_swa: perturbing an invisible key changes nothing,
     perturbing a visible one changes the row."""
