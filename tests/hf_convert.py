@@ -4,6 +4,8 @@
 names plus attn_q/k/v.bias, no QK-norm), `Qwen3ForCausalLM` (arch `qwen3`), `Qwen3MoeForCausalLM` (arch
 `qwen3moe`: qwen3's attention, router ffn_gate_inp and experts as for qwen35moe, no shared expert),
 `Gemma2ForCausalLM` (arch `gemma2`: norm weights + 1 baked in, sliding window and soft-capping keys),
+`LlamaForCausalLM` / `MixtralForCausalLM` (arch `llama`: Q/K rows permuted as llama.cpp's converter does; Mixtral's
+router and experts as for qwen3moe),
 `Qwen3_5ForCausalLM` (arch `qwen35`) or `Qwen3_5MoeForCausalLM` (arch `qwen35moe`), applying the conversion
 transforms of llama.cpp's convert_hf_to_gguf.py (`Qwen3Model`, `Qwen3NextModel`, `_LinearAttentionVReorderBase`,
 `Qwen3_5TextModel`, `Qwen3_5MoeTextModel`; ENGINE_BRIEF §3.3, §3.4, §3.5):
@@ -80,6 +82,14 @@ _GEMMA2 = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+}
+_LLAMA = {k: v for k, v in _COMMON.items() if "_norm." not in k}
+_LLAMA["post_attention_layernorm.weight"] = "ffn_norm.weight"
+_MIXTRAL = {
+    **{k: v for k, v in _LLAMA.items() if not k.startswith("mlp.")},
+    "mlp.gate.weight": "ffn_gate_inp.weight",
+    "mlp.experts.gate_up_proj": "ffn_gate_up_exps.weight",
+    "mlp.experts.down_proj": "ffn_down_exps.weight",
 }
 _QWEN3MOE = {
     **{k: v for k, v in _QWEN3.items() if not k.startswith("mlp.")},
@@ -184,6 +194,8 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
         arch, pre, table = "qwen3moe", "qwen2", _QWEN3MOE
     elif mt == "gemma2":
         arch, pre, table = "gemma2", "gpt-2", _GEMMA2
+    elif mt in ("llama", "mixtral"):
+        arch, pre, table = "llama", "gpt-2", _LLAMA if mt == "llama" else _MIXTRAL
     elif mt in ("qwen3_5_text", "qwen3_5"):
         if mt == "qwen3_5":
             cfg = cfg.text_config
@@ -212,6 +224,10 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
             continue
         if arch == "gemma2" and hf_name.endswith("norm.weight"):
             a = a + 1.0  # Gemma's RMSNorm multiplies by (1 + w): the converter bakes the 1 in
+        if arch == "llama" and hf_name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+            # llama.cpp's LlamaModel.permute: rows of each head from (half, half) to interleaved pairs (NORM RoPE)
+            nh = cfg.num_attention_heads if hf_name.endswith("q_proj.weight") else cfg.num_key_value_heads
+            a = a.reshape(nh, 2, a.shape[0] // nh // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
         if hf_name in _GLOBAL:
             tensors[_GLOBAL[hf_name]] = a
             continue
@@ -242,6 +258,11 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
     w.add_file_type(0)  # ALL_F32
+    if arch == "llama":
+        w.add_rope_dimension_count(head_dim)
+        if mt == "mixtral":
+            w.add_expert_count(cfg.num_local_experts)
+            w.add_expert_used_count(cfg.num_experts_per_tok)
     if arch == "gemma2":
         w.add_sliding_window(cfg.sliding_window)
         w.add_float32("gemma2.attn_logit_softcapping", float(cfg.attn_logit_softcapping))

@@ -1,5 +1,5 @@
-"""Independent check of the gemma2, qwen2, qwen3, qwen3moe, qwen35 and qwen35moe forward passes against Hugging
-Face transformers.
+"""Independent check of the llama (dense and Mixtral MoE), gemma2, qwen2, qwen3, qwen3moe, qwen35 and qwen35moe
+forward passes against Hugging Face transformers.
 
 Tiny random transformers models (float32, eager attention) are converted to GGUF by tests/hf_convert.py (the
 transforms of llama.cpp's convert_hf_to_gguf.py) and llamba's logits are compared with the transformers logits:
@@ -65,6 +65,20 @@ def _gemma2():
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     cfg._attn_implementation = "eager"
     return transformers.Gemma2ForCausalLM(cfg)
+
+
+def _llama(moe: bool):
+    """Llama (Q/K permuted by the converter, NORM RoPE in llamba) or Mixtral (8 experts, top-2)."""
+    kw = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=N_CTX, rms_norm_eps=1e-5, tie_word_embeddings=False,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if moe:
+        cfg = transformers.MixtralConfig(num_local_experts=8, num_experts_per_tok=2, **kw)
+        cfg._experts_implementation = "eager"
+    else:
+        cfg = transformers.LlamaConfig(**kw)
+    cfg._attn_implementation = "eager"
+    return (transformers.MixtralForCausalLM if moe else transformers.LlamaForCausalLM)(cfg)
 
 
 def _qwen3moe(n_experts: int, top_k: int):
@@ -137,6 +151,8 @@ def _randomize(model, seed: int, zero_centred_norms: bool):
 
 CASES = {
     "gemma2": lambda: _randomize(_gemma2(), 9, zero_centred_norms=True),  # HF Gemma norms are (1 + w)
+    "llama": lambda: _randomize(_llama(False), 7, zero_centred_norms=False),
+    "mixtral": lambda: _randomize(_llama(True), 8, zero_centred_norms=False),  # llama arch with experts
     "qwen2": lambda: _randomize(_qwen2(), 10, zero_centred_norms=False),  # Q/K/V biases, NEOX RoPE
     "qwen3": lambda: _randomize(_qwen3(), 11, zero_centred_norms=False),
     "qwen3moe": lambda: _randomize(_qwen3moe(8, 2), 14, zero_centred_norms=False),  # no shared expert
