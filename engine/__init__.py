@@ -5,10 +5,10 @@ from llamba.errors import ContextOverflowError, GGUFError, LlambaError, Unsuppor
 
 
 def __getattr__(name):  # lazy: `import llamba` stays cheap (no Numba compile) until a model is used
-    if name == "Llama":
-        from llamba.llama import Llama
-        return Llama
+    if name in ("Llama", "LlamaState"):
+        from llamba import llama
+        return getattr(llama, name)
     raise AttributeError(name)
 
 
-__all__ = ["Llama", "GGUFError", "LlambaError", "UnsupportedError", "ContextOverflowError", "__version__"]
+__all__ = ["Llama", "LlamaState", "GGUFError", "LlambaError", "UnsupportedError", "ContextOverflowError", "__version__"]

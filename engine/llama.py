@@ -235,6 +235,33 @@ class Llama:
         self.last_stats = stats
         yield from generate(self.session, toks, sampler, max_tokens, stats, None, self._proposer())
 
+    # ---- cache state (llama-cpp-python's save_state / load_state)
+    def save_state(self) -> "LlamaState":
+        """A copy of the evaluated tokens and the cache (KV rows, recurrent states) and `scores`, to restore
+        later with `load_state` (here or in another Llama of the same model), e.g. to reuse a long prompt."""
+        self._need_model()
+        st = self.model.get_state()
+        size = sum(a.nbytes for pair in st["kv"].values() for a in pair)
+        size += sum(a.nbytes for pair in st.get("rec", {}).values() for a in pair)
+        n = self.n_tokens
+        scores = self._scores[:n].copy() if self._scores is not None and self.logits_all else \
+            (self._scores.copy() if self._scores is not None else None)
+        return LlamaState(np.array(self.session.tokens, dtype=np.intc), scores, n, st, size, self.seed,
+                          os.path.basename(self.model_path))
+
+    def load_state(self, state: "LlamaState") -> None:
+        self._need_model()
+        if not isinstance(state, LlamaState):
+            raise LlambaError(f"load_state expects a LlamaState from save_state, got {type(state).__name__}")
+        self.model.set_state(state.llama_state)
+        self.session.tokens = [int(t) for t in state.input_ids[:state.n_tokens]]
+        if state.scores is not None:
+            buf = self._scores_buf()
+            rows = min(len(state.scores), len(buf))
+            buf[:rows] = state.scores[:rows]
+        self.seed = state.seed
+        self._prop, self._prop_key = None, None  # a speculative proposer's own caches start over
+
     # ---- embeddings
     def embed(self, input, normalize: bool = False, truncate: bool = True, return_count: bool = False):
         """Embeddings of a string or a list of strings, as llama-cpp-python's `embed`: the model's final hidden
@@ -628,6 +655,24 @@ class Llama:
     def close(self):
         self.model = None
         self.session = None
+
+
+class LlamaState:
+    """What `Llama.save_state` returns (llama-cpp-python's LlamaState fields: input_ids, scores, n_tokens,
+    llama_state, llama_state_size, seed). Here `llama_state` is a dict of numpy arrays (KV rows of the cached
+    positions, recurrent states), not llama.cpp's byte blob; the object pickles."""
+
+    def __init__(self, input_ids, scores, n_tokens, llama_state, llama_state_size, seed, model_name=""):
+        self.input_ids = input_ids
+        self.scores = scores
+        self.n_tokens = int(n_tokens)
+        self.llama_state = llama_state
+        self.llama_state_size = int(llama_state_size)
+        self.seed = seed
+        self.model_name = model_name
+
+    def __repr__(self):
+        return f"LlamaState({self.n_tokens} tokens, {self.llama_state_size / 2**20:.1f} MiB, {self.model_name})"
 
 
 def _normalized(v: np.ndarray) -> list[float]:

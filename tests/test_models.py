@@ -345,3 +345,36 @@ def test_embed_and_create_embedding_like_llama_cpp_python(models):
     assert resp["usage"]["prompt_tokens"] == sum(len(llm.tokenize(t.encode())) for t in ("a b", "c"))
     with pytest.raises(LlambaError):
         Llama(p, n_ctx=64, embedding=True, pooling_type=7, verbose=False)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen35"])
+def test_save_state_and_load_state(models, tmp_path, kind):
+    """save_state / load_state (llama-cpp-python): the cache of a prompt restored later -- in the same Llama after
+    other work, or in a second instance, through pickle -- continues exactly as the original (greedy tokens and
+    logits); a state of another model or too long for the context is a clear error."""
+    import pickle
+    from tiny_models import write_qwen35
+    p = str(models["llama", QT.Q8_0]) if kind == "llama" else str(write_qwen35(tmp_path / "q35.gguf", seed=6))
+    prompt = [int(t) for t in np.random.default_rng(3).integers(3, 300, 20)]
+    a = Llama(p, n_ctx=64, verbose=False)
+    a.eval(prompt)
+    st = a.save_state()
+    assert st.n_tokens == 20 and list(st.input_ids) == prompt and st.llama_state_size > 0
+    after = a.eval([7])[-1].copy()  # the next token's logits right after the prompt
+    ref = list(Llama(p, n_ctx=64, verbose=False).generate(prompt, temp=0, max_tokens=8))
+    a.reset()
+    a.eval([9, 9, 9, 9])  # other work in between
+    a.load_state(st)
+    assert a.n_tokens == 20
+    assert np.array_equal(a.eval([7])[-1], after)  # the cache is back: same logits for the next token
+    a.load_state(st)
+    assert list(a.generate(prompt, temp=0, max_tokens=8)) == ref
+    b = Llama(p, n_ctx=64, verbose=False)
+    b.load_state(pickle.loads(pickle.dumps(st)))
+    assert np.array_equal(b.eval([7])[-1], after)
+    other = Llama(str(models["gemma3", QT.Q8_0]), n_ctx=64, verbose=False)
+    with pytest.raises(LlambaError, match="different model"):
+        other.load_state(st)
+    small = Llama(p, n_ctx=16, verbose=False)
+    with pytest.raises(LlambaError, match="context"):
+        small.load_state(st)

@@ -92,6 +92,51 @@ class BaseModel:
             raise ValueError(f"cannot truncate to {n} with {self.n_past} positions cached")
         self.n_past = n
 
+    def get_state(self) -> dict:
+        """A copy of what the cache holds (KV rows of the cached positions, recurrent states): `set_state` puts it
+        back, in this model or another instance of the same model."""
+        if getattr(self, "offload", None) is not None or self.out_dev is not None:
+            from llamba.errors import LlambaError
+            raise LlambaError("saving the cache state of a GPU-offloaded model is not supported")
+        n = self.n_past
+        kv = getattr(self, "kv", None)
+        c = self.config
+        st = {"n_past": n, "model": (c.arch, c.n_vocab, c.n_embd, c.n_layer_all),
+              "kv": {il: (kv.k[il][:, :n].copy(), kv.v[il][:, :n].copy()) for il in kv.k} if kv else {}}
+        rec = getattr(self, "rec", None)
+        if rec:
+            st["rec"] = {il: (cs.copy(), ss.copy()) for il, (cs, ss) in rec.items()}
+        return st
+
+    def set_state(self, st: dict):
+        from llamba.errors import LlambaError
+        if getattr(self, "offload", None) is not None or self.out_dev is not None:
+            raise LlambaError("restoring a cache state into a GPU-offloaded model is not supported")
+        n = int(st["n_past"])
+        kv = getattr(self, "kv", None)
+        if n > self.n_ctx:
+            raise LlambaError(f"the saved state holds {n} positions but this context holds {self.n_ctx}")
+        mine = set(kv.k) if kv else set()
+        rec = getattr(self, "rec", None) or {}
+        c = self.config
+        if tuple(st.get("model", ())) != (c.arch, c.n_vocab, c.n_embd, c.n_layer_all) or \
+                set(st["kv"]) != mine or set(st.get("rec", {})) != set(rec):
+            raise LlambaError("the saved state is from a different model (its layers do not match)")
+        for il, (k, v) in st["kv"].items():
+            if k.shape[0] != kv.k[il].shape[0] or k.shape[2:] != kv.k[il].shape[2:] or k.dtype != kv.k[il].dtype:
+                raise LlambaError("the saved state is from a different model (its KV shapes do not match)")
+        for il, (k, v) in st["kv"].items():
+            kv.k[il][:, :n] = k
+            kv.v[il][:, :n] = v
+        for il, (cs, ss) in st.get("rec", {}).items():
+            if cs.shape != rec[il][0].shape or ss.shape != rec[il][1].shape:
+                raise LlambaError("the saved state is from a different model (its recurrent states do not match)")
+            rec[il][0][...] = cs
+            rec[il][1][...] = ss
+        if hasattr(self, "_snap"):
+            self._snap = None  # per-token snapshots of an earlier batch no longer apply
+        self.n_past = n
+
     def _logit_rows(self, T: int, logits: str) -> slice:
         if logits == "all":
             return slice(0, T)
