@@ -140,11 +140,17 @@ class DevFFN(_On):
         super().__init__(dev)
         self.w_gate, self.w_up, self.w_down = self.w(ffn.w_gate), self.w(ffn.w_up), self.w(ffn.w_down)
         self.gelu = ffn.glu == GEGLU
+        self.n_ff = ffn.n_ff
 
     def __call__(self, h, gemm):
         k = self.k
-        g = k.matmul(self.w_gate, h, gemm)
-        u = k.matmul(self.w_up, h, gemm)
+        if self.w_gate is None:  # fused [gate | up] (phi3)
+            gu = k.matmul(self.w_up, h, gemm)
+            xp = self.xp
+            g, u = xp.ascontiguousarray(gu[:, :self.n_ff]), xp.ascontiguousarray(gu[:, self.n_ff:])
+        else:
+            g = k.matmul(self.w_gate, h, gemm)
+            u = k.matmul(self.w_up, h, gemm)
         a = k.geglu(g, u) if self.gelu else k.swiglu(g, u)
         return k.matmul(self.w_down, a, gemm)
 

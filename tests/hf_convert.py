@@ -4,6 +4,7 @@
 names plus attn_q/k/v.bias, no QK-norm), `Qwen3ForCausalLM` (arch `qwen3`), `Qwen3MoeForCausalLM` (arch
 `qwen3moe`: qwen3's attention, router ffn_gate_inp and experts as for qwen35moe, no shared expert),
 `Gemma2ForCausalLM` (arch `gemma2`: norm weights + 1 baked in, sliding window and soft-capping keys),
+`Phi3ForCausalLM` (arch `phi3`: fused attn_qkv and ffn_up; LongRoPE factors and attn_factor),
 `LlamaForCausalLM` / `MixtralForCausalLM` (arch `llama`: Q/K rows permuted as llama.cpp's converter does; Mixtral's
 router and experts as for qwen3moe),
 `Qwen3_5ForCausalLM` (arch `qwen35`) or `Qwen3_5MoeForCausalLM` (arch `qwen35moe`), applying the conversion
@@ -91,6 +92,14 @@ _MIXTRAL = {
     "mlp.experts.gate_up_proj": "ffn_gate_up_exps.weight",
     "mlp.experts.down_proj": "ffn_down_exps.weight",
 }
+_PHI3 = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.qkv_proj.weight": "attn_qkv.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_up_proj.weight": "ffn_up.weight",  # gate rows first (HF: gate, up = chunk(2))
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
 _QWEN3MOE = {
     **{k: v for k, v in _QWEN3.items() if not k.startswith("mlp.")},
     "mlp.gate.weight": "ffn_gate_inp.weight",  # router (n_expert, n_embd)
@@ -169,7 +178,7 @@ def _rope_params(cfg) -> dict:
     if "partial_rotary_factor" not in rp and getattr(cfg, "partial_rotary_factor", None) is not None:
         rp["partial_rotary_factor"] = cfg.partial_rotary_factor
     rtype = rp.get("rope_type", "default")
-    if rtype not in ("default", None):
+    if rtype not in ("default", None) and not (rtype == "longrope" and cfg.model_type == "phi3"):
         raise NotImplementedError(f"rope_type {rtype!r} is not handled by this test converter")
     return rp
 
@@ -194,6 +203,8 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
         arch, pre, table = "qwen3moe", "qwen2", _QWEN3MOE
     elif mt == "gemma2":
         arch, pre, table = "gemma2", "gpt-2", _GEMMA2
+    elif mt == "phi3":
+        arch, pre, table = "phi3", "gpt-2", _PHI3
     elif mt in ("llama", "mixtral"):
         arch, pre, table = "llama", "gpt-2", _LLAMA if mt == "llama" else _MIXTRAL
     elif mt in ("qwen3_5_text", "qwen3_5"):
@@ -263,6 +274,18 @@ def convert(model, path, *, state_dict=None, reorder_v: bool = True, n_ctx: int 
         if mt == "mixtral":
             w.add_expert_count(cfg.num_local_experts)
             w.add_expert_used_count(cfg.num_experts_per_tok)
+    if arch == "phi3":
+        w.add_rope_dimension_count(int(head_dim * rp.get("partial_rotary_factor", 1.0)))
+        if rp.get("rope_type") == "longrope":  # as llama.cpp's Phi3MiniModel converter writes LongRoPE
+            import math
+            orig = int(getattr(cfg, "original_max_position_embeddings", cfg.max_position_embeddings))
+            scale = cfg.max_position_embeddings / orig
+            af = rp.get("attention_factor") or (1.0 if scale <= 1.0 else
+                                                math.sqrt(1 + math.log(scale) / math.log(orig)))
+            w.add_rope_scaling_attn_factors(float(af))
+            w.add_uint32("phi3.rope.scaling.original_context_length", orig)
+            tensors["rope_factors_long.weight"] = np.asarray(rp["long_factor"], np.float32)
+            tensors["rope_factors_short.weight"] = np.asarray(rp["short_factor"], np.float32)
     if arch == "gemma2":
         w.add_sliding_window(cfg.sliding_window)
         w.add_float32("gemma2.attn_logit_softcapping", float(cfg.attn_logit_softcapping))

@@ -1,6 +1,6 @@
-"""An independent float64 numpy forward pass for llama / gemma2 / gemma3 / qwen2 / qwen3 / qwen3moe GGUFs, written
-from ENGINE_BRIEF §3 and read with gguf-py's own GGUFReader + dequantize (not llamba's loader or kernels). Slow;
-tiny models only."""
+"""An independent float64 numpy forward pass for llama / gemma2 / gemma3 / phi3 / qwen2 / qwen3 / qwen3moe GGUFs,
+written from ENGINE_BRIEF §3 and read with gguf-py's own GGUFReader + dequantize (not llamba's loader or kernels).
+Slow; tiny models only."""
 from __future__ import annotations
 
 import math
@@ -68,9 +68,15 @@ class RefModel:
             W = lambda n: self.t[p + n]  # noqa: E731
             h = rms(x, W("attn_norm.weight"))
             B = lambda n: self.t.get(p + n, 0.0)  # noqa: E731  (qwen2: q/k/v biases)
-            q = (h @ W("attn_q.weight").T + B("attn_q.bias")).reshape(T, H, hd)
-            k = (h @ W("attn_k.weight").T + B("attn_k.bias")).reshape(T, Hkv, hd)
-            v = (h @ W("attn_v.weight").T + B("attn_v.bias")).reshape(T, Hkv, hd)
+            if p + "attn_qkv.weight" in self.t:  # phi3: fused Q|K|V rows
+                qkv = h @ W("attn_qkv.weight").T
+                q = qkv[:, :H * hd].reshape(T, H, hd)
+                k = qkv[:, H * hd:(H + Hkv) * hd].reshape(T, Hkv, hd)
+                v = qkv[:, (H + Hkv) * hd:].reshape(T, Hkv, hd)
+            else:
+                q = (h @ W("attn_q.weight").T + B("attn_q.bias")).reshape(T, H, hd)
+                k = (h @ W("attn_k.weight").T + B("attn_k.bias")).reshape(T, Hkv, hd)
+                v = (h @ W("attn_v.weight").T + B("attn_v.bias")).reshape(T, Hkv, hd)
             if a in ("gemma3", "qwen3", "qwen3moe"):
                 q = rms(q, W("attn_q_norm.weight"))
                 k = rms(k, W("attn_k_norm.weight"))
@@ -111,8 +117,12 @@ class RefModel:
                         f[t] += we * (W("ffn_down_exps.weight")[e] @ (ge / (1 + np.exp(-ge)) * ue))
                 x = x + f
                 continue
-            gt = h @ W("ffn_gate.weight").T
-            up = h @ W("ffn_up.weight").T
+            if p + "ffn_gate.weight" in self.t:
+                gt = h @ W("ffn_gate.weight").T
+                up = h @ W("ffn_up.weight").T
+            else:  # phi3: fused gate|up, gate rows first
+                gu = h @ W("ffn_up.weight").T
+                gt, up = gu[:, :gu.shape[1] // 2], gu[:, gu.shape[1] // 2:]
             if gemma:
                 act = 0.5 * gt * (1 + np.tanh(math.sqrt(2 / math.pi) * (gt + 0.044715 * gt ** 3)))
             else:

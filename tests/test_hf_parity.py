@@ -67,6 +67,26 @@ def _gemma2():
     return transformers.Gemma2ForCausalLM(cfg)
 
 
+def _phi3(longrope: bool):
+    """Phi-3: fused qkv and gate_up, partial rotary (3/4 of head_dim 32); with LongRoPE short/long factors and
+    an original context of 64 < N_CTX (llamba, like llama.cpp, picks the factors by n_ctx, as HF does by length
+    only past the original context: the parity run stays within 64 tokens for the short factors)."""
+    rp = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
+    kw = {}
+    if longrope:
+        r = np.random.default_rng(3)
+        rp = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+              "short_factor": (1.0 + r.random(12)).round(3).tolist(),
+              "long_factor": (2.0 + 4 * r.random(12)).round(3).tolist()}
+        kw = {"original_max_position_embeddings": 64}
+    cfg = transformers.Phi3Config(
+        vocab_size=320, hidden_size=128, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=N_CTX, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        sliding_window=None, pad_token_id=0, bos_token_id=1, eos_token_id=2, rope_parameters=rp, **kw)
+    cfg._attn_implementation = "eager"
+    return transformers.Phi3ForCausalLM(cfg)
+
+
 def _llama(moe: bool):
     """Llama (Q/K permuted by the converter, NORM RoPE in llamba) or Mixtral (8 experts, top-2)."""
     kw = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -152,6 +172,8 @@ def _randomize(model, seed: int, zero_centred_norms: bool):
 CASES = {
     "gemma2": lambda: _randomize(_gemma2(), 9, zero_centred_norms=True),  # HF Gemma norms are (1 + w)
     "llama": lambda: _randomize(_llama(False), 7, zero_centred_norms=False),
+    "phi3": lambda: _randomize(_phi3(False), 6, zero_centred_norms=False),
+    "phi3-longrope": lambda: _randomize(_phi3(True), 5, zero_centred_norms=False),  # n_ctx 128 > 64: long factors
     "mixtral": lambda: _randomize(_llama(True), 8, zero_centred_norms=False),  # llama arch with experts
     "qwen2": lambda: _randomize(_qwen2(), 10, zero_centred_norms=False),  # Q/K/V biases, NEOX RoPE
     "qwen3": lambda: _randomize(_qwen3(), 11, zero_centred_norms=False),

@@ -11,7 +11,7 @@ from llamba.errors import ContextOverflowError, LlambaError
 from ref_forward import RefModel
 from tiny_models import write_model
 
-ARCHS = ["llama", "gemma2", "gemma3", "qwen2", "qwen3", "qwen3moe"]
+ARCHS = ["llama", "gemma2", "gemma3", "phi3", "qwen2", "qwen3", "qwen3moe"]
 
 
 @pytest.fixture(scope="module")

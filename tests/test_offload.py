@@ -283,6 +283,7 @@ def tiny(tmp_path_factory):
         "llama": write_model(d / "llama.gguf", "llama", qtype=QT.Q8_0, n_layer=3, seed=11),
         "gemma3": write_model(d / "gemma3.gguf", "gemma3", qtype=QT.Q4_0, n_layer=3, seed=12),
         "qwen2": write_model(d / "qwen2.gguf", "qwen2", qtype=QT.Q8_0, n_layer=3, seed=15, tied=False),
+        "phi3": write_model(d / "phi3.gguf", "phi3", qtype=QT.Q8_0, n_layer=3, seed=18, tied=False),
         "qwen3moe": write_model(d / "qwen3moe.gguf", "qwen3moe", qtype=QT.Q8_0, n_layer=3, seed=16),  # MoE on CPU
         "qwen35": write_qwen35(d / "qwen35.gguf", qtype=QT.Q8_0, n_layer=4, mtp=True, seed=13),
         # MoE FFNs (8 experts, top-2, fused gate_up) in every block and the MTP block: they stay on the CPU
@@ -320,7 +321,7 @@ def _placements(n_all):
     return [(0, 1, None), (n_all // 2, 1, None), (n_all, 1, None), (B.NGL_ALL, 2, [1, 1])]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2", "qwen3moe", "qwen35", "qwen35moe"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3", "qwen2", "qwen3moe", "qwen35", "qwen35moe"])
 @pytest.mark.parametrize("kernels", ["host", "xp"])
 def test_offload_logits_match_cpu(tiny, cpu_ref, arch, kernels):
     """host kernels: bit-identical to the CPU path. xp kernels (float activations, as on the GPU): where the CPU

@@ -95,8 +95,8 @@ def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 
                 qtype: QT = QT.F32, seed: int = 0, tied: bool = True, n_ctx: int = 256,
                 sliding_window: int = 8, extra_meta: dict | None = None, chat_template: str | None = None,
                 n_expert: int = 8, n_expert_used: int = 2, n_ff_exp: int = 32):
-    """A random llama / gemma2 / gemma3 / qwen2 / qwen3 / qwen3moe model (qwen3moe: every FFN a mixture of n_expert
-    experts of width n_ff_exp, top-n_expert_used, no shared expert)."""
+    """A random llama / gemma2 / gemma3 / phi3 / qwen2 / qwen3 / qwen3moe model (qwen3moe: every FFN a mixture of
+    n_expert experts of width n_ff_exp, top-n_expert_used, no shared expert; phi3: fused attn_qkv and ffn_up)."""
     rng = np.random.default_rng(seed)
     hd = head_dim or n_embd // n_head
     w = GGUFWriter(str(path), arch)
@@ -149,9 +149,12 @@ def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 
     for il in range(n_layer):
         p = f"blk.{il}."
         _add_tensor(w, p + "attn_norm.weight", norm(n_embd), QT.F32)
-        _add_tensor(w, p + "attn_q.weight", mat(n_head * hd, n_embd), qtype)
-        _add_tensor(w, p + "attn_k.weight", mat(n_head_kv * hd, n_embd), qtype)
-        _add_tensor(w, p + "attn_v.weight", mat(n_head_kv * hd, n_embd), qtype)
+        if arch == "phi3":  # fused Q|K|V
+            _add_tensor(w, p + "attn_qkv.weight", mat((n_head + 2 * n_head_kv) * hd, n_embd), qtype)
+        else:
+            _add_tensor(w, p + "attn_q.weight", mat(n_head * hd, n_embd), qtype)
+            _add_tensor(w, p + "attn_k.weight", mat(n_head_kv * hd, n_embd), qtype)
+            _add_tensor(w, p + "attn_v.weight", mat(n_head_kv * hd, n_embd), qtype)
         _add_tensor(w, p + "attn_output.weight", mat(n_embd, n_head * hd), qtype)
         _add_tensor(w, p + "ffn_norm.weight", norm(n_embd), QT.F32)
         if arch == "qwen3moe":
@@ -160,6 +163,9 @@ def write_model(path, arch: str = "llama", *, n_vocab: int = 320, n_embd: int = 
                             ("ffn_down_exps", n_embd, n_ff_exp)):
                 e = rng.standard_normal((n_expert, o, i)).astype(np.float32) / np.sqrt(i)
                 _add_tensor(w, p + n + ".weight", e, qtype)
+        elif arch == "phi3":  # fused gate|up
+            _add_tensor(w, p + "ffn_up.weight", mat(2 * n_ff, n_embd), qtype)
+            _add_tensor(w, p + "ffn_down.weight", mat(n_embd, n_ff), qtype)
         else:
             _add_tensor(w, p + "ffn_gate.weight", mat(n_ff, n_embd), qtype)
             _add_tensor(w, p + "ffn_up.weight", mat(n_ff, n_embd), qtype)

@@ -5,7 +5,7 @@ import importlib
 
 from llamba.errors import UnsupportedError
 
-ARCHITECTURES = ("llama", "gemma2", "gemma3", "qwen2", "qwen3", "qwen3moe", "qwen35", "qwen35moe")
+ARCHITECTURES = ("llama", "gemma2", "gemma3", "phi3", "qwen2", "qwen3", "qwen3moe", "qwen35", "qwen35moe")
 
 
 def load_model(gf, n_ctx: int, **opts):

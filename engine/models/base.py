@@ -169,11 +169,17 @@ class FFN:
     """Gated FFN: down(act(gate(x)) * up(x)), act = SiLU (SwiGLU) or GELU-tanh (GeGLU)."""
 
     def __init__(self, gf, p: str, n_embd: int, n_ff: int, activation: str = "silu"):
-        self.w_gate = Linear(gf, p + "ffn_gate.weight", p + "ffn_gate.bias", (n_ff, n_embd))
-        self.w_up = Linear(gf, p + "ffn_up.weight", p + "ffn_up.bias", (n_ff, n_embd))
+        self.n_ff = n_ff
+        if gf.has(p + "ffn_gate.weight") or not gf.has(p + "ffn_up.weight"):
+            self.w_gate = Linear(gf, p + "ffn_gate.weight", p + "ffn_gate.bias", (n_ff, n_embd))
+            self.w_up = Linear(gf, p + "ffn_up.weight", p + "ffn_up.bias", (n_ff, n_embd))
+            self.up = LinearGroup([self.w_gate, self.w_up])
+        else:  # phi3: one ffn_up of 2 n_ff rows, gate rows first (llama.cpp's fused SwiGLU)
+            self.w_gate = None
+            self.w_up = Linear(gf, p + "ffn_up.weight", p + "ffn_up.bias", (2 * n_ff, n_embd))
+            self.up = LinearGroup([self.w_up])
         self.w_down = Linear(gf, p + "ffn_down.weight", p + "ffn_down.bias", (n_embd, n_ff))
         self.glu = SWIGLU if activation == "silu" else GEGLU  # LinearGroup input mode of down
-        self.up = LinearGroup([self.w_gate, self.w_up])
         self.down = LinearGroup([self.w_down])
 
     def __call__(self, h: np.ndarray, gemm: bool) -> np.ndarray:
@@ -184,7 +190,11 @@ class FFN:
         return self._down(self.up(x, RMS_NORM, None, norm_w, eps, gemm=gemm), gemm)
 
     def _down(self, gu: list, gemm: bool) -> np.ndarray:
-        """down(act(gate) * up) from the list [gate, up] (which it empties)."""
+        """down(act(gate) * up) from the list [gate, up] (which it empties); a fused [gate | up] is split."""
+        if self.w_gate is None:
+            gup = gu.pop()
+            gu += [np.ascontiguousarray(gup[:, :self.n_ff]), np.ascontiguousarray(gup[:, self.n_ff:])]
+            del gup
         g = gu[0]
         if gemm or g.shape[0] > FUSED_MAX_T or not self.down.fused:
             # prompt batches: act(g) * u written over g, and u let go (the list held the last reference) before
