@@ -275,6 +275,20 @@ def _reduce8(builder, ps):
     return _add_shuf(builder, h0, h1, (0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15))
 
 
+def _store8(builder, acc, base, full, nrv):
+    """Store the <8 x float> acc at float* base: all eight lanes with one vector store when `full` (i1), else
+    only the first nrv lanes (the last, partial 8-row group of a matrix)."""
+    v8f = acc.type
+    with builder.if_else(full) as (then, otherwise):
+        with then:
+            builder.store(acc, builder.bitcast(base, v8f.as_pointer()), align=4)
+        with otherwise:
+            for k in range(8):
+                with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, k), nrv)):
+                    builder.store(builder.extract_element(acc, ir.Constant(_I32, k)),
+                                  builder.gep(base, [ir.Constant(_I64, k)]), align=4)
+
+
 def _prefetch_step(builder, pfbase, b, bb):
     """Software prefetch for the 8-row group kernels: the rows 8 at a time are 8 interleaved streams too short
     for the hardware prefetchers, so block step b prefetches bytes [8*bb*b, 8*bb*(b+1)) of the group
@@ -545,16 +559,8 @@ def _make_tile4(has_min, bias):
             for i in range(4):
                 valid = builder.icmp_signed("<", ir.Constant(_I64, i), ntv)
                 with builder.if_then(valid):
-                    acc = builder.load(slots[i])
                     base = builder.gep(op, [builder.add(builder.mul(ts[i], rowsv), r0v)])
-                    with builder.if_else(full) as (then, otherwise):
-                        with then:
-                            builder.store(acc, builder.bitcast(base, v8f.as_pointer()), align=4)
-                        with otherwise:
-                            for k in range(8):
-                                with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, k), nrv)):
-                                    builder.store(builder.extract_element(acc, ir.Constant(_I32, k)),
-                                                  builder.gep(base, [ir.Constant(_I64, k)]), align=4)
+                    _store8(builder, builder.load(slots[i]), base, full, nrv)
             return context.get_dummy_value()
         return types.none(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows), codegen
     return tile4
@@ -633,16 +639,8 @@ def _make_rows8t(kind, nt):
                     builder.store(builder.fadd(builder.load(slots[i]), term), slots[i])
             full = builder.icmp_signed("==", nrv, ir.Constant(_I64, 8))
             for i in range(nt):
-                acc = builder.load(slots[i])
                 base = builder.gep(op, [builder.add(builder.mul(ir.Constant(_I64, i), rowsv), r0v)])
-                with builder.if_else(full) as (then, otherwise):
-                    with then:
-                        builder.store(acc, builder.bitcast(base, v8f.as_pointer()), align=4)
-                    with otherwise:
-                        for k in range(8):
-                            with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, k), nrv)):
-                                builder.store(builder.extract_element(acc, ir.Constant(_I32, k)),
-                                              builder.gep(base, [ir.Constant(_I64, k)]), align=4)
+                _store8(builder, builder.load(slots[i]), base, full, nrv)
             return context.get_dummy_value()
         return types.none(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows), codegen
     return rows8t
@@ -780,16 +778,8 @@ def _make_tilep(nt):
                     builder.store(builder.fadd(builder.load(slots[i]), term), slots[i])
             full = builder.icmp_signed("==", nrv, ir.Constant(_I64, 8))
             for i in range(nt):
-                acc = builder.load(slots[i])
                 obase = builder.gep(op, [builder.add(builder.mul(ts[i], rowsv), r0v)])
-                with builder.if_else(full) as (then, otherwise):
-                    with then:
-                        builder.store(acc, builder.bitcast(obase, v8f.as_pointer()), align=4)
-                    with otherwise:
-                        for k in range(8):
-                            with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, k), nrv)):
-                                builder.store(builder.extract_element(acc, ir.Constant(_I32, k)),
-                                              builder.gep(obase, [ir.Constant(_I64, k)]), align=4)
+                _store8(builder, builder.load(slots[i]), obase, full, nrv)
             return context.get_dummy_value()
         return types.none(wp, g, nb, aq, t0, n, asum, ad, out, r0, nr, rows), codegen
     return tilep
