@@ -322,7 +322,11 @@ class Transformer(BaseModel):
         self.hidden = None
 
     def make_ffn(self, gf, cfg, il: int):
-        """The FFN of layer il when it is not the dense gated FFN (None: that one)."""
+        """The FFN of layer il when it is not the dense gated FFN (None: that one): with experts in the config
+        (qwen3moe, Mixtral-style llama), a layer with a router is a mixture of experts without a shared expert."""
+        if cfg.n_expert and gf.has(f"blk.{il}.ffn_gate_inp.weight"):
+            from llamba.models.moe import MoEFFN
+            return MoEFFN(gf, cfg, il, shared=False)
         return None
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:

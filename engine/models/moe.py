@@ -18,6 +18,8 @@ is a Linear over that zero-copy view.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from llamba.errors import GGUFError
@@ -26,6 +28,26 @@ from llamba.kernels.quant import ops_for
 from llamba.layers import SWIGLU, Linear, LinearGroup
 
 ROUTER_SUM_MIN = np.float32(6.103515625e-5)  # llama.cpp clamps the top-k weight sum to >= 2^-14
+
+
+def moe_config(gf, cfg, arch: str, n_ff_exp_default, shared: bool):
+    """`cfg` with the expert fields read from `{arch}.expert_*`: n_expert, n_expert_used, n_ff_exp
+    (expert_feed_forward_length, else n_ff_exp_default(n_used)) and, with a shared expert, n_ff_shexp
+    (expert_shared_feed_forward_length, else feed_forward_length)."""
+    p = arch + "."
+    n_expert = int(gf.require(p + "expert_count"))
+    n_used = int(gf.require(p + "expert_used_count"))
+    if n_expert <= 0 or not 0 < n_used <= n_expert:
+        raise GGUFError(f"{gf.path}: {p}expert_used_count {n_used} must be between 1 and {p}expert_count "
+                        f"{n_expert}")
+    n_ff_exp = int(gf.get(p + "expert_feed_forward_length", 0) or 0) or n_ff_exp_default(n_used)
+    n_ff_shexp = (int(gf.get(p + "expert_shared_feed_forward_length", 0) or 0) or cfg.n_ff[0]) if shared else 0
+    if n_ff_exp <= 0 or (shared and n_ff_shexp <= 0):
+        what = (f"widths: {p}expert_feed_forward_length / expert_shared_feed_forward_length are missing"
+                if shared else f"width: {p}expert_feed_forward_length is missing")
+        raise GGUFError(f"{gf.path}: cannot tell the expert FFN {what} and {p}feed_forward_length is 0")
+    return dataclasses.replace(cfg, n_expert=n_expert, n_expert_used=n_used, n_ff_exp=n_ff_exp,
+                               n_ff_shexp=n_ff_shexp)
 
 
 class ExpertLinear(Linear):
