@@ -61,19 +61,18 @@ class Session:
         del self.tokens[n:]
 
     def eval(self, tokens, logits: str = "last", gemm=None, keep_hidden=False):
+        kw = {"keep_hidden": True} if keep_hidden else {}
         nb = self.n_batch
         if not nb or len(tokens) <= nb:
-            if keep_hidden:
-                out = self.model.forward(tokens, logits=logits, gemm=gemm, keep_hidden=True)
-            else:
-                out = self.model.forward(tokens, logits=logits, gemm=gemm)
+            out = self.model.forward(tokens, logits=logits, gemm=gemm, **kw)
         else:
-            out = self._eval_chunked(tokens, logits, gemm, keep_hidden, nb)
+            out = self._eval_chunked(tokens, logits, gemm, kw, nb)
         self.tokens.extend(int(t) for t in tokens)
         return out
 
-    def _eval_chunked(self, tokens, logits, gemm, keep_hidden, nb):
+    def _eval_chunked(self, tokens, logits, gemm, kw, nb):
         model = self.model
+        keep_hidden = bool(kw)
         model.check_room(len(tokens))  # all or nothing: fail before the first chunk
         n0 = model.n_past
         outs, hids = [], []
@@ -81,7 +80,6 @@ class Session:
             for i in range(0, len(tokens), nb):
                 last = i + nb >= len(tokens)
                 lg = logits if logits != "last" or last else "none"
-                kw = {"keep_hidden": True} if keep_hidden else {}
                 outs.append(model.forward(tokens[i:i + nb], logits=lg, gemm=gemm, **kw))
                 if keep_hidden:
                     hids.append(model.hidden)

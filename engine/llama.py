@@ -72,7 +72,6 @@ class Llama:
                               split_mode=split_mode, verbose=verbose)
             self.session = Session(self.model, n_batch)
         self._n_ctx = n_ctx
-        self._n_batch = max(1, min(int(n_batch or 512), int(n_ctx or 512)))
         self.embedding = bool(embedding)
         if pooling_type not in POOLING_NAMES and pooling_type != POOLING_UNSPECIFIED:
             raise LlambaError(f"pooling_type must be one of {sorted(POOLING_NAMES)} or {POOLING_UNSPECIFIED} "
@@ -244,8 +243,7 @@ class Llama:
         size = sum(a.nbytes for pair in st["kv"].values() for a in pair)
         size += sum(a.nbytes for pair in st.get("rec", {}).values() for a in pair)
         n = self.n_tokens
-        scores = self._scores[:n].copy() if self._scores is not None and self.logits_all else \
-            (self._scores.copy() if self._scores is not None else None)
+        scores = None if self._scores is None else self._scores[:n if self.logits_all else 1].copy()
         return LlamaState(np.array(self.session.tokens, dtype=np.intc), scores, n, st, size, self.seed,
                           os.path.basename(self.model_path))
 
@@ -277,6 +275,7 @@ class Llama:
             raise LlambaError(f"pooling type {POOLING_NAMES.get(pooling, pooling)} is not supported for embeddings "
                               f"(supported: none, mean, cls, last)")
         inputs = [input] if isinstance(input, str) else list(input)
+        n_batch = min(self.session.n_batch or 512, self._n_ctx)  # llama-cpp-python: n_batch, at most n_ctx
         data, total = [], 0
         try:
             for text in inputs:
@@ -284,9 +283,9 @@ class Llama:
                     raise LlambaError(f"embed: inputs must be strings, got {type(text).__name__}")
                 toks = self.tokenize(text.encode("utf-8"))
                 if truncate:
-                    toks = toks[:self._n_batch]
-                if len(toks) > self._n_batch:
-                    raise ValueError(f"Requested tokens ({len(toks)}) exceed batch size of {self._n_batch}")
+                    toks = toks[:n_batch]
+                if len(toks) > n_batch:
+                    raise ValueError(f"Requested tokens ({len(toks)}) exceed batch size of {n_batch}")
                 if not toks:
                     raise LlambaError("embed: an input has no tokens (empty text); give some text")
                 total += len(toks)
