@@ -76,12 +76,11 @@ class StringArray(Sequence):
         o = self._offs
         return self._blob[o[i]:o[i + 1]].decode("utf-8")
 
-    def item_bytes(self, i: int) -> bytes:
-        o = self._offs
-        return self._blob[o[i]:o[i + 1]]
+    def _offsets(self) -> np.ndarray:
+        return np.frombuffer(self._offs, dtype=np.int32 if self._offs.typecode == "i" else np.int64)
 
     def byte_lengths(self) -> np.ndarray:
-        return np.diff(np.frombuffer(self._offs, dtype=np.int32 if self._offs.typecode == "i" else np.int64))
+        return np.diff(self._offsets())
 
     def tolist(self) -> list[str]:
         """Every string, with one UTF-8 decode of the blob split at character offsets."""
@@ -90,7 +89,7 @@ class StringArray(Sequence):
         lead = np.empty(len(b) + 1, dtype=np.int64)
         lead[0] = 0
         np.cumsum((b & 0xC0) != 0x80, out=lead[1:])
-        co = lead[np.frombuffer(self._offs, dtype=np.int32 if self._offs.typecode == "i" else np.int64)].tolist()
+        co = lead[self._offsets()].tolist()
         return [text[a:c] for a, c in zip(co[:-1], co[1:])]
 
     def __iter__(self):

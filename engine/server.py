@@ -117,14 +117,9 @@ def _one(name, v):
     return 1
 
 
-def _logprobs_n(name, v):
-    """/v1/completions `logprobs`: how many alternatives per token (llama-cpp-python / OpenAI legacy)."""
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_LOGPROBS:
-        raise _bad(f"'{name}' must be an integer from 0 to {MAX_LOGPROBS}", name)
-    return v
-
-
-def _top_logprobs(name, v):
+def _n_logprobs(name, v):
+    """How many alternatives per token: /v1/completions `logprobs` (llama-cpp-python / OpenAI legacy) and chat
+    `top_logprobs`; a JSON integer (not a bool, not 2.0) from 0 to MAX_LOGPROBS."""
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_LOGPROBS:
         raise _bad(f"'{name}' must be an integer from 0 to {MAX_LOGPROBS}", name)
     return v
@@ -186,7 +181,7 @@ _SAMPLING = {
 _CHAT_PARAMS = dict(_SAMPLING, **{
     "messages": (_any, None),
     "logprobs": (_bool, "logprobs"),
-    "top_logprobs": (_top_logprobs, "top_logprobs"),
+    "top_logprobs": (_n_logprobs, "top_logprobs"),
     "max_completion_tokens": (_int(1, None), "max_tokens"),
     "tools": (_tools, None),
     "tool_choice": (_any, None),
@@ -196,7 +191,7 @@ _CHAT_PARAMS = dict(_SAMPLING, **{
 })
 _COMPLETION_PARAMS = dict(_SAMPLING, **{
     "prompt": (_any, None),
-    "logprobs": (_logprobs_n, "logprobs"),
+    "logprobs": (_n_logprobs, "logprobs"),
     "echo": (_bool, "echo"),
     "best_of": (_one, None),
     "suffix": (_any, None),
