@@ -226,7 +226,7 @@ class StrIndex:
     winner comes first: the last occurrence (`last_wins`, llama.cpp's token_to_id map, where a later token
     overwrites) or the first (`merges`' std::unordered_map::emplace keeps the first rank)."""
 
-    __slots__ = ("_texts", "_hs", "_ids", "_bucket", "_mask", "_blob", "_offs", "get")
+    __slots__ = ("get", "_n")
 
     def __init__(self, texts, last_wins: bool):
         n = len(texts)
@@ -239,60 +239,55 @@ class StrIndex:
         idx = np.arange(n, dtype=np.int64)
         order = np.lexsort((-idx if last_wins else idx, keys))
         bucket = np.searchsorted(keys[order], np.arange(mask + 2, dtype=np.int64)).astype(np.int32)
-        self._texts = texts
-        # a StringArray is verified straight from its bytes (no per-item method call)
-        self._blob = getattr(texts, "_blob", None)
-        self._offs = getattr(texts, "_offs", None) if self._blob is not None else None
-        self._hs = array("q", hs[order].tobytes())
-        self._ids = array("i", order.astype(np.int32).tobytes())
-        self._bucket = array("i", bucket.tobytes())
-        self._mask = mask
-        self.get = self._make_get()
-
-    def _make_get(self):
-        """get(text, default=None) as a closure over the tables (the tokenizer's hot lookup: no attribute reads)."""
-        hs, ids, bucket, mask, texts = self._hs, self._ids, self._bucket, self._mask, self._texts
-        blob, offs = self._blob, self._offs
-
-        if offs is None:
-            def get(text: str, default=None):
-                h = hash(text)
-                b = h & mask
-                k, e = bucket[b], bucket[b + 1]
-                while k < e:
-                    if hs[k] == h and texts[ids[k]] == text:
-                        return ids[k]
-                    k += 1
-                return default
-        else:
-            # texts found recently (bounded): most lookups of a tokenizer are hits on a few thousand common tokens,
-            # which then skip decoding the token's bytes to compare
-            hits: dict = {}
-
-            def get(text: str, default=None):
-                i = hits.get(text)
-                if i is not None:
-                    return i
-                h = hash(text)
-                b = h & mask
-                k, e = bucket[b], bucket[b + 1]
-                while k < e:
-                    if hs[k] == h:
-                        i = ids[k]
-                        if blob[offs[i]:offs[i + 1]].decode("utf-8") == text:
-                            if len(hits) >= _HIT_CACHE:
-                                hits.clear()
-                            hits[text] = i
-                            return i
-                    k += 1
-                return default
-        return get
+        self._n = n
+        self.get = _make_get(texts, array("q", hs[order].tobytes()), array("i", order.astype(np.int32).tobytes()),
+                             array("i", bucket.tobytes()), mask)
 
     def __contains__(self, text) -> bool:
         return self.get(text) is not None
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return self._n
+
+
+def _make_get(texts, hs, ids, bucket, mask):
+    """StrIndex.get(text, default=None) as a closure over its tables (the tokenizer's hot lookup: no attribute
+    reads). A StringArray is verified straight from its bytes (no per-item method call)."""
+    blob = getattr(texts, "_blob", None)
+    offs = getattr(texts, "_offs", None) if blob is not None else None
+    if offs is None:
+        def get(text: str, default=None):
+            h = hash(text)
+            b = h & mask
+            k, e = bucket[b], bucket[b + 1]
+            while k < e:
+                if hs[k] == h and texts[ids[k]] == text:
+                    return ids[k]
+                k += 1
+            return default
+        return get
+    # texts found recently (bounded): most lookups of a tokenizer are hits on a few thousand common tokens, which
+    # then skip decoding the token's bytes to compare
+    hits: dict = {}
+
+    def get(text: str, default=None):
+        i = hits.get(text)
+        if i is not None:
+            return i
+        h = hash(text)
+        b = h & mask
+        k, e = bucket[b], bucket[b + 1]
+        while k < e:
+            if hs[k] == h:
+                i = ids[k]
+                if blob[offs[i]:offs[i + 1]].decode("utf-8") == text:
+                    if len(hits) >= _HIT_CACHE:
+                        hits.clear()
+                    hits[text] = i
+                    return i
+            k += 1
+        return default
+    return get
 
 
 # ================================================================= Tokenizer
