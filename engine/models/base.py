@@ -280,7 +280,7 @@ class AttentionBlock:
         kc, vc = kv.k[self.il], kv.v[self.il]
         K.store_kv(k, v, kc, vc, int(pos[0]))
         o = np.empty((T, self.n_head, self.hd_v), dtype=np.float32)
-        if self.softcap > 0:
+        if self.softcap > 0:  # (left out, softcap is a compile-time 0 in the kernel: no cost for other models)
             K.attention(q, kc, vc, pos, n_kv, scale, self.n_swa, o, self.softcap)
         else:
             K.attention(q, kc, vc, pos, n_kv, scale, self.n_swa, o)
