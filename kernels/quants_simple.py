@@ -275,6 +275,18 @@ def _reduce8(builder, ps):
     return _add_shuf(builder, h0, h1, (0, 1, 2, 3, 8, 9, 10, 11), (4, 5, 6, 7, 12, 13, 14, 15))
 
 
+def _row_ptrs8(builder, wp, r0v, nrv, rb):
+    """i8* of rows r0 .. r0+7 of a weight with rb bytes per row, rows past the nrv valid ones clamped to the last
+    valid row (a partial 8-row group reads real memory; its extra results are never stored)."""
+    last = builder.sub(nrv, ir.Constant(_I64, 1))
+    rps = []
+    for k in range(8):
+        kk = ir.Constant(_I64, k)
+        rk = builder.select(builder.icmp_signed("<", kk, last), kk, last)
+        rps.append(builder.gep(wp, [builder.mul(builder.add(r0v, rk), rb)]))
+    return rps
+
+
 def _store8(builder, acc, base, full, nrv):
     """Store the <8 x float> acc at float* base: all eight lanes with one vector store when `full` (i1), else
     only the first nrv lanes (the last, partial 8-row group of a matrix)."""
@@ -322,12 +334,7 @@ def _make_rows8(kind):
             nrv = context.cast(builder, args[2], sig.args[2], types.int64)
             n = context.cast(builder, args[7], sig.args[7], types.int64)
             rb = builder.mul(n, ir.Constant(_I64, bb))
-            last = builder.sub(nrv, ir.Constant(_I64, 1))
-            rps = []
-            for k in range(8):
-                kk = ir.Constant(_I64, k)
-                rk = builder.select(builder.icmp_signed("<", kk, last), kk, last)
-                rps.append(builder.gep(wp, [builder.mul(builder.add(r0v, rk), rb)]))
+            rps = _row_ptrs8(builder, wp, r0v, nrv, rb)
             ap = _ptr(context, builder, sig.args[3], args[3], zero, types.int64, _vt(_I8, 32))
             sp = _ptr(context, builder, sig.args[4], args[4], zero, types.int64, _I32)
             dap = _ptr(context, builder, sig.args[5], args[5], zero, types.int64, _F32T)
@@ -447,12 +454,7 @@ def _make_pack8(kind):
             nrv = context.cast(builder, args[2], sig.args[2], types.int64)
             n = context.cast(builder, args[3], sig.args[3], types.int64)
             rb = builder.mul(n, ir.Constant(_I64, bb))
-            last = builder.sub(nrv, ir.Constant(_I64, 1))
-            rps = []
-            for k in range(8):
-                kk = ir.Constant(_I64, k)
-                rk = builder.select(builder.icmp_signed("<", kk, last), kk, last)
-                rps.append(builder.gep(wp, [builder.mul(builder.add(r0v, rk), rb)]))
+            rps = _row_ptrs8(builder, wp, r0v, nrv, rb)
             vp = _ptr(context, builder, sig.args[4], args[4], zero, types.int64, _vt(_I8, 32))
             dp = _ptr(context, builder, sig.args[5], args[5], zero, types.int64, _vt(_F32T, 8))
             mp = _ptr(context, builder, sig.args[6], args[6], zero, types.int64, _vt(_F32T, 8))
@@ -593,12 +595,7 @@ def _make_rows8t(kind, nt):
             op = _ptr(context, builder, sig.args[9], args[9], zero, types.int64, _F32T)
             rowsv = context.cast(builder, args[10], sig.args[10], types.int64)
             rb = builder.mul(nbv, ir.Constant(_I64, bb))
-            last = builder.sub(nrv, ir.Constant(_I64, 1))
-            rps = []
-            for k in range(8):
-                kk = ir.Constant(_I64, k)
-                rk = builder.select(builder.icmp_signed("<", kk, last), kk, last)
-                rps.append(builder.gep(wp, [builder.mul(builder.add(r0v, rk), rb)]))
+            rps = _row_ptrs8(builder, wp, r0v, nrv, rb)
             slots = [cgutils.alloca_once_value(builder, ir.Constant(v8f, [ir.Constant(_F32T, 0.0)] * 8))
                      for _ in range(nt)]
 
@@ -684,12 +681,7 @@ def _repack8_q8_0(typingctx, w, r0, nr, nb, dst, g):
         n = context.cast(builder, args[3], sig.args[3], types.int64)
         gv = context.cast(builder, args[5], sig.args[5], types.int64)
         rb = builder.mul(n, ir.Constant(_I64, 34))
-        last = builder.sub(nrv, ir.Constant(_I64, 1))
-        rps = []
-        for k in range(8):
-            kk = ir.Constant(_I64, k)
-            rk = builder.select(builder.icmp_signed("<", kk, last), kk, last)
-            rps.append(builder.gep(wp, [builder.mul(builder.add(r0v, rk), rb)]))
+        rps = _row_ptrs8(builder, wp, r0v, nrv, rb)
         base = builder.gep(_ptr(context, builder, sig.args[4], args[4], zero, types.int64, _I8),
                            [builder.mul(gv, builder.mul(n, ir.Constant(_I64, PACK_BB)))])
         vp = builder.bitcast(base, _vt(_I8, 32).as_pointer())
