@@ -43,6 +43,44 @@ _PLAIN_DTYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np
 
 _SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
+# the fewest bytes each item can take in a file: a count larger than the bytes left divided by this is corrupt
+# (checked before anything is allocated for the items)
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dimension, type, offset
+_MIN_ITEM_BYTES = {_STRING: 8, _ARRAY: 4 + 8}  # string: its length; array: element type + count
+
+SHORT_LIMIT = 80  # characters of a value quoted in an error message
+
+
+def short(value, limit: int = SHORT_LIMIT) -> str:
+    """A value as quoted in a one-line error message: printable (control characters, newlines and lone surrogates
+    escaped) and at most about `limit` characters, whatever the value (a 24 MB string from a corrupt length, a
+    262k-entry array): strings are cut with '... (N chars)', sequences show their first items and their length."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value[:limit + 1])
+        s = repr(value[:limit]) + ("..." if len(value) > limit else "")
+        return s
+    if isinstance(value, str):
+        n = len(value)
+        s = value[:limit + 1]
+    elif isinstance(value, (list, tuple, np.ndarray, StringArray)):
+        n_items = len(value) if not isinstance(value, np.ndarray) or value.ndim else 1
+        if isinstance(value, np.ndarray) and value.ndim != 1:
+            return f"<array of shape {value.shape}, {value.dtype}>"
+        head = ", ".join(short(value[i], limit // 4 + 4) for i in range(min(n_items, 4)))
+        more = f", ... ({n_items} items)" if n_items > 4 else ""
+        s = f"[{head}{more}]"
+        return s if len(s) <= limit + 40 else s[:limit] + f"... ({n_items} items)]"
+    else:
+        s = repr(value)
+        n = len(s)
+        s = s[:limit + 1]
+    if not s.isprintable():
+        s = s.encode("unicode_escape", "backslashreplace").decode("ascii")
+    if n > limit or len(s) > limit:
+        s = s[:limit] + f"... ({n} chars)"
+    return s
+
 
 class StringArray(Sequence):
     """A large GGUF string array (a vocabulary, a merge list) kept as its UTF-8 bytes: one blob and n+1 offsets.
@@ -191,10 +229,11 @@ class _Cursor:
             n = self.u64(what)
             if n > MAX_COUNT:
                 raise self.fail(f"corrupt {what}: array length {n} is absurd")
+            isz = np.dtype(_NP_DTYPES[et]).itemsize if et in _NP_DTYPES else _MIN_ITEM_BYTES.get(et, 1)
+            if n * isz > self.size - self.pos:  # before allocating anything for the n items
+                raise self.fail(f"truncated file or corrupt {what}: an array of {n} items needs at least {n * isz} "
+                                f"bytes but only {self.size - self.pos} are left in the file (offset {self.pos})")
             if et in _NP_DTYPES:
-                isz = np.dtype(_NP_DTYPES[et]).itemsize
-                if n * isz > self.size - self.pos:
-                    raise self.fail(f"truncated file: array {what} ({n} items) runs past the end of the file")
                 arr = np.frombuffer(self.buf, dtype=np.dtype(_NP_DTYPES[et]).newbyteorder("<"), count=n,
                                     offset=self.pos).copy()
                 self.pos += n * isz
@@ -284,51 +323,58 @@ class _Part:
         n_kv = c.u64("header")
         if n_tensors > 1 << 24 or n_kv > 1 << 24:
             raise GGUFError(f"{path}: corrupt header: {n_tensors} tensors and {n_kv} metadata keys is absurd")
+        left = size - c.pos
+        if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > left:
+            raise GGUFError(f"{path}: truncated file or corrupt header: {n_kv} metadata keys and {n_tensors} tensor "
+                            f"infos cannot fit in the {left} bytes left in the file")
         meta: dict = {}
         for i in range(n_kv):
             key = c.string(f"metadata key #{i}")
-            code = c.u32(f"metadata value type of '{key}'")
-            meta[key] = c.value(code, f"metadata value '{key}'")
+            q = short(key)
+            code = c.u32(f"metadata value type of '{q}'")
+            meta[key] = c.value(code, f"metadata value '{q}'")
         self.metadata = meta
         align = meta.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise GGUFError(f"{path}: corrupt general.alignment {align!r}: must be a power of two")
+            raise GGUFError(f"{path}: corrupt general.alignment {short(align)}: must be a power of two")
         self.alignment = align
         raw_infos = []
         for i in range(n_tensors):
             name = c.string(f"tensor info #{i} name")
-            nd = c.u32(f"tensor info '{name}'")
+            q = short(name)
+            nd = c.u32(f"tensor info '{q}'")
             if nd == 0 or nd > MAX_DIMS:
-                raise GGUFError(f"{path}: corrupt tensor info '{name}': {nd} dimensions (1 to 4 allowed)")
-            ne = tuple(c.scalar(11, f"tensor info '{name}'") for _ in range(nd))
+                raise GGUFError(f"{path}: corrupt tensor info '{q}': {nd} dimensions (1 to 4 allowed)")
+            ne = tuple(c.scalar(11, f"tensor info '{q}'") for _ in range(nd))
             if any(d <= 0 or d > MAX_COUNT for d in ne):
-                raise GGUFError(f"{path}: corrupt tensor info '{name}': shape {list(ne)} is invalid")
-            tid = c.u32(f"tensor info '{name}'")
-            off = c.u64(f"tensor info '{name}'")
+                raise GGUFError(f"{path}: corrupt tensor info '{q}': shape {list(ne)} is invalid")
+            tid = c.u32(f"tensor info '{q}'")
+            off = c.u64(f"tensor info '{q}'")
             raw_infos.append((name, ne, tid, off))
         data_start = (c.pos + align - 1) // align * align
         self.data_start = data_start
         infos = {}
         for name, ne, tid, off in raw_infos:
+            q = short(name)
             t = TYPES.get(tid)
             if t is None:
-                raise GGUFError(f"{path}: tensor '{name}' has unknown tensor type id {tid}; "
+                raise GGUFError(f"{path}: tensor '{q}' has unknown tensor type id {tid}; "
                                 f"the file is corrupt or newer than this llamba")
             if ne[0] % t.block_elems:
-                raise GGUFError(f"{path}: tensor '{name}': row length {ne[0]} is not a multiple of "
+                raise GGUFError(f"{path}: tensor '{q}': row length {ne[0]} is not a multiple of "
                                 f"the {t.name} block size {t.block_elems}")
             nbytes = ne[0] // t.block_elems * t.block_bytes
             for d in ne[1:]:
                 nbytes *= d
             if off % align:
-                raise GGUFError(f"{path}: tensor '{name}' data offset {off} is misaligned "
+                raise GGUFError(f"{path}: tensor '{q}' data offset {off} is misaligned "
                                 f"(alignment {align}); the file is corrupt")
             start = data_start + off
             if start + nbytes > size:
-                raise GGUFError(f"{path}: truncated file: tensor '{name}' needs bytes {start}..{start + nbytes} "
+                raise GGUFError(f"{path}: truncated file: tensor '{q}' needs bytes {start}..{start + nbytes} "
                                 f"but the file has {size}; re-download the model")
             if name in infos:
-                raise GGUFError(f"{path}: corrupt file: tensor '{name}' appears twice")
+                raise GGUFError(f"{path}: corrupt file: tensor '{q}' appears twice")
             infos[name] = TensorInfo(name, ne, tid, start, nbytes, part_index)
         self.tensors = infos
 
@@ -350,11 +396,12 @@ class GGUFFile:
         paths = _split_paths(path)
         self.parts = [_Part(p, i) for i, p in enumerate(paths)]
         self.metadata = dict(self.parts[0].metadata)
+        _drop_mistyped_optional_keys(self.metadata, path)
         self.tensors: dict[str, TensorInfo] = {}
         for part in self.parts:
             for name, info in part.tensors.items():
                 if name in self.tensors:
-                    raise GGUFError(f"{part.path}: tensor '{name}' appears in more than one split")
+                    raise GGUFError(f"{part.path}: tensor '{short(name)}' appears in more than one split")
                 self.tensors[name] = info
         # arrays computed from tensors at load (e.g. repacked weights, llamba.layers.Linear), so that two layers
         # over one tensor share one copy; weak values: an array goes when the last layer using it does (e.g. the
@@ -379,7 +426,7 @@ class GGUFFile:
 
     def require(self, key: str):
         if key not in self.metadata:
-            raise GGUFError(f"{self.path}: missing required metadata key '{key}'")
+            raise GGUFError(f"{self.path}: missing required metadata key '{short(key)}'")
         return self.metadata[key]
 
     # ---- tensors
@@ -390,7 +437,7 @@ class GGUFFile:
         try:
             return self.tensors[name]
         except KeyError:
-            raise GGUFError(f"{self.path}: missing required tensor '{name}'") from None
+            raise GGUFError(f"{self.path}: missing required tensor '{short(name)}'") from None
 
     def tensor(self, name: str) -> np.ndarray:
         """Zero-copy view. Plain types get their dtype and numpy shape (BF16 as uint16); block-quantized
@@ -444,6 +491,29 @@ class GGUFFile:
     @property
     def file_size(self) -> int:
         return sum(p.size for p in self.parts)
+
+
+# optional string keys that only some features read: a value of another type is dropped with one warning line
+# (the model still loads, as without the key) rather than failing later where a str is assumed
+_OPTIONAL_STR_KEYS = ("tokenizer.chat_template", "general.name")
+
+
+def _drop_mistyped_optional_keys(meta: dict, path: str):
+    import sys
+    for key in list(meta):
+        if (key in _OPTIONAL_STR_KEYS or key.startswith("tokenizer.chat_template.")) and \
+                not isinstance(meta[key], str):
+            print(f"llamba: warning: {path}: ignoring metadata key '{short(key)}': expected a string, got "
+                  f"{_type_name(meta[key])} {short(meta[key], 40)}", file=sys.stderr)
+            del meta[key]
+
+
+def _type_name(v) -> str:
+    if isinstance(v, np.ndarray):
+        return f"an array of {len(v) if v.ndim else 1} {v.dtype}"
+    if isinstance(v, (list, StringArray)):
+        return f"an array of {len(v)} items"
+    return {bool: "a bool", int: "an integer", float: "a float", str: "a string"}.get(type(v), type(v).__name__)
 
 
 def _split_paths(path: str) -> list[str]:

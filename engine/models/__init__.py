@@ -9,17 +9,18 @@ ARCHITECTURES = ("llama", "gemma2", "gemma3", "phi3", "qwen2", "qwen3", "qwen3mo
 
 
 def load_model(gf, n_ctx: int, **opts):
-    arch = gf.architecture
-    if arch not in ARCHITECTURES:
-        raise UnsupportedError(f"{gf.path}: architecture '{arch}' is not supported "
-                               f"(supported: {', '.join(ARCHITECTURES)})")
-    mod = importlib.import_module(f"llamba.models.{arch}")
+    build_config(gf)  # every file goes through llamba.validate before anything is built from it
+    mod = importlib.import_module(f"llamba.models.{gf.architecture}")
     return mod.build(gf, n_ctx, **opts)
 
 
 def build_config(gf):
+    """The architecture's config, validated (llamba.validate: metadata types and ranges first, then the config
+    against itself and against every tensor the model reads), before any weight is touched."""
+    from llamba.validate import validate
     arch = gf.architecture
     if arch not in ARCHITECTURES:
-        raise UnsupportedError(f"{gf.path}: architecture '{arch}' is not supported "
+        from llamba.gguf import short
+        raise UnsupportedError(f"{gf.path}: architecture '{short(arch)}' is not supported "
                                f"(supported: {', '.join(ARCHITECTURES)})")
-    return importlib.import_module(f"llamba.models.{arch}").config_from_gguf(gf)
+    return validate(gf, arch, importlib.import_module(f"llamba.models.{arch}").config_from_gguf)
