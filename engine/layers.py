@@ -21,7 +21,7 @@ import os
 import numba
 import numpy as np
 
-from llamba.errors import GGUFError
+from llamba.errors import GGUFError, TokenIdError
 from llamba.kernels import quants_simple as QS
 from llamba.kernels.quant import ops_for
 from llamba.kernels.traits import TYPES
@@ -224,7 +224,7 @@ class Embedding:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.n):
             bad = int(ids[(ids < 0) | (ids >= self.n)][0])
-            raise ValueError(f"token id {bad} is out of range for a vocabulary of {self.n}")
+            raise TokenIdError(f"token id {bad} is out of range for a vocabulary of {self.n} tokens")
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         wp = self._derived.get(("q8_0p", self.name)) if self._derived is not None else None
         if wp is not None:

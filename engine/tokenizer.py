@@ -27,7 +27,7 @@ import os
 import numpy as np
 import regex
 
-from llamba.errors import GGUFError, UnsupportedError
+from llamba.errors import GGUFError, TokenIdError, UnsupportedError
 
 # ---------------------------------------------------------------- token types / attributes (llama.h)
 
@@ -203,7 +203,23 @@ def _lenient_utf8_decode(b: bytes) -> str:
 def _is_str_seq(v) -> bool:
     """A GGUF string array: a list of str or a llamba.gguf.StringArray."""
     from llamba.gguf import StringArray
-    return isinstance(v, (list, StringArray))
+    return isinstance(v, StringArray) or (isinstance(v, list) and all(isinstance(t, str) for t in v))
+
+
+def _num_array(meta: dict, key: str, n: int):
+    """The numeric array `key` (None when absent) with at least n entries, else a one-line GGUFError."""
+    v = meta.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, np.ndarray) or v.ndim != 1 or v.dtype.kind not in "biuf":
+        from llamba.gguf import short
+        raise GGUFError(f"metadata key '{key}' must be a numeric array with one entry per token, not {short(v)}")
+    if len(v) < n:
+        raise GGUFError(f"metadata key '{key}' has {len(v)} entries for {n} tokens")
+    return v
+
+
+_BYTE_TOKEN = regex.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _utf8_len(lead: int) -> int:
@@ -323,9 +339,10 @@ class Tokenizer:
         model = meta.get("tokenizer.ggml.model")
         if model is None:
             raise GGUFError("missing required metadata key 'tokenizer.ggml.model' (the file has no vocabulary)")
-        if model not in SUPPORTED_MODELS:
-            raise UnsupportedError(f"unsupported tokenizer model '{model}' (tokenizer.ggml.model); llamba supports "
-                                   f"{', '.join(SUPPORTED_MODELS)} (byte-level BPE and SentencePiece)")
+        if not isinstance(model, str) or model not in SUPPORTED_MODELS:
+            from llamba.gguf import short
+            raise UnsupportedError(f"unsupported tokenizer model '{short(model)}' (tokenizer.ggml.model); llamba "
+                                   f"supports {', '.join(SUPPORTED_MODELS)} (byte-level BPE and SentencePiece)")
         self.model = model
         self.is_spm = model == "llama"
         pre = meta.get("tokenizer.ggml.pre")
@@ -347,23 +364,25 @@ class Tokenizer:
         self.tokens = tokens
         self.n_vocab = n
 
-        tt = meta.get("tokenizer.ggml.token_type")
+        tt = _num_array(meta, "tokenizer.ggml.token_type", n)
         if tt is None:
             tt = np.full(n, TOKEN_TYPE_NORMAL, dtype=np.int32)
-        tt = np.asarray(tt, dtype=np.int32)
-        if len(tt) < n:
-            raise GGUFError(f"tokenizer.ggml.token_type has {len(tt)} entries for {n} tokens")
-        self.token_type = tt[:n]
+        with np.errstate(all="ignore"):  # a corrupt type (NaN, 2^64-1) is just an undefined one
+            tt = np.nan_to_num(tt[:n], nan=-1).astype(np.int64).clip(-1, 1 << 20).astype(np.int32)
+        self.token_type = tt
         attrs = np.where((self.token_type >= 0) & (self.token_type < len(_TYPE_TO_ATTR)),
                          _TYPE_TO_ATTR[np.clip(self.token_type, 0, len(_TYPE_TO_ATTR) - 1)], ATTR_UNDEFINED)
+        # a BYTE token must read <0xXX> (its piece is that byte); one that does not is kept as the normal text it is
+        for i in np.flatnonzero(attrs & ATTR_BYTE).tolist():
+            if not _BYTE_TOKEN.fullmatch(tokens[i]):
+                attrs[i] = ATTR_NORMAL
 
-        scores = meta.get("tokenizer.ggml.scores")
+        scores = _num_array(meta, "tokenizer.ggml.scores", n)
         if scores is not None:
-            scores = np.asarray(scores)
-            if len(scores) < n:
-                raise GGUFError(f"tokenizer.ggml.scores has {len(scores)} entries for {n} tokens")
             # array('f'): float32 storage (1 MiB for a 262k vocabulary, not 8 as a list), indexing gives Python floats
-            self._scores = array("f", np.asarray(scores[:n], dtype=np.float32).tobytes())
+            with np.errstate(all="ignore"):
+                sc = np.nan_to_num(np.asarray(scores[:n], dtype=np.float32), nan=-np.inf)
+            self._scores = array("f", sc.tobytes())
         else:
             self._scores = None
 
@@ -551,7 +570,14 @@ class Tokenizer:
         return self._tok2id.get(text)
 
     def is_control(self, token_id: int) -> bool:
-        return bool(self.attrs[token_id] & ATTR_CONTROL)
+        return bool(self.attrs[self._check_id(token_id)] & ATTR_CONTROL)
+
+    def _check_id(self, token_id) -> int:
+        """token_id as an int in [0, n_vocab), else TokenIdError (a ValueError)."""
+        t = int(token_id)
+        if not 0 <= t < self.n_vocab:
+            raise TokenIdError(f"token id {t} is out of range for a vocabulary of {self.n_vocab} tokens")
+        return t
 
     @property
     def nl_id(self) -> int | None:
@@ -916,9 +942,7 @@ class Tokenizer:
     def token_to_piece(self, token_id: int, special: bool = False, lstrip: int = 0) -> bytes:
         """llama_token_to_piece: the bytes of one token. CONTROL / UNKNOWN tokens are empty unless `special`;
         up to `lstrip` leading spaces are dropped."""
-        token_id = int(token_id)
-        if not 0 <= token_id < self.n_vocab:
-            raise IndexError(f"token id {token_id} is out of range (vocabulary has {self.n_vocab} tokens)")
+        token_id = self._check_id(token_id)
         if not special and self.attrs[token_id] & _ATTR_SPECIAL:
             return b""
         p = self._piece(token_id)
