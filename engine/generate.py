@@ -42,23 +42,29 @@ def common_prefix(a, b) -> int:
 
 
 class Session:
-    """A model plus the token ids in its cache (prefix reuse across calls, like llama-cpp-python)."""
+    """A model's default sequence (llamba.kv_cache.SeqCache: its cache and the token ids in it), for one caller:
+    prefix reuse across calls, like llama-cpp-python."""
 
     def __init__(self, model, n_batch: int = 512):
         self.model = model
-        self.tokens: list[int] = []
         # longest batch one forward call processes (llama.cpp's n_batch/n_ubatch): a long prompt goes through in
         # chunks, so activation memory is bounded by n_batch rows, not by the prompt length; the rows are
         # computed exactly as in one call (the kernels are row-exact)
         self.n_batch = max(1, int(n_batch)) if n_batch else 0
 
+    @property
+    def tokens(self) -> list[int]:
+        return self.model.seq.tokens
+
+    @tokens.setter
+    def tokens(self, toks):
+        self.model.seq.tokens[:] = [int(t) for t in toks]
+
     def reset(self):
         self.model.truncate(0)
-        self.tokens = []
 
     def rollback(self, n: int):
         self.model.truncate(n)
-        del self.tokens[n:]
 
     def eval(self, tokens, logits: str = "last", gemm=None, keep_hidden=False):
         kw = {"keep_hidden": True} if keep_hidden else {}
@@ -67,7 +73,6 @@ class Session:
             out = self.model.forward(tokens, logits=logits, gemm=gemm, **kw)
         else:
             out = self._eval_chunked(tokens, logits, gemm, kw, nb)
-        self.tokens.extend(int(t) for t in tokens)
         return out
 
     def _eval_chunked(self, tokens, logits, gemm, kw, nb):

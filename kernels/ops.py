@@ -602,19 +602,25 @@ def _kv_enc_ov(x, cache):
 
 
 @njit(cache=True)
-def store_kv(k, v, k_cache, v_cache, pos0):
-    """Write rows pos0 .. pos0+T-1 of the caches, rounded to fp16 like llama.cpp's F16 cache: as fp16 bits into
+def store_kv_slots(k, v, k_cache, v_cache, slots):
+    """Write row t of k/v into cache slot slots[t], rounded to fp16 like llama.cpp's F16 cache: as fp16 bits into
     uint16 caches (KV_DTYPE), or as fp16-rounded float32 values into float32 caches. k and v may have different
-    head dims."""
-    # k (T, Hkv, dk), v (T, Hkv, dv), k_cache (Hkv, n_ctx, dk), v_cache (Hkv, n_ctx, dv)
+    head dims. A slot is a position of a sequence's block table (llamba.kv_cache): slot = block * bs + offset."""
+    # k (T, Hkv, dk), v (T, Hkv, dv), k_cache (Hkv, n_slots, dk), v_cache (Hkv, n_slots, dv), slots (T,) int
     T, H, dk = k.shape
     dv = v.shape[2]
     for g in range(H):
         for t in range(T):
+            s = slots[t]
             for d in range(dk):
-                k_cache[g, pos0 + t, d] = kv_enc(k[t, g, d], k_cache)
+                k_cache[g, s, d] = kv_enc(k[t, g, d], k_cache)
             for d in range(dv):
-                v_cache[g, pos0 + t, d] = kv_enc(v[t, g, d], v_cache)
+                v_cache[g, s, d] = kv_enc(v[t, g, d], v_cache)
+
+
+def store_kv(k, v, k_cache, v_cache, pos0):
+    """store_kv_slots into positions pos0 .. pos0+T-1 of one contiguous cache (Hkv, n_ctx, d)."""
+    store_kv_slots(k, v, k_cache, v_cache, np.arange(pos0, pos0 + k.shape[0], dtype=np.int64))
 
 
 _LANES = 16
@@ -715,12 +721,21 @@ def dot16_scalar(a, b):
     return (x + y) + r
 
 
+@njit(cache=True, inline="always")
+def _slot(tab, bs, j):
+    """Cache slot of position j of a sequence with block table tab (blocks of bs slots)."""
+    b = j // bs
+    return np.int64(tab[b]) * bs + (j - b * bs)
+
+
 @njit(cache=True)
-def _attn_row(q, kc, vc, t, h, g, p, n_kv, scale, n_swa, qh, pb, acc, out, softcap):
-    """One (query row, head): two-pass softmax over the visible keys of kv head g. softcap > 0: each score
-    becomes softcap * tanh(score) (with scale already divided by softcap, as ggml does)."""
+def _attn_row(q, kc, vc, t, h, g, p, n_kv, tab, bs, scale, n_swa, qh, pb, acc, out, softcap):
+    """One (query row, head): two-pass softmax over the visible keys of kv head g, the keys of position j read
+    from slot _slot(tab, bs, j). softcap > 0: each score becomes softcap * tanh(score) (with scale already
+    divided by softcap, as ggml does)."""
     dk = q.shape[2]
     dv = vc.shape[2]
+    S = kc.shape[1]
     hi = min(p + 1, n_kv)
     lo = 0
     if n_swa > 0:
@@ -732,15 +747,23 @@ def _attn_row(q, kc, vc, t, h, g, p, n_kv, scale, n_swa, qh, pb, acc, out, softc
         return
     for d in range(dk):
         qh[d] = f16_round(q[t, h, d])
-    kbase = (g * kc.shape[1] + lo) * dk
     m = _NEG_INF
-    for j in range(n):
-        s = dot16(qh, 0, kc, kbase + j * dk, dk) * scale
-        if softcap > 0:
-            s = softcap * np.tanh(s)
-        pb[j] = s
-        if s > m:
-            m = s
+    j = lo
+    i = 0
+    while j < hi:  # one run of contiguous slots per block
+        blk = j // bs
+        off = j - blk * bs
+        seg = min(hi - j, bs - off)
+        kbase = (g * S + np.int64(tab[blk]) * bs + off) * dk
+        for u in range(seg):
+            s = dot16(qh, 0, kc, kbase + u * dk, dk) * scale
+            if softcap > 0:
+                s = softcap * np.tanh(s)
+            pb[i + u] = s
+            if s > m:
+                m = s
+        i += seg
+        j += seg
     pe = pb[:n]  # from 0: the exp loop vectorizes (_expf); the float64 sum then runs in order
     for j in range(n):
         pe[j] = _expf(pe[j] - m)
@@ -756,20 +779,23 @@ def _attn_row(q, kc, vc, t, h, g, p, n_kv, scale, n_swa, qh, pb, acc, out, softc
         p1 = pb[j + 1]
         p2 = pb[j + 2]
         p3 = pb[j + 3]
-        jj = lo + j
+        s0 = _slot(tab, bs, lo + j)
+        s1 = _slot(tab, bs, lo + j + 1)
+        s2 = _slot(tab, bs, lo + j + 2)
+        s3 = _slot(tab, bs, lo + j + 3)
         for d in range(dv):
             a = acc[d]
-            a += p0 * kv_load(vc[g, jj, d])
-            a += p1 * kv_load(vc[g, jj + 1, d])
-            a += p2 * kv_load(vc[g, jj + 2, d])
-            a += p3 * kv_load(vc[g, jj + 3, d])
+            a += p0 * kv_load(vc[g, s0, d])
+            a += p1 * kv_load(vc[g, s1, d])
+            a += p2 * kv_load(vc[g, s2, d])
+            a += p3 * kv_load(vc[g, s3, d])
             acc[d] = a
         j += 4
     while j < n:
         pj = pb[j]
-        jj = lo + j
+        sj = _slot(tab, bs, lo + j)
         for d in range(dv):
-            acc[d] += pj * kv_load(vc[g, jj, d])
+            acc[d] += pj * kv_load(vc[g, sj, d])
         j += 1
     inv = np.float32(1.0 / tot)
     for d in range(dv):
@@ -777,53 +803,75 @@ def _attn_row(q, kc, vc, t, h, g, p, n_kv, scale, n_swa, qh, pb, acc, out, softc
 
 
 @njit(cache=True, parallel=True)
-def attention(q, k_cache, v_cache, q_pos, n_kv, scale, n_swa, out, softcap=0.0):
-    """Causal (optionally sliding-window) grouped-query attention over a KV cache.
+def attention_paged(q, k_cache, v_cache, q_pos, q_seq, tables, bs, n_kv, scale, n_swa, out, softcap=0.0):
+    """Causal (optionally sliding-window) grouped-query attention of the rows of several sequences over one
+    paged KV cache.
 
-    Key j (0 <= j < n_kv, cached at absolute position j) is visible to query t iff j <= q_pos[t] and
-    (n_swa == 0 or q_pos[t] - j < n_swa). Query head h reads kv head h // (Hq // Hkv).
-    o = softmax(scale * q·k_j) @ V; with softcap > 0 (gemma2's attention logit soft-capping) the scores are
-    softcap * tanh(scale * q·k_j / softcap), computed as ggml's flash attention does: (float)(scale / softcap)
-    times q·k, tanhf, times softcap. Left out, softcap is a compile-time 0 and costs nothing.
+    Row t belongs to sequence q_seq[t], whose position j (0 <= j < n_kv[q_seq[t]]) is cached in slot
+    tables[q_seq[t], j // bs] * bs + j % bs. Key j is visible to row t iff j <= q_pos[t] and (n_swa == 0 or
+    q_pos[t] - j < n_swa). Query head h reads kv head h // (Hq // Hkv). o = softmax(scale * q·k_j) @ V; with
+    softcap > 0 (gemma2's attention logit soft-capping) the scores are softcap * tanh(scale * q·k_j / softcap),
+    computed as ggml's flash attention does: (float)(scale / softcap) times q·k, tanhf, times softcap. Left out,
+    softcap is a compile-time 0 and costs nothing.
 
     Numerics (two-pass softmax per row): Q rounded to fp16 (the cache already holds fp16 values, see
-    store_kv); q·k in float32 (`dot16`: fixed partial sums, then a fixed tree) times scale; expf against the
-    row max; their sum in float64; Σ p·v accumulated in float32 in key order, then scaled by (float)(1/sum).
-    llama.cpp's CPU flash attention differs slightly: its one-row path keeps an online softmax and
-    accumulates Σ p·v in an fp16 vector (VKQ16), so it is a little *less* accurate than this; its tiled
-    prefill path (recent ggml, >= Q_TILE_SZ rows) keeps Q in float32 instead of rounding it.
+    store_kv_slots); q·k in float32 (`dot16`: fixed partial sums, then a fixed tree) times scale; expf against
+    the row max; their sum in float64; Σ p·v accumulated in float32 in key order, then scaled by (float)(1/sum).
+    The block layout changes where a key is read from, never the order of the arithmetic: a contiguous cache is
+    the one-block case (tables [[0]], bs = n_ctx) with the same numbers. llama.cpp's CPU flash attention differs
+    slightly: its one-row path keeps an online softmax and accumulates Σ p·v in an fp16 vector (VKQ16), so it is
+    a little *less* accurate than this; its tiled prefill path keeps Q in float32 instead of rounding it.
 
-    Row-exact: each (t, h) row is computed by the same code from its own q row, q_pos[t] and the cache,
-    so a row's output is bit-identical whether it is computed in a batch of T rows or alone, and for any
-    thread count. Parallel over work items of one head and every n-th row (n = max(1, min(T, 64 // Hq)):
-    one head's K/V stays in cache, and causal rows of every length are dealt evenly). Each item allocates
-    its own scratch (dk + dv + n_kv floats), the one allocation in this module.
+    Row-exact: each (t, h) row is computed by the same code from its own q row, q_pos[t] and its sequence's
+    cache, so a row's output is bit-identical whether it is computed alone, in a batch of T rows, or next to
+    rows of other sequences, and for any thread count (batch invariance). Parallel over work items of one head
+    and every n-th row (n = max(1, min(T, 64 // Hq))). Each item allocates its own scratch (dk + dv + n_kv
+    floats), the one allocation in this module.
     """
-    # q (T, Hq, dk), k_cache (Hkv, n_ctx, dk) C-contiguous, v_cache (Hkv, n_ctx, dv), q_pos (T,) int, out (T, Hq, dv)
+    # q (T, Hq, dk), k_cache (Hkv, n_slots, dk) C-contiguous, v_cache (Hkv, n_slots, dv), q_pos (T,) int,
+    # q_seq (T,) int, tables (n_seq, max_blocks) int32, n_kv (n_seq,) int, out (T, Hq, dv)
     T, Hq, dk = q.shape
     Hkv = k_cache.shape[0]
     dv = v_cache.shape[2]
     grp = Hq // Hkv
     if T == 0 or Hq == 0:
         return
+    nmax = 1
+    for s in range(n_kv.shape[0]):
+        nmax = max(nmax, np.int64(n_kv[s]))
     cap = np.float32(softcap)
     sc = np.float32(np.float32(scale) / cap) if softcap > 0 else np.float32(scale)
-    if T * Hq * max(n_kv, 1) <= _ATTN_SERIAL:  # small decode steps: skip the thread start-up
+    if T * Hq * nmax <= _ATTN_SERIAL:  # small decode steps: skip the thread start-up
         qh = np.empty(dk, np.float32)
-        pb = np.empty(max(n_kv, 1), np.float32)
+        pb = np.empty(nmax, np.float32)
         acc = np.empty(dv, np.float32)
         for h in range(Hq):
             for t in range(T):
-                _attn_row(q, k_cache, v_cache, t, h, h // grp, np.int64(q_pos[t]), n_kv, sc, n_swa,
-                          qh, pb, acc, out, cap)
+                sq = q_seq[t]
+                _attn_row(q, k_cache, v_cache, t, h, h // grp, np.int64(q_pos[t]), np.int64(n_kv[sq]),
+                          tables[sq], bs, sc, n_swa, qh, pb, acc, out, cap)
         return
     n_tc = max(1, min(T, _ATTN_CHUNKS // Hq))
     for it in prange(Hq * n_tc):
         h = it // n_tc
         tc = it - h * n_tc
         qh = np.empty(dk, np.float32)
-        pb = np.empty(max(n_kv, 1), np.float32)
+        pb = np.empty(nmax, np.float32)
         acc = np.empty(dv, np.float32)
         for t in range(tc, T, n_tc):
-            _attn_row(q, k_cache, v_cache, t, h, h // grp, np.int64(q_pos[t]), n_kv, sc, n_swa,
-                      qh, pb, acc, out, cap)
+            sq = q_seq[t]
+            _attn_row(q, k_cache, v_cache, t, h, h // grp, np.int64(q_pos[t]), np.int64(n_kv[sq]),
+                      tables[sq], bs, sc, n_swa, qh, pb, acc, out, cap)
+
+
+def attention(q, k_cache, v_cache, q_pos, n_kv, scale, n_swa, out, softcap=0.0):
+    """attention_paged for the rows of one sequence over a contiguous cache (Hkv, n_ctx, d): key j at position
+    j (0 <= j < n_kv). See attention_paged for the visibility rule and the numerics."""
+    T = q.shape[0]
+    tables = np.zeros((1, 1), dtype=np.int32)
+    args = (q, k_cache, v_cache, np.asarray(q_pos, dtype=np.int64), np.zeros(T, dtype=np.int64), tables,
+            max(1, int(k_cache.shape[1])), np.array([n_kv], dtype=np.int64), scale, n_swa, out)
+    if softcap > 0:
+        attention_paged(*args, softcap)
+    else:
+        attention_paged(*args)

@@ -1,8 +1,14 @@
-"""Shared pieces of every architecture: the model state protocol, the KV cache, and the standard
-pre-norm attention + FFN decoder block used by llama, gemma3 and qwen3.
+"""Shared pieces of every architecture: the model state protocol and the standard pre-norm attention + FFN
+decoder block used by llama, gemma3 and qwen3.
 
-A model owns its state (like a llama.cpp context with one sequence): `n_past` positions are cached.
-`forward(tokens)` appends tokens at positions n_past.. and returns logits; `truncate(n)` rolls back.
+A model holds weights; sequence state lives in `SeqCache` objects (llamba.kv_cache) over a shared `KVPool`.
+`forward_batch(seqs, toks)` runs the rows of several sequences through every layer at once: weight matmuls over
+all rows (row-exact kernels: a row's numbers never depend on the other rows), RoPE, KV writes, attention and
+recurrences per sequence over its own state.
+
+For one caller, a model also keeps a default sequence (`seq`, over a one-block pool of n_ctx slots: the
+contiguous layout) and the single-sequence API on it: `n_past`, `forward(tokens)` appends tokens at positions
+n_past.. and returns logits, `truncate(n)` rolls back.
 """
 from __future__ import annotations
 
@@ -10,30 +16,15 @@ import os
 
 import numpy as np
 
-from llamba.errors import ContextOverflowError
+from llamba.errors import LlambaError
 from llamba.kernels import ops as K
+from llamba.kv_cache import Batch, KVPool, SeqCache
 from llamba.layers import FUSED_MAX_T, GEGLU, RMS_NORM, SWIGLU, Embedding, Linear, LinearGroup, norm_weight
 
 # Prompt batches at least this long use the dequantize+BLAS path. Off by default: the quantized int8 path is
 # as fast on 2 threads (measured: SmolLM2 pp512 373 vs 141 tokens/s, because OpenBLAS's and Numba's OpenMP
 # threads spin against each other), and it keeps prefill numerics identical to decode and to llama.cpp's.
 GEMM_MIN_BATCH = int(os.environ.get("LLAMBA_GEMM_MIN_BATCH", "0")) or (1 << 62)
-
-
-class KVCache:
-    """Per attention layer K and V, indexed by absolute position (rollback = move n back).
-    Layout (n_kv_head, n_ctx, head_dim) so one head's keys are contiguous for attention."""
-
-    def __init__(self, n_ctx: int, layers: dict[int, tuple[int, int, int]]):
-        # layers: il -> (n_head_kv, head_dim_k, head_dim_v)
-        self.n_ctx = n_ctx
-        # fp16 bits (K.KV_DTYPE uint16, like llama.cpp's F16 cache; LLAMBA_KV_F32=1: float32 holding fp16 values)
-        self.k = {il: np.zeros((h, n_ctx, dk), dtype=K.KV_DTYPE) for il, (h, dk, dv) in layers.items()}
-        self.v = {il: np.zeros((h, n_ctx, dv), dtype=K.KV_DTYPE) for il, (h, dk, dv) in layers.items()}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.k.values()) + sum(a.nbytes for a in self.v.values())
 
 
 class RopeTable:
@@ -67,75 +58,154 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 
 class BaseModel:
-    """State handling and the generation-facing API shared by all architectures."""
+    """Sequence handling and the generation-facing API shared by all architectures."""
 
     config = None
-    n_past = 0
     out_dev = None  # GPU offload (llamba.offload): the output layer on its device, set by offload_model
+    seq = None  # the default sequence (single-caller API)
+    hidden = None
+
+    # ---- sequences
+    def kv_layers(self) -> dict[int, tuple[int, int, int]]:
+        """il -> (n_head_kv, head_dim_k, head_dim_v) of every layer with a KV cache (MTP layers included)."""
+        return {}
+
+    def rec_shapes(self) -> dict:
+        """il -> (conv state shape, ssm state shape) of every recurrent layer."""
+        return {}
+
+    def state_layers(self) -> list[int]:
+        """The trunk's KV layers (what save_state keeps)."""
+        return [il for il in self.kv_layers() if il < self.config.n_layer]
+
+    def new_pool(self, n_slots: int, block_size: int) -> KVPool:
+        return KVPool(self.kv_layers(), n_slots, block_size)
+
+    def new_seq(self, pool: KVPool, n_ctx: int | None = None) -> SeqCache:
+        return SeqCache(pool, n_ctx or pool.n_slots, self.rec_shapes(), mtp=getattr(self, "mtp", None) is not None)
+
+    def _init_cache(self, n_ctx: int):
+        """The default sequence: one block of n_ctx slots (the contiguous layout GPU offload works on)."""
+        self.n_ctx = n_ctx
+        self.pool = self.new_pool(n_ctx, n_ctx)
+        self.seq = self.new_seq(self.pool, n_ctx)
+
+    @property
+    def kv(self) -> KVPool:
+        return self.pool
+
+    @property
+    def rec(self) -> dict:
+        return self.seq.rec
+
+    @property
+    def n_past(self) -> int:
+        return self.seq.n_past
+
+    @n_past.setter
+    def n_past(self, n: int):
+        self.seq.n_past = n
 
     def check_room(self, n_tokens: int):
-        if self.n_past + n_tokens > self.n_ctx:
-            raise ContextOverflowError(
-                f"{self.n_past + n_tokens} tokens do not fit the context of {self.n_ctx} "
-                f"({self.n_past} cached + {n_tokens} new); raise n_ctx (-c) or shorten the prompt")
+        self.seq.check_room(n_tokens)
 
     def reset(self):
         self.truncate(0)
 
     def can_truncate(self, n: int) -> bool:
-        """Attention caches roll back to any position; recurrent models override this."""
-        return 0 <= n <= self.n_past
+        return self.seq.can_truncate(n)
 
     def truncate(self, n: int):
-        """Forget every position >= n."""
-        if n < 0 or n > self.n_past:
-            raise ValueError(f"cannot truncate to {n} with {self.n_past} positions cached")
-        self.n_past = n
+        """Forget every position >= n of the default sequence."""
+        self.seq.truncate(n)
+
+    def forward(self, tokens, logits: str = "last", gemm: bool | None = None, keep_hidden: bool = False, **kw):
+        """Process `tokens` at positions n_past.. of the default sequence; returns logits (R, n_vocab) for the
+        rows asked for (logits 'all', 'last' or 'none'). gemm=None picks the BLAS prefill path for batches >=
+        GEMM_MIN_BATCH; False forces the row-exact quantized path (decode, speculative verify)."""
+        out = self.forward_batch([self.seq], [tokens], logits, gemm=gemm, keep_hidden=keep_hidden, **kw)[0]
+        self.hidden = self.seq.hidden
+        return out
+
+    def _is_batched(self, blk) -> bool:
+        return getattr(blk, "batched", False)
+
+    def _legacy_ok(self, b: Batch):
+        """GPU-offloaded blocks (llamba.offload) run one sequence over the contiguous default pool."""
+        if len(b.seqs) != 1 or b.kv is not self.pool or self.pool.n_blocks != 1:
+            raise LlambaError("a model with GPU-offloaded layers runs one sequence at a time")
+
+    def _rows_of(self, b: Batch, modes) -> tuple[np.ndarray, list]:
+        """Global row indices of the logits asked for, and per sequence its (start, stop) among them."""
+        if isinstance(modes, str):
+            modes = [modes] * len(b.seqs)
+        idx, spans = [], []
+        n = 0
+        for (r0, r1), m in zip(b.ranges, modes):
+            sl = self._logit_rows(r1 - r0, m)
+            rr = np.arange(r0 + sl.start, r0 + sl.stop, dtype=np.int64)
+            idx.append(rr)
+            spans.append((n, n + rr.shape[0]))
+            n += rr.shape[0]
+        return (np.concatenate(idx) if idx else np.empty(0, np.int64)), spans
+
+    def _tail(self, x, b: Batch, logits, gemm: bool, keep_hidden: bool) -> list:
+        """Output norm + head of the rows asked for; per sequence its logits (and hidden rows if kept)."""
+        rows, spans = self._rows_of(b, logits)
+        if self.out_dev is not None:  # offload: norm + head on the output device; host hidden/logits back
+            hidden, out = self.out_dev(x, rows, keep_hidden, gemm)
+        else:
+            hN = rms_norm(x if keep_hidden else np.ascontiguousarray(x[rows]), self.output_norm, self.config.eps)
+            hidden = hN if keep_hidden else None
+            out = self.head(np.ascontiguousarray(hN[rows]) if keep_hidden else hN, gemm and rows.shape[0] > 1)
+        res = []
+        for s, (r0, r1), (a, c) in zip(b.seqs, b.ranges, spans):
+            s.hidden = hidden[r0:r1] if keep_hidden else None
+            res.append(out[a:c] if len(b.seqs) > 1 else out)
+        return res
 
     def get_state(self) -> dict:
-        """A copy of what the cache holds (KV rows of the cached positions, recurrent states): `set_state` puts it
-        back, in this model or another instance of the same model."""
+        """A copy of what the default sequence's cache holds (KV rows of the cached positions, recurrent
+        states): `set_state` puts it back, in this model or another instance of the same model."""
         if getattr(self, "offload", None) is not None or self.out_dev is not None:
-            from llamba.errors import LlambaError
             raise LlambaError("saving the cache state of a GPU-offloaded model is not supported")
         n = self.n_past
-        kv = getattr(self, "kv", None)
         c = self.config
         st = {"n_past": n, "model": (c.arch, c.n_vocab, c.n_embd, c.n_layer_all),
-              "kv": {il: (kv.k[il][:, :n].copy(), kv.v[il][:, :n].copy()) for il in kv.k} if kv else {}}
-        rec = getattr(self, "rec", None)
-        if rec:
-            st["rec"] = {il: (cs.copy(), ss.copy()) for il, (cs, ss) in rec.items()}
+              "kv": {il: self.seq.kv_rows(il, n) for il in self.state_layers()}}
+        if self.rec:
+            st["rec"] = {il: (cs.copy(), ss.copy()) for il, (cs, ss) in self.rec.items()}
         return st
 
     def set_state(self, st: dict):
-        from llamba.errors import LlambaError
         if getattr(self, "offload", None) is not None or self.out_dev is not None:
             raise LlambaError("restoring a cache state into a GPU-offloaded model is not supported")
         n = int(st["n_past"])
-        kv = getattr(self, "kv", None)
         if n > self.n_ctx:
             raise LlambaError(f"the saved state holds {n} positions but this context holds {self.n_ctx}")
-        mine = set(kv.k) if kv else set()
-        rec = getattr(self, "rec", None) or {}
+        mine = set(self.state_layers())
+        rec = self.rec or {}
         c = self.config
         if tuple(st.get("model", ())) != (c.arch, c.n_vocab, c.n_embd, c.n_layer_all) or \
                 set(st["kv"]) != mine or set(st.get("rec", {})) != set(rec):
             raise LlambaError("the saved state is from a different model (its layers do not match)")
+        kv = self.pool
         for il, (k, v) in st["kv"].items():
-            if k.shape[0] != kv.k[il].shape[0] or k.shape[2:] != kv.k[il].shape[2:] or k.dtype != kv.k[il].dtype:
+            if k.shape[0] != kv.k[il].shape[0] or k.shape[2:] != kv.k[il].shape[2:] or k.dtype != kv.k[il].dtype \
+                    or k.shape[1] != n or v.shape[:2] != k.shape[:2] or v.shape[2:] != kv.v[il].shape[2:] \
+                    or v.dtype != kv.v[il].dtype:
                 raise LlambaError("the saved state is from a different model (its KV shapes do not match)")
-        for il, (k, v) in st["kv"].items():
-            kv.k[il][:, :n] = k
-            kv.v[il][:, :n] = v
         for il, (cs, ss) in st.get("rec", {}).items():
             if cs.shape != rec[il][0].shape or ss.shape != rec[il][1].shape:
                 raise LlambaError("the saved state is from a different model (its recurrent states do not match)")
+        self.seq.release()
+        self.seq.reserve(n)
+        for il, (k, v) in st["kv"].items():
+            self.seq.set_kv_rows(il, k, v)
+        for il, (cs, ss) in st.get("rec", {}).items():
             rec[il][0][...] = cs
             rec[il][1][...] = ss
-        if hasattr(self, "_snap"):
-            self._snap = None  # per-token snapshots of an earlier batch no longer apply
-        self.n_past = n
+        self.seq.n_past = n
 
     def _logit_rows(self, T: int, logits: str) -> slice:
         if logits == "all":
@@ -250,16 +320,19 @@ class AttentionBlock:
         self.q_scale = cfg.attn_scale  # > 0: scale Q, attend with scale 1 (gemma3)
         self.softcap = cfg.attn_softcap  # > 0: attention logit soft-capping (gemma2)
 
-    def attention(self, h, pos, n_kv, kv: KVCache, rope: RopeTable, gemm: bool, normed: bool = False):
-        """Attention of the rows h (or of rms_norm(h, attn_norm) with normed=True) -> (T, n_head*hd_v)."""
+    batched = True  # called as blk(x, batch, rope, gemm) (GPU-offload twins keep the one-sequence call)
+
+    def attention(self, h, b: Batch, rope: RopeTable, gemm: bool, normed: bool = False):
+        """Attention of the rows h (or of rms_norm(h, attn_norm) with normed=True) -> (R, n_head*hd_v); each row
+        attends over its own sequence's cache (b: the batch's positions, slots and block tables)."""
         T = h.shape[0]
         if normed:
             qkv = self.qkv(h, RMS_NORM, None, self.attn_norm, self.eps, gemm=gemm)
         else:
             qkv = self.qkv(h, gemm=gemm)
         if self.wqkv is not None:
-            a, b = self.splits
-            q, k, v = qkv[0][:, :a], qkv[0][:, a:b], qkv[0][:, b:]
+            a, c = self.splits
+            q, k, v = qkv[0][:, :a], qkv[0][:, a:c], qkv[0][:, c:]
         else:
             q, k, v = qkv
         q = np.ascontiguousarray(q).reshape(T, self.n_head, self.hd)
@@ -269,7 +342,7 @@ class AttentionBlock:
             q = rms_norm(q.reshape(-1, self.hd), self.q_norm, self.eps).reshape(q.shape)
         if self.k_norm is not None:
             k = rms_norm(k.reshape(-1, self.hd), self.k_norm, self.eps).reshape(k.shape)
-        cos, sin = rope.get(pos, self.rope_base, self.freq_scale)
+        cos, sin = rope.get(b.pos, self.rope_base, self.freq_scale)
         K.rope_apply(q, cos, sin, self.n_rot, self.neox)
         K.rope_apply(k, cos, sin, self.n_rot, self.neox)
         if self.q_scale > 0:
@@ -277,17 +350,18 @@ class AttentionBlock:
             scale = 1.0
         else:
             scale = 1.0 / np.sqrt(self.hd)
-        kc, vc = kv.k[self.il], kv.v[self.il]
-        K.store_kv(k, v, kc, vc, int(pos[0]))
+        kc, vc = b.kv.k[self.il], b.kv.v[self.il]
+        K.store_kv_slots(k, v, kc, vc, b.slots)
         o = np.empty((T, self.n_head, self.hd_v), dtype=np.float32)
+        args = (q, kc, vc, b.pos, b.row_seq, b.tables, b.bs, b.n_kv, scale, self.n_swa, o)
         if self.softcap > 0:  # (left out, softcap is a compile-time 0 in the kernel: no cost for other models)
-            K.attention(q, kc, vc, pos, n_kv, scale, self.n_swa, o, self.softcap)
+            K.attention_paged(*args, self.softcap)
         else:
-            K.attention(q, kc, vc, pos, n_kv, scale, self.n_swa, o)
+            K.attention_paged(*args)
         return o.reshape(T, -1)
 
-    def __call__(self, x, pos, n_kv, kv, rope, gemm: bool):
-        a = self.o(self.attention(x, pos, n_kv, kv, rope, gemm, normed=True), gemm=gemm)[0]
+    def __call__(self, x, b: Batch, rope, gemm: bool):
+        a = self.o(self.attention(x, b, rope, gemm, normed=True), gemm=gemm)[0]
         if self.post_attn_norm is not None:
             a = rms_norm(a, self.post_attn_norm, self.eps)
         x += a
@@ -317,9 +391,10 @@ class Transformer(BaseModel):
                              shape=(cfg.n_vocab, cfg.n_embd))
         ff = gf.tensor("rope_freqs.weight").astype(np.float32) if gf.has("rope_freqs.weight") else None
         self.rope = RopeTable(cfg, cfg.n_rot, ff)
-        self.kv = KVCache(n_ctx, {b.il: (b.n_head_kv, b.hd, b.hd_v) for b in self.blocks})
-        self.n_past = 0
-        self.hidden = None
+        self._init_cache(n_ctx)
+
+    def kv_layers(self):
+        return {b.il: (b.n_head_kv, b.hd, b.hd_v) for b in self.blocks}
 
     def make_ffn(self, gf, cfg, il: int):
         """The FFN of layer il when it is not the dense gated FFN (None: that one): with experts in the config
@@ -335,28 +410,23 @@ class Transformer(BaseModel):
             x *= np.float32(self.config.embd_scale)
         return x
 
-    def forward(self, tokens, logits: str = "last", gemm: bool | None = None, keep_hidden: bool = False):
-        """Process `tokens` at positions n_past.. ; returns logits (R, n_vocab) for the rows asked for.
-        gemm=None picks the BLAS prefill path for batches >= GEMM_MIN_BATCH; False forces the row-exact
-        quantized path (decode, speculative verify)."""
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        T = tokens.shape[0]
-        if T == 0:
-            return np.empty((0, self.config.n_vocab), dtype=np.float32)
-        self.check_room(T)
-        if gemm is None:
-            gemm = T >= GEMM_MIN_BATCH
-        pos = np.arange(self.n_past, self.n_past + T, dtype=np.int64)
-        n_kv = self.n_past + T
-        x = self.embed(tokens)
+    def forward_batch(self, seqs: list, toks: list, logits="last", gemm: bool | None = None,
+                      keep_hidden: bool = False, **kw) -> list:
+        """Append toks[i] to sequence seqs[i] for every i in one pass; returns per sequence its logits rows
+        (logits: 'all' | 'last' | 'none', or one such mode per sequence)."""
+        b = Batch(seqs, toks)
+        R = b.n_rows
+        if R == 0:
+            return [np.empty((0, self.config.n_vocab), dtype=np.float32) for _ in seqs]
+        if gemm is None:  # (one sequence only: the BLAS path is not row-exact, so batches of several never take it)
+            gemm = len(seqs) == 1 and R >= GEMM_MIN_BATCH
+        x = self.embed(b.tokens)
         for blk in self.blocks:
-            x = blk(x, pos, n_kv, self.kv, self.rope, gemm)
-        rows = self._logit_rows(T, logits)
-        if self.out_dev is not None:  # offload: norm + head on the output device; host hidden/logits back
-            self.hidden, out = self.out_dev(x, rows, keep_hidden, gemm)
-            self.n_past += T
-            return out
-        hN = rms_norm(x if keep_hidden else np.ascontiguousarray(x[rows]), self.output_norm, self.config.eps)
-        self.hidden = hN if keep_hidden else None
-        self.n_past += T
-        return self.head(np.ascontiguousarray(hN[rows]) if keep_hidden else hN, gemm and hN.shape[0] > 1)
+            if self._is_batched(blk):
+                x = blk(x, b, self.rope, gemm)
+            else:  # a GPU-offloaded block: one sequence, contiguous cache
+                self._legacy_ok(b)
+                x = blk(x, b.pos, int(b.n_kv[0]), self.pool, self.rope, gemm)
+        out = self._tail(x, b, logits, gemm, keep_hidden)
+        b.commit()
+        return out

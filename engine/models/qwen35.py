@@ -6,8 +6,8 @@ Trunk layer il < n_layer: x += Mixer(attn_norm(x)); x += SwiGLU(post_attention_n
 Gated DeltaNet (recurrent) layer or gated full attention. The MTP block blk.{n_layer} is a full-attention
 layer fed by eh_proj([enorm(embed(tok)) | hnorm(h_prev)]), with its own KV cache (`MTPHead`).
 
-Recurrent state (conv + ssm per GDN layer) cannot be truncated like a KV cache: a forward can record per-token
-snapshots (`snapshots=True`), and `truncate(n)` restores the one after position n-1.
+Recurrent state (conv + ssm per GDN layer, per sequence in its SeqCache) cannot be truncated like a KV cache: a
+forward can record per-token snapshots (`snapshots=True`), and `truncate(n)` restores the one after position n-1.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from llamba.errors import GGUFError, UnsupportedError
 from llamba.kernels import deltanet as D
 from llamba.kernels import ops as K
 from llamba.layers import Embedding, Linear, LinearGroup, norm_weight
-from llamba.models.base import FFN, GEMM_MIN_BATCH, BaseModel, KVCache, RopeTable, proj, rms_norm
+from llamba.kv_cache import Batch
+from llamba.models.base import FFN, GEMM_MIN_BATCH, BaseModel, RopeTable, proj, rms_norm
 from llamba.models.moe import MoEFFN
 
 
@@ -83,7 +84,7 @@ class GatedAttention:
         self.qkv = LinearGroup([self.wqkv] if self.wqkv is not None else [self.wq, self.wk, self.wv])
         self.o = LinearGroup([self.wo])
 
-    def __call__(self, h, pos, n_kv, kv: KVCache, rope: RopeTable, gemm: bool):
+    def __call__(self, h, b: Batch, rope: RopeTable, gemm: bool):
         T = h.shape[0]
         H, Hkv, hd = self.H, self.Hkv, self.hd
         if self.wqkv is not None:
@@ -98,13 +99,13 @@ class GatedAttention:
         gate = np.ascontiguousarray(qg[:, :, 1]).reshape(T, H * hd)
         k = rms_norm(np.ascontiguousarray(k).reshape(-1, hd), self.k_norm, self.eps).reshape(T, Hkv, hd)
         v = np.ascontiguousarray(v).reshape(T, Hkv, hd)
-        cos, sin = rope.get(pos, self.base, self.freq_scale)
+        cos, sin = rope.get(b.pos, self.base, self.freq_scale)
         K.rope_apply(q, cos, sin, self.n_rot, True)
         K.rope_apply(k, cos, sin, self.n_rot, True)
-        kc, vc = kv.k[self.il], kv.v[self.il]
-        K.store_kv(k, v, kc, vc, int(pos[0]))
+        kc, vc = b.kv.k[self.il], b.kv.v[self.il]
+        K.store_kv_slots(k, v, kc, vc, b.slots)
         o = np.empty((T, H, hd), dtype=np.float32)
-        K.attention(q, kc, vc, pos, n_kv, 1.0 / np.sqrt(hd), 0, o)
+        K.attention_paged(q, kc, vc, b.pos, b.row_seq, b.tables, b.bs, b.n_kv, 1.0 / np.sqrt(hd), 0, o)
         sg = np.empty_like(gate)
         K.sigmoid(gate, sg)
         o = o.reshape(T, H * hd)
@@ -144,35 +145,43 @@ class GatedDeltaNet:
         return (np.zeros((self.conv_dim, self.Dc - 1), dtype=np.float32),
                 np.zeros((self.Hv, self.S, self.S), dtype=np.float32))
 
-    def __call__(self, h, state, snaps, gemm: bool, chunked: bool):
-        """snaps: None, or a list to which (conv_snapshots (T,C,D-1), ssm_snapshots (T,Hv,S,S)) is appended."""
-        T = h.shape[0]
+    def __call__(self, h, b: Batch, snaps, gemm: bool, chunked: bool):
+        """Rows of b's sequences -> (R, n_embd); each sequence's rows run its own conv/ssm state (seq.rec[il]).
+        snaps: None, or a dict to which seq index -> (conv_snapshots (T,C,D-1), ssm_snapshots (T,Hv,S,S)) is
+        added."""
+        R = h.shape[0]
         S, Hk, Hv = self.S, self.Hk, self.Hv
-        conv_state, ssm = state
-        m, z, b, a = self.proj_in(h, gemm=gemm)
-        g = np.empty((T, Hv), dtype=np.float32)
-        beta = np.empty((T, Hv), dtype=np.float32)
-        D.gdn_gates(a, b, self.dt_bias, self.ssm_a, g, beta)
-        n_snap = T if snaps is not None else 0
-        conv_snap = np.empty((n_snap, self.conv_dim, self.Dc - 1), dtype=np.float32)
-        c = np.empty((T, self.conv_dim), dtype=np.float32)
-        D.conv1d_silu(m, conv_state, self.conv_w, c, conv_snap)
-        q = np.empty((T, Hk, S), dtype=np.float32)
-        k = np.empty((T, Hk, S), dtype=np.float32)
-        D.l2_norm_heads(np.ascontiguousarray(c[:, :self.key_dim]).reshape(T, Hk, S), self.eps, q)
-        D.l2_norm_heads(np.ascontiguousarray(c[:, self.key_dim:2 * self.key_dim]).reshape(T, Hk, S), self.eps, k)
-        v = np.ascontiguousarray(c[:, 2 * self.key_dim:]).reshape(T, Hv, S)
-        o = np.empty((T, Hv, S), dtype=np.float32)
-        if chunked and n_snap == 0:
-            D.gated_delta_rule_chunked(q, k, v, g, beta, ssm, o)
-        else:
-            ssm_snap = np.empty((n_snap, Hv, S, S), dtype=np.float32)
-            D.gated_delta_rule(q, k, v, g, beta, ssm, o, ssm_snap)
-            if snaps is not None:
-                snaps.append((conv_snap, ssm_snap))
+        m, z, bt, a = self.proj_in(h, gemm=gemm)
+        g = np.empty((R, Hv), dtype=np.float32)
+        beta = np.empty((R, Hv), dtype=np.float32)
+        D.gdn_gates(a, bt, self.dt_bias, self.ssm_a, g, beta)
+        c = np.empty((R, self.conv_dim), dtype=np.float32)
+        conv_snaps = []
+        for i, (r0, r1) in enumerate(b.ranges):
+            conv_state = b.seqs[i].rec[self.il][0]
+            n_snap = r1 - r0 if snaps is not None else 0
+            cs = np.empty((n_snap, self.conv_dim, self.Dc - 1), dtype=np.float32)
+            D.conv1d_silu(m[r0:r1], conv_state, self.conv_w, c[r0:r1], cs)
+            conv_snaps.append(cs)
+        q = np.empty((R, Hk, S), dtype=np.float32)
+        k = np.empty((R, Hk, S), dtype=np.float32)
+        D.l2_norm_heads(np.ascontiguousarray(c[:, :self.key_dim]).reshape(R, Hk, S), self.eps, q)
+        D.l2_norm_heads(np.ascontiguousarray(c[:, self.key_dim:2 * self.key_dim]).reshape(R, Hk, S), self.eps, k)
+        v = np.ascontiguousarray(c[:, 2 * self.key_dim:]).reshape(R, Hv, S)
+        o = np.empty((R, Hv, S), dtype=np.float32)
+        for i, (r0, r1) in enumerate(b.ranges):
+            ssm = b.seqs[i].rec[self.il][1]
+            if chunked and snaps is None:
+                D.gated_delta_rule_chunked(q[r0:r1], k[r0:r1], v[r0:r1], g[r0:r1], beta[r0:r1], ssm, o[r0:r1])
+            else:
+                n_snap = r1 - r0 if snaps is not None else 0
+                ss = np.empty((n_snap, Hv, S, S), dtype=np.float32)
+                D.gated_delta_rule(q[r0:r1], k[r0:r1], v[r0:r1], g[r0:r1], beta[r0:r1], ssm, o[r0:r1], ss)
+                if snaps is not None:
+                    snaps[i] = (conv_snaps[i], ss)
         y = np.empty_like(o)
-        D.gated_rms_norm(o, z.reshape(T, Hv, S), self.ssm_norm, self.eps, y)
-        return self.out(y.reshape(T, self.value_dim), gemm=gemm)[0]
+        D.gated_rms_norm(o, z.reshape(R, Hv, S), self.ssm_norm, self.eps, y)
+        return self.out(y.reshape(R, self.value_dim), gemm=gemm)[0]
 
 
 class Qwen35Block:
@@ -197,13 +206,16 @@ class Qwen35Block:
         x += self.ffn.normed(x, self.post_attention_norm, self.eps, gemm)
         return x
 
-    def __call__(self, x, pos, n_kv, kv, rope, gemm: bool, rec_state=None, snaps=None, chunked: bool = False):
-        """x (T, n_embd) -> x after this block. Recurrent blocks use rec_state and append snapshots to snaps."""
+    batched = True  # called as blk(x, batch, rope, gemm, snaps) (GPU-offload twins keep the one-sequence call)
+
+    def __call__(self, x, b: Batch, rope, gemm: bool, snaps=None, chunked: bool = False):
+        """x (R, n_embd) -> x after this block. Recurrent blocks run each sequence's own state and add its
+        snapshots to snaps (a dict) when given."""
         h = rms_norm(x, self.attn_norm, self.eps)
         if self.recurrent:
-            x += self.mixer(h, rec_state, snaps, gemm, chunked)
+            x += self.mixer(h, b, snaps, gemm, chunked)
         else:
-            x += self.mixer(h, pos, n_kv, kv, rope, gemm)
+            x += self.mixer(h, b, rope, gemm)
         return self.ffn_part(x, gemm)
 
 
@@ -218,80 +230,67 @@ class Qwen35(BaseModel):
         self.output = Linear(gf, "output.weight" if gf.has("output.weight") else "token_embd.weight",
                              shape=(cfg.n_vocab, cfg.n_embd))
         self.rope = RopeTable(cfg, cfg.n_rot, None)
-        self.kv = KVCache(n_ctx, {b.il: (b.mixer.Hkv, b.mixer.hd, b.mixer.hd)
-                                  for b in self.blocks if not b.recurrent})
-        self.rec = {b.il: b.mixer.new_state() for b in self.blocks if b.recurrent}
-        self.n_past = 0
-        self.hidden = None
-        self._snap = None  # (n_past before the batch, {il: state before}, {il: (conv_snaps, ssm_snaps)})
         self.mtp = MTPHead(gf, cfg, n_ctx, self) if (load_mtp and cfg.n_nextn > 0) else None
+        self._init_cache(n_ctx)
 
-    # ---- recurrent-state rollback
-    def can_truncate(self, n: int) -> bool:
-        if n == self.n_past or not self.rec:
-            return True
-        if n == 0:
-            return True
-        s = self._snap
-        return s is not None and s[0] <= n <= s[0] + s[3]
+    def kv_layers(self):
+        out = {b.il: (b.mixer.Hkv, b.mixer.hd, b.mixer.hd) for b in self.blocks if not b.recurrent}
+        if self.mtp is not None:
+            m = self.mtp.block.mixer
+            out[self.mtp.il] = (m.Hkv, m.hd, m.hd)
+        return out
 
-    def truncate(self, n: int):
-        if n < 0 or n > self.n_past:
-            raise ValueError(f"cannot truncate to {n} with {self.n_past} positions cached")
-        if n != self.n_past and self.rec:
-            if n == 0:
-                for il, (cs, ss) in self.rec.items():
-                    cs[:] = 0
-                    ss[:] = 0
-            elif not self.can_truncate(n):
-                raise ValueError(f"cannot roll the recurrent state back to {n}: snapshots cover "
-                                 f"{'nothing' if self._snap is None else f'{self._snap[0]}..{self._snap[0] + self._snap[3]}'}")
-            else:
-                base, before, snaps, _ = self._snap
-                for il, (cs, ss) in self.rec.items():
-                    if n == base:
-                        cs[:], ss[:] = before[il]
-                    else:
-                        cs[:] = snaps[il][0][n - base - 1]
-                        ss[:] = snaps[il][1][n - base - 1]
-            self._snap = None
-        self.n_past = n
+    def rec_shapes(self):
+        return {b.il: ((b.mixer.conv_dim, b.mixer.Dc - 1), (b.mixer.Hv, b.mixer.S, b.mixer.S))
+                for b in self.blocks if b.recurrent}
 
-    def forward(self, tokens, logits: str = "last", gemm: bool | None = None, keep_hidden: bool = False,
-                snapshots: bool = False):
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        T = tokens.shape[0]
-        if T == 0:
-            return np.empty((0, self.config.n_vocab), dtype=np.float32)
-        self.check_room(T)
-        if gemm is None:
-            gemm = T >= GEMM_MIN_BATCH
+    @property
+    def _snap(self):
+        return self.seq._snap
+
+    @_snap.setter
+    def _snap(self, v):
+        self.seq._snap = v
+
+    def forward_batch(self, seqs: list, toks: list, logits="last", gemm: bool | None = None,
+                      keep_hidden: bool = False, snapshots: bool = False) -> list:
+        """Append toks[i] to sequence seqs[i] for every i in one pass; per sequence its logits rows. With
+        snapshots=True every sequence records its recurrent state after each row (truncate can roll back)."""
+        b = Batch(seqs, toks)
+        R = b.n_rows
+        if R == 0:
+            return [np.empty((0, self.config.n_vocab), dtype=np.float32) for _ in seqs]
+        if gemm is None:  # (one sequence only: the BLAS path is not row-exact)
+            gemm = len(seqs) == 1 and R >= GEMM_MIN_BATCH
         chunked = False  # the token loop measured faster than the chunked (WY) form on the CPU at every T
-        pos = np.arange(self.n_past, self.n_past + T, dtype=np.int64)
-        n_kv = self.n_past + T
         if snapshots:
-            before = {il: (cs.copy(), ss.copy()) for il, (cs, ss) in self.rec.items()}
-            snaps = {}
-        x = self.token_embd(tokens)
+            before = [{il: (cs.copy(), ss.copy()) for il, (cs, ss) in s.rec.items()} for s in seqs]
+            snaps = [{} for _ in seqs]
+        x = self.token_embd(b.tokens)
         for blk in self.blocks:
-            if blk.recurrent:
-                lst = [] if snapshots else None
-                x = blk(x, pos, n_kv, self.kv, self.rope, gemm, self.rec[blk.il], lst, chunked)
-                if snapshots:
-                    snaps[blk.il] = lst[0]
-            else:
-                x = blk(x, pos, n_kv, self.kv, self.rope, gemm)
-        rows = self._logit_rows(T, logits)
-        if self.out_dev is not None:  # offload: norm + head on the output device; host hidden/logits back
-            self.hidden, out = self.out_dev(x, rows, keep_hidden, gemm)
-            self._snap = (self.n_past, before, snaps, T) if snapshots else None
-            self.n_past += T
-            return out
-        hN = rms_norm(x if keep_hidden else np.ascontiguousarray(x[rows]), self.output_norm, self.config.eps)
-        self.hidden = hN if keep_hidden else None
-        self._snap = (self.n_past, before, snaps, T) if snapshots else None
-        self.n_past += T
-        return self.head(np.ascontiguousarray(hN[rows]) if keep_hidden else hN, gemm and hN.shape[0] > 1)
+            if self._is_batched(blk):
+                if blk.recurrent:
+                    got = {} if snapshots else None
+                    x = blk(x, b, self.rope, gemm, got, chunked)
+                    if snapshots:
+                        for i in range(len(seqs)):
+                            snaps[i][blk.il] = got[i]
+                else:
+                    x = blk(x, b, self.rope, gemm)
+            else:  # a GPU-offloaded block: one sequence, contiguous cache
+                self._legacy_ok(b)
+                if blk.recurrent:
+                    lst = [] if snapshots else None
+                    x = blk(x, b.pos, int(b.n_kv[0]), self.pool, self.rope, gemm, seqs[0].rec[blk.il], lst, chunked)
+                    if snapshots:
+                        snaps[0][blk.il] = lst[0]
+                else:
+                    x = blk(x, b.pos, int(b.n_kv[0]), self.pool, self.rope, gemm)
+        out = self._tail(x, b, logits, gemm, keep_hidden)
+        for i, (s, n) in enumerate(zip(seqs, b.lens)):
+            s._snap = (s.n_past, before[i], snaps[i], n) if snapshots else None
+        b.commit()
+        return out
 
 
 class MTPHead(BaseModel):
@@ -320,32 +319,56 @@ class MTPHead(BaseModel):
         self.output = (Linear(gf, p + "nextn.shared_head_head.weight", shape=(cfg.n_vocab, E))
                        if gf.has(p + "nextn.shared_head_head.weight") else trunk.output)
         self.rope = RopeTable(cfg, cfg.n_rot, None)
-        self.kv = KVCache(n_ctx, {L: (self.block.mixer.Hkv, self.block.mixer.hd, self.block.mixer.hd)})
-        self.n_past = 0
-        self.hidden = None
+        self.trunk = trunk  # its KV layer lives in the trunk's pool; its position in each SeqCache's `mtp` view
+
+    @property
+    def seq(self):
+        return self.trunk.seq.mtp
+
+    @property
+    def pool(self):
+        return self.trunk.pool
 
     def forward(self, tokens, h_prev, logits: str = "last", gemm: bool | None = None):
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        T = tokens.shape[0]
-        self.check_room(T)
-        if gemm is None:
-            gemm = T >= GEMM_MIN_BATCH
-        pos = np.arange(self.n_past, self.n_past + T, dtype=np.int64)
+        """One sequence (the default one): see forward_batch."""
         if self.out_dev is not None:  # offload: the whole nextn layer on its device; host hidden/logits back
+            tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+            T = tokens.shape[0]
+            self.check_room(T)
+            if gemm is None:
+                gemm = T >= GEMM_MIN_BATCH
+            pos = np.arange(self.n_past, self.n_past + T, dtype=np.int64)
             self.hidden, out = self.out_dev(self, tokens, h_prev, pos, self._logit_rows(T, logits), gemm)
             self.n_past += T
             return None if logits == "none" else out
-        e = rms_norm(self.embed(tokens), self.enorm, self.eps)
-        hh = rms_norm(np.ascontiguousarray(h_prev, dtype=np.float32).reshape(T, -1), self.hnorm, self.eps)
+        out = self.forward_batch([self.seq], [tokens], [h_prev], logits, gemm)[0]
+        self.hidden = self.seq.hidden
+        return None if logits == "none" else out
+
+    def forward_batch(self, views: list, toks: list, h_prevs: list, logits="last", gemm: bool | None = None):
+        """For each sequence's MTP view: row i pairs token i (at position n_past+i) with the post-norm hidden
+        h_prev[i] that predicted it; returns logits for the token after it and keeps its own post-norm hidden
+        rows (`view.hidden`, of the logits rows) for chained drafts."""
+        b = Batch(views, toks)
+        R = b.n_rows
+        if R == 0:
+            return [np.empty((0, self.config.n_vocab), dtype=np.float32) for _ in views]
+        if gemm is None:
+            gemm = len(views) == 1 and R >= GEMM_MIN_BATCH
+        e = rms_norm(self.embed(b.tokens), self.enorm, self.eps)
+        hp = np.concatenate([np.ascontiguousarray(h, dtype=np.float32).reshape(-1, e.shape[1]) for h in h_prevs])
+        hh = rms_norm(hp, self.hnorm, self.eps)
         x = proj(self.eh_proj, np.concatenate([e, hh], axis=1), gemm)
-        x = self.block(x, pos, self.n_past + T, self.kv, self.rope, gemm)
-        rows = self._logit_rows(T, logits)
+        x = self.block(x, b, self.rope, gemm)
+        rows, spans = self._rows_of(b, logits)
         hM = rms_norm(np.ascontiguousarray(x[rows]), self.head_norm, self.eps)
-        self.hidden = hM
-        self.n_past += T
-        if logits == "none":
-            return None
-        return self.head(hM, False)
+        out = self.head(hM, False) if rows.shape[0] else np.empty((0, self.config.n_vocab), dtype=np.float32)
+        res = []
+        for v, (a, c) in zip(views, spans):
+            v.hidden = hM[a:c]
+            res.append(out[a:c])
+        b.commit()
+        return res
 
 
 def build(gf, n_ctx: int, **opts):

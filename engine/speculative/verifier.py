@@ -95,7 +95,6 @@ def speculative_generate(session, prompt, sampler, budget, stats, is_eog, propos
         batch = [id_last] + draft
         kw = {"snapshots": True} if _has_snapshots(model) else {}
         logits = model.forward(batch, logits="all", gemm=False, keep_hidden=need_h, **kw)
-        session.tokens.extend(batch)
         hidden = model.hidden if need_h else None
         ids = sampler.sample_and_accept_n(logits, draft)
         k = len(ids) - 1
