@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from llamba.errors import LlambaError
+from llamba.errors import ParameterError
 
 __all__ = [
     "SamplingError", "SamplingParams", "Sampler", "make_sampler", "draft_top", "draft_candidates",
@@ -68,7 +68,7 @@ _CHARS = {"e": "penalties", "d": "dry", "s": "top_n_sigma", "k": "top_k", "y": "
 _F32 = np.float32
 
 
-class SamplingError(LlambaError, ValueError):
+class SamplingError(ParameterError):
     """Bad sampling parameters (one-line message)."""
 
 
@@ -149,14 +149,16 @@ class SamplingParams:
                 self.logit_bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
             if self.suppress_tokens is not None:
                 self.suppress_tokens = [int(t) for t in self.suppress_tokens]
-        except (TypeError, ValueError) as e:
-            raise SamplingError(f"bad sampling parameter: {e}") from None
+        except (TypeError, ValueError, OverflowError) as e:  # OverflowError: int(inf)
+            raise SamplingError(f"bad sampling parameter: {' '.join(str(e).split())[:200]}") from None
         for name in ("temp", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty",
                      "presence_penalty"):
             if math.isnan(getattr(self, name)):
                 raise SamplingError(f"sampling parameter {name} is NaN")
         if self.repeat_penalty <= 0:
             raise SamplingError(f"repeat_penalty must be > 0 (1.0 = off), got {self.repeat_penalty}")
+        if self.penalty_last_n > 1 << 31:
+            raise SamplingError(f"penalty_last_n must be at most 2^31, got {self.penalty_last_n}")
         if self.penalty_last_n < -1:
             raise SamplingError(f"penalty_last_n must be >= -1 (-1 = whole context, 0 = off), got {self.penalty_last_n}")
         if self.min_keep < 0:
