@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -15,7 +16,8 @@ from typing import Iterator
 
 import numpy as np
 
-from llamba.errors import LlambaError
+from llamba.errors import (LlambaError, ParameterError, ParameterTypeError, ResourceLimitError,
+                            TokenIdError)
 from llamba.generate import GenStats, Session, generate
 from llamba.gguf import GGUFFile
 from llamba.sampling import RANDOM_SEED, Sampler, SamplingParams
@@ -35,6 +37,188 @@ def set_threads(n_threads: int | None):
     return n
 
 
+# ---- argument checks at the API boundary (issue 11: one error type per failure class, never a numpy / overflow
+# traceback): bad token ids -> TokenIdError, bad values -> ParameterError (wrong types: ParameterTypeError, also a
+# TypeError), what does not fit memory -> ResourceLimitError with the numbers.
+
+MAX_STOPS, MAX_STOP_CHARS = 64, 1024  # stop strings are matched against the text on every token
+MAX_LOGPROBS = 1000  # alternatives per token (OpenAI allows 20): each costs a detokenize per generated token
+
+
+def _show(v) -> str:
+    """A short, one-line rendering of a bad argument for a message."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"{'-' if v < 0 else ''}<an integer of {v.bit_length()} bits>"
+    try:
+        s = " ".join(repr(v).split())
+    except Exception:  # noqa: BLE001 - a repr that fails
+        s = f"<{type(v).__name__}>"
+    return s if len(s) <= 40 else s[:37] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _token_ids(tokens, n_vocab: int, what: str = "tokens") -> list[int]:
+    """`tokens` as a list of ints in [0, n_vocab); anything else is a TokenIdError."""
+    if isinstance(tokens, np.ndarray):
+        if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
+            raise TokenIdError(f"{what} must be a 1-D sequence of integer token ids, got an array of "
+                               f"{tokens.dtype} with shape {tokens.shape}")
+        tokens = tokens.tolist()
+    elif isinstance(tokens, (str, bytes, bytearray, dict, set, frozenset)) or not hasattr(tokens, "__iter__"):
+        raise TokenIdError(f"{what} must be a sequence of token ids (integers), got {type(tokens).__name__}")
+    out = []
+    for t in tokens:
+        if type(t) is not int:
+            if not _is_int(t):
+                raise TokenIdError(f"{what}: {_show(t)} is not a token id (an integer)")
+            t = int(t)
+        if not 0 <= t < n_vocab:
+            raise TokenIdError(f"token id {_show(t)} is out of range for a vocabulary of {n_vocab} tokens")
+        out.append(t)
+    return out
+
+
+def _int_arg(name: str, v, *, lo: int | None = None, hi: int | None = None, none_ok: bool = True):
+    if v is None and none_ok:
+        return None
+    if not _is_int(v):
+        raise ParameterTypeError(f"{name} must be an integer{' or None' if none_ok else ''}, got {_show(v)}")
+    v = int(v)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        rng = "a non-negative integer" if lo == 0 else f"an integer >= {lo}" if lo is not None else "an integer"
+        rng += f" (at most {hi})" if hi is not None else ""
+        raise ParameterError(f"{name} must be {rng}, got {_show(v)}")
+    return v
+
+
+def _stop_list(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
+        raise ParameterTypeError(f"stop must be a string or a list of strings, got {_show(stop)}")
+    if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ParameterError(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters "
+                             f"(got {len(stops)}, the longest {max(map(len, stops), default=0)})")
+    return list(stops)
+
+
+def _logit_bias(bias, n_vocab: int):
+    """{token id: bias}: ids checked like every token id (str keys of JSON objects accepted), biases numbers."""
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ParameterTypeError(f"logit_bias must be a dict of token id -> bias, got {type(bias).__name__}")
+    out = {}
+    for k, v in bias.items():
+        if isinstance(k, str) and k.strip().lstrip("+-").isdigit() and len(k) < 40:
+            k = int(k)
+        t = _token_ids([k], n_vocab, "logit_bias")[0]
+        if not isinstance(v, (int, float, np.integer, np.floating)) or isinstance(v, (bool, np.bool_)) or \
+                math.isnan(float(v)):
+            raise ParameterError(f"logit_bias[{t}] must be a number, got {_show(v)}")
+        out[t] = float(v)
+    return out
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (/proc/meminfo MemAvailable, else free physical pages), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _context_bytes(cfg, n_ctx: int, logits_all: bool) -> int:
+    """What a context of n_ctx positions allocates: K and V rows of every attention layer (recurrent layers keep a
+    fixed-size state instead), plus the (n_ctx, n_vocab) float32 `scores` with logits_all."""
+    from llamba.kernels import ops as K
+    item = np.dtype(K.KV_DTYPE).itemsize
+    rec = tuple(getattr(cfg, "recurrent", ()) or ())
+    per_pos = 0
+    for il in range(cfg.n_layer_all):
+        if il < len(rec) and rec[il]:
+            continue
+        h = cfg.n_head_kv[il] if il < len(cfg.n_head_kv) else cfg.n_head_kv[-1]
+        per_pos += int(h) * (int(cfg.head_dim) + int(cfg.head_dim_v)) * item
+    return n_ctx * per_pos + (n_ctx * int(cfg.n_vocab) * 4 if logits_all else 0)
+
+
+def _check_context(cfg, n_ctx: int, logits_all: bool) -> None:
+    """Refuse a context whose cache cannot fit the memory available, before anything is allocated (llama.cpp
+    allows n_ctx beyond the trained context; so does this, as long as it fits)."""
+    need = _context_bytes(cfg, n_ctx, logits_all)
+    avail = _available_memory()
+    if n_ctx > MAX_N_CTX or (avail is not None and need > avail):
+        have = f"{avail / 2**30:.1f} GiB of memory is available" if avail is not None else "that is too much"
+        raise ResourceLimitError(
+            f"n_ctx {n_ctx} needs {need} bytes ({need / 2**30:.1f} GiB) for the KV cache"
+            f"{' and scores (logits_all)' if logits_all else ''} but {have} (the model was trained for "
+            f"{cfg.n_ctx_train}); lower n_ctx (-c)")
+
+
+MAX_N_CTX = (1 << 31) - 1  # positions are int32
+
+
+def _check_init_args(n_ctx, n_batch, n_threads, seed) -> None:
+    if (_int_arg("n_ctx", n_ctx) or 0) > MAX_N_CTX:
+        raise ResourceLimitError(f"n_ctx {n_ctx} is over the limit of {MAX_N_CTX} positions; lower n_ctx (-c)")
+    _int_arg("n_batch", n_batch, lo=0, none_ok=False)
+    _int_arg("n_threads", n_threads)
+    try:
+        SamplingParams(seed=seed)
+    except LlambaError as e:
+        raise ParameterError(f"seed: {e}") from None
+
+
+def _check_state(state, n_ctx: int, n_vocab: int) -> None:
+    """A LlamaState's structure, before any of it is copied into the cache: load_state must never leave a cache
+    half-written by a malformed state (KV rows shorter than n_past, wrong dtypes, counts past the context)."""
+    def bad(why):
+        raise ParameterError(f"load_state: the state is malformed ({why})")
+
+    st = getattr(state, "llama_state", None)
+    n = getattr(state, "n_tokens", None)
+    if not isinstance(st, dict) or not _is_int(n):
+        bad("no llama_state dict or n_tokens")
+    n_past = st.get("n_past")
+    if not _is_int(n_past) or n_past != n or not 0 <= n <= n_ctx:
+        bad(f"n_tokens {_show(n)} and n_past {_show(n_past)} must be equal and within the context of {n_ctx}")
+    ids = getattr(state, "input_ids", None)
+    if ids is None or len(_token_ids(ids, n_vocab, "load_state input_ids")) < n:
+        bad(f"input_ids hold fewer than n_tokens ({n}) ids")
+    kv, rec = st.get("kv"), st.get("rec", {})
+    if not isinstance(kv, dict) or not isinstance(rec, dict) or not isinstance(st.get("model", ()), tuple):
+        bad("kv / rec / model entries of the wrong type")
+    for il, pair in kv.items():
+        if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(a, np.ndarray) for a in pair)):
+            bad(f"layer {_show(il)}: KV is not a pair of arrays")
+        k, v = pair
+        if k.ndim != 3 or v.ndim != 3 or k.shape[1] != n or v.shape[1] != n or k.shape[0] != v.shape[0] or \
+                k.dtype != v.dtype:
+            bad(f"layer {_show(il)}: KV arrays of shapes {k.shape} / {v.shape} do not hold {n} positions")
+    for il, pair in rec.items():
+        if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(a, np.ndarray) for a in pair)):
+            bad(f"layer {_show(il)}: the recurrent state is not a pair of arrays")
+    sc = getattr(state, "scores", None)
+    if sc is not None and (not isinstance(sc, np.ndarray) or sc.ndim != 2 or sc.shape[1] != n_vocab or
+                           sc.dtype.kind != "f"):
+        bad(f"scores must be a float array of {n_vocab} columns")
+    seed = getattr(state, "seed", None)
+    if seed is not None and not _is_int(seed):
+        bad(f"seed {_show(seed)} is not an integer")
+
+
 class Llama:
     def __init__(self, model_path: str, *, n_ctx: int = 512, n_threads: int | None = None,
                  seed: int = RANDOM_SEED, vocab_only: bool = False, verbose: bool = True,
@@ -45,6 +229,7 @@ class Llama:
                  chat_template: str | None = None, embedding: bool = False,
                  pooling_type: int = POOLING_UNSPECIFIED, **kwargs):
         t0 = time.perf_counter()
+        _check_init_args(n_ctx, n_batch, n_threads, seed)
         self.model_path = str(model_path)
         self.verbose = verbose
         self.seed = seed
@@ -65,6 +250,7 @@ class Llama:
             cfg = build_config(self.gguf)
             if n_ctx is None or n_ctx <= 0:
                 n_ctx = cfg.n_ctx_train
+            _check_context(cfg, n_ctx, logits_all)
             self.model = load_model(self.gguf, n_ctx, n_gpu_layers=n_gpu_layers)
             if n_gpu_layers:  # GPU offload (llamba.offload); without a usable GPU: one warning, CPU
                 from llamba.offload import offload_model
@@ -124,11 +310,14 @@ class Llama:
 
     # ---- tokens
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
-        return self.tokenizer.encode(text, add_bos=add_bos, special=special)
+        """Token ids of `text`: bytes (llama-cpp-python) or a str (encoded as UTF-8)."""
+        if not isinstance(text, (bytes, bytearray, memoryview, str)):
+            raise ParameterTypeError(f"tokenize expects bytes or str, got {type(text).__name__}")
+        return self.tokenizer.encode(text if isinstance(text, str) else bytes(text), add_bos=add_bos, special=special)
 
     def detokenize(self, tokens, prev_tokens=None, special: bool = False) -> bytes:
         """Bytes of `tokens`; like llama-cpp-python, one leading space after a leading BOS is dropped."""
-        tokens = [int(t) for t in tokens]
+        tokens = _token_ids(tokens, self.n_vocab())
         out = b"".join(self.tokenizer.token_to_piece(t, special=special) for t in tokens)
         if tokens and tokens[0] == self.tokenizer.bos_id and out[:1] == b" ":
             out = out[1:]
@@ -142,11 +331,19 @@ class Llama:
         if self.model is None:
             raise LlambaError("this Llama was created with vocab_only=True: it can only tokenize")
 
+    def _n_vocab_ids(self) -> int:
+        """Token ids the model can take: the vocabulary (and the embedding rows, when the model is loaded)."""
+        n = self.n_vocab()
+        return min(n, self.model.config.n_vocab) if self.model is not None else n
+
+    def _ids(self, tokens, what: str = "tokens") -> list[int]:
+        return _token_ids(tokens, self._n_vocab_ids(), what)
+
     # ---- evaluation
     def eval_logits(self, tokens) -> np.ndarray:
         """Logits (len(tokens), n_vocab) float32 of every position, from an empty cache."""
         self._need_model()
-        toks = [int(t) for t in tokens]
+        toks = self._ids(tokens)
         self.session.reset()
         self.model.check_room(len(toks))
         return self.session.eval(toks, logits="all")
@@ -156,7 +353,7 @@ class Llama:
         `logits_all=True`, else only the last token's (shape (1, n_vocab); the other rows are not computed).
         They are also kept in `scores`."""
         self._need_model()
-        toks = [int(t) for t in tokens]
+        toks = self._ids(tokens)
         if not toks:
             return np.empty((0, self.n_vocab()), dtype=np.float32)
         n0 = self.n_tokens
@@ -198,6 +395,7 @@ class Llama:
     def _make_sampler(self, temp, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
                       presence_penalty, seed, logit_bias=None):
         s = self.seed if seed is None else seed
+        logit_bias = _logit_bias(logit_bias, self._n_vocab_ids())
         params = SamplingParams(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
                                 repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
                                 presence_penalty=presence_penalty, seed=s, logit_bias=logit_bias)
@@ -228,7 +426,10 @@ class Llama:
             pass  # prefix reuse is automatic
         sampler = self._make_sampler(temp, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
                                      presence_penalty, seed, logit_bias)
-        toks = [int(t) for t in tokens]
+        toks = self._ids(tokens)
+        max_tokens = _int_arg("max_tokens", max_tokens)
+        if not toks:
+            raise ParameterError("the prompt is empty: give at least one token")
         sampler.accept_many(toks)
         stats = GenStats()
         self.last_stats = stats
@@ -251,6 +452,7 @@ class Llama:
         self._need_model()
         if not isinstance(state, LlamaState):
             raise LlambaError(f"load_state expects a LlamaState from save_state, got {type(state).__name__}")
+        _check_state(state, self._n_ctx, self.n_vocab())
         self.model.set_state(state.llama_state)
         self.session.tokens = [int(t) for t in state.input_ids[:state.n_tokens]]
         if state.scores is not None:
@@ -274,6 +476,8 @@ class Llama:
         if pooling not in (POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST):
             raise LlambaError(f"pooling type {POOLING_NAMES.get(pooling, pooling)} is not supported for embeddings "
                               f"(supported: none, mean, cls, last)")
+        if not isinstance(input, (str, list, tuple)):
+            raise ParameterTypeError(f"embed expects a string or a list of strings, got {type(input).__name__}")
         inputs = [input] if isinstance(input, str) else list(input)
         n_batch = min(self.session.n_batch or 512, self._n_ctx)  # llama-cpp-python: n_batch, at most n_ctx
         data, total = [], 0
@@ -281,7 +485,7 @@ class Llama:
             for text in inputs:
                 if not isinstance(text, str):
                     raise LlambaError(f"embed: inputs must be strings, got {type(text).__name__}")
-                toks = self.tokenize(text.encode("utf-8"))
+                toks = self.tokenize(text)  # str: lone surrogates encode as the tokenizer does
                 if truncate:
                     toks = toks[:n_batch]
                 if len(toks) > n_batch:
@@ -326,24 +530,27 @@ class Llama:
         if logprobs is not None:
             if not self.logits_all and keep_scores:  # llama-cpp-python's rule and message
                 raise ValueError("logprobs is not supported for models created with logits_all=False")
-            if not isinstance(logprobs, int) or isinstance(logprobs, bool) or logprobs < 0:
-                raise LlambaError(f"logprobs must be a non-negative integer, got {logprobs!r}")
+            logprobs = _int_arg("logprobs", logprobs, lo=0, hi=MAX_LOGPROBS)
         if isinstance(prompt, (bytes, str)):
-            text = prompt.encode("utf-8") if isinstance(prompt, str) else prompt
-            toks = self.tokenize(text, add_bos=True, special=kwargs.get("special", False))
-            prompt_text = text.decode("utf-8", errors="replace")
-        else:
-            toks = [int(t) for t in prompt]
+            toks = self.tokenize(prompt, add_bos=True, special=kwargs.get("special", False))
+            text = prompt.encode("utf-8", "surrogatepass") if isinstance(prompt, str) else prompt
+            prompt_text = text.decode("utf-8", errors="replace")  # lone surrogates -> U+FFFD
+        elif isinstance(prompt, (list, tuple, np.ndarray)):
+            toks = self._ids(prompt, "prompt")
             prompt_text = self.detokenize(toks).decode("utf-8", errors="replace")
+        else:
+            raise ParameterTypeError(f"prompt must be a string, bytes or a list of token ids, got "
+                                     f"{type(prompt).__name__}")
         if not toks:
             raise LlambaError("the prompt is empty: give at least one token")
         if len(toks) >= self._n_ctx:
             from llamba.errors import ContextOverflowError
             raise ContextOverflowError(f"the prompt has {len(toks)} tokens but the context holds {self._n_ctx}; "
                                        f"raise n_ctx or shorten the prompt")
+        max_tokens = _int_arg("max_tokens", max_tokens)
         if max_tokens is None or max_tokens <= 0:
             max_tokens = self._n_ctx - len(toks)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = _stop_list(stop)
         cid = f"cmpl-{uuid.uuid4()}"
         created = int(time.time())
         gen_toks: list[int] | None = [] if logprobs is not None else None
@@ -576,6 +783,8 @@ class Llama:
         `logprobs.content` (token, logprob, bytes, top_logprobs) for the generated tokens, recorded from the rows
         they were sampled from (no logits_all needed)."""
         self._need_model()
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
+            raise ParameterTypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
         tkw = dict(chat_template_kwargs or {})
         if "enable_thinking" in kwargs:
             tkw["enable_thinking"] = kwargs.pop("enable_thinking")
@@ -597,9 +806,10 @@ class Llama:
             from llamba.errors import ContextOverflowError
             raise ContextOverflowError(f"the chat prompt has {len(toks)} tokens but the context holds "
                                        f"{self._n_ctx}; raise n_ctx or shorten the conversation")
+        max_tokens = _int_arg("max_tokens", max_tokens)
         if max_tokens is None or max_tokens <= 0:
             max_tokens = self._n_ctx - len(toks)
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        stops = _stop_list(stop)
         stops += [s for s in self.get_chat_template().stop if s not in stops]
         return self._completion_stream(list(toks), max_tokens, temperature, top_k, top_p, min_p, typical_p,
                                        repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias,
@@ -608,9 +818,7 @@ class Llama:
     def _chat_completion_from_tokens(self, toks, stream: bool = False, logprobs=None, top_logprobs=None, **kw):
         rec = None
         if logprobs:
-            n = 0 if top_logprobs is None else top_logprobs
-            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-                raise LlambaError(f"top_logprobs must be a non-negative integer, got {top_logprobs!r}")
+            n = _int_arg("top_logprobs", 0 if top_logprobs is None else top_logprobs, lo=0, hi=MAX_LOGPROBS)
             rec = _LogprobRecorder(n)
         it = self._chat_stream_pieces(toks, rec=rec, **kw)
         cid = f"chatcmpl-{uuid.uuid4()}"
