@@ -863,6 +863,38 @@ class Llama:
         self.model = None
         self.session = None
 
+    def prompt_logprobs(self, tokens, n: int = 0) -> list[tuple[float, list[tuple[int, float]]]]:
+        """Log-probabilities of a prompt's own tokens, as OpenAI and vLLM lay out `echo` + `logprobs`: element i-1
+        is for tokens[i] (i >= 1): (log p(tokens[i] | tokens[:i]), the top-n (id, logprob) pairs of that row,
+        logprob descending); tokens[0] has none (nothing precedes it), so len(tokens) - 1 elements. The rows come
+        from evaluating tokens[:-1] from an empty cache, n_batch rows at a time (only n_batch x n_vocab logits
+        held at once; the batched rows are the rows generation samples from); the cache keeps tokens[:-1], which
+        a following generation on the same prompt reuses."""
+        import contextlib
+        self._need_model()
+        from llamba.errors import TokenIdError
+        nv = self.n_vocab()
+        toks = []
+        for t in tokens:
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or not 0 <= int(t) < nv:
+                raise TokenIdError(f"prompt_logprobs: {t!r} is not a token id of this vocabulary ({nv} tokens)")
+            toks.append(int(t))
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise LlambaError(f"prompt_logprobs: n must be a non-negative integer, got {n!r}")
+        if len(toks) < 2:
+            return []
+        out = []
+        with getattr(self.session, "lock", None) or contextlib.nullcontext():
+            self.session.reset()
+            self.model.check_room(len(toks) - 1)
+            nb = self.session.n_batch or len(toks)
+            for a in range(0, len(toks) - 1, nb):
+                rows = self.session.eval(toks[a:min(a + nb, len(toks) - 1)], logits="all")
+                for r in range(len(rows)):
+                    lp = self.logits_to_logprobs(rows[r])
+                    out.append((float(lp[toks[a + r + 1]]), _top_n(lp, int(n))))
+        return out
+
 
 class LlamaState:
     """What `Llama.save_state` returns (llama-cpp-python's LlamaState fields: input_ids, scores, n_tokens,
