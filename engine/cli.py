@@ -4,7 +4,7 @@
                [--repeat-penalty R] [--seed S]
     llamba info MODEL
     llamba chat [-m MODEL] [--system TEXT] [--chat-template NAME|FILE] [sampling flags]   (interactive REPL)
-    llamba serve [-m MODEL] [--host 127.0.0.1] [--port 8080] [--api-key KEY]   (OpenAI-compatible HTTP server)
+    llamba serve [-m MODEL] [--host 127.0.0.1] [--port 8080] [-np N] [--api-key KEY]   (OpenAI-compatible HTTP server)
 
 Errors print one line to stderr and exit with status 1 (no traceback).
 """
@@ -75,19 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(chat)
     _add_spec_args(chat)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)",
-                           description="OpenAI-compatible HTTP server on the standard library. One model, one KV "
-                                       "cache: requests are served one at a time in arrival order (n-parallel = 1; "
-                                       "no batched decoding), the others wait in a queue.")
+                           description="OpenAI-compatible HTTP server (FastAPI on uvicorn): completions, chat, "
+                                       "embeddings, /tokenize, /detokenize, /tokenizer_info, /metrics, /health. "
+                                       "With the batching engine up to -np requests decode at once; otherwise they "
+                                       "are served one at a time in arrival order and the others wait in a queue.")
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8080, help="port (0: pick a free one; it is printed)")
-    serve.add_argument("-np", "--n-parallel", type=int, default=1,
-                       help="requests decoded at once: llamba supports 1 (others are queued in arrival order)")
+    serve.add_argument("-np", "--parallel", "--n-parallel", dest="n_parallel", type=int, default=4,
+                       help="requests decoded at once (slots) when the model runs on the batching engine "
+                            "(default 4); without it, one at a time")
     serve.add_argument("--max-queue", type=int, default=64, help="requests that may wait before 503 (default 64)")
     serve.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
-    serve.add_argument("--timeout", type=float, default=600.0, help="socket timeout in seconds (default 600)")
+    serve.add_argument("--timeout", type=float, default=600.0,
+                       help="seconds a streaming client may go without reading before it is dropped (default 600)")
+    serve.add_argument("--read-timeout", type=float, default=30.0,
+                       help="seconds to receive a request's headers and body (default 30)")
+    serve.add_argument("--keep-alive", type=float, default=5.0, help="idle keep-alive seconds (default 5)")
+    serve.add_argument("--max-connections", type=int, default=512,
+                       help="open connections before new requests get 503 (default 512)")
+    serve.add_argument("--stream-buffer", type=int, default=1 << 20,
+                       help="bytes of events held for a streaming client that is not reading (default 1 MiB)")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="allow browser requests from ORIGIN (repeatable; '*' for any)")
     serve.add_argument("--alias", default=None, help="model name reported by the API (default: the file name)")
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
     serve.add_argument("--chat-template", default=None, metavar="NAME|FILE",
                        help="chat template instead of the model's (built-in name or Jinja file)")
     serve.add_argument("--seed", type=int, default=-1, help="RNG seed for requests without one (-1: random)")
@@ -297,17 +309,26 @@ def cmd_serve(a) -> int:
         llm.get_chat_template()
     except LlambaError as e:
         print(f"llamba: warning: /v1/chat/completions is unavailable: {e}", file=sys.stderr)
-    if a.n_parallel != 1:
-        print(f"llamba: note: --n-parallel {a.n_parallel}: llamba decodes one request at a time; the others wait "
-              f"in a queue", file=sys.stderr)
+    if a.n_parallel < 1:
+        raise LlambaError(f"-np/--parallel must be at least 1, got {a.n_parallel}")
     srv = make_server(llm, a.host, a.port, alias=a.alias, max_body=a.max_body, max_queue=a.max_queue,
-                      timeout=a.timeout if a.timeout > 0 else None, verbose=a.verbose, api_key=a.api_key)
+                      timeout=a.timeout if a.timeout > 0 else None, verbose=a.verbose, api_key=a.api_key,
+                      n_parallel=a.n_parallel, cors_origins=a.cors_origin, max_connections=a.max_connections,
+                      keep_alive=a.keep_alive, read_timeout=a.read_timeout, stream_buffer=a.stream_buffer)
     host, port = srv.server_address[:2]
     if host not in ("127.0.0.1", "::1", "localhost") and not a.api_key:
         print(f"llamba: warning: listening on {host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
-    print(f"llamba: serving {srv.service.alias} on http://{host}:{port} (n-parallel 1: requests are queued and "
-          f"served one at a time; Ctrl-C stops)", file=sys.stderr, flush=True)
+    svc = srv.service
+    if svc.concurrent:
+        mode = f"{svc.slots} requests decoded at once (-np {a.n_parallel})"
+    else:
+        mode = "one request at a time: the others wait in a queue"
+        if a.n_parallel != 1:
+            mode += f"; -np {a.n_parallel} needs the batching engine"
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"llamba: serving {svc.alias} on http://{url_host}:{port} ({mode}; Ctrl-C stops)", file=sys.stderr,
+          flush=True)
     try:
         srv.serve_forever()
     except KeyboardInterrupt:
