@@ -6,6 +6,7 @@ generated token go through the row-exact path (the one speculative verification 
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -47,6 +48,8 @@ class Session:
 
     def __init__(self, model, n_batch: int = 512):
         self.model = model
+        # every forward over this model's weights takes it (the batching engine holds it for each step)
+        self.lock = threading.RLock()
         # longest batch one forward call processes (llama.cpp's n_batch/n_ubatch): a long prompt goes through in
         # chunks, so activation memory is bounded by n_batch rows, not by the prompt length; the rows are
         # computed exactly as in one call (the kernels are row-exact)
@@ -69,11 +72,10 @@ class Session:
     def eval(self, tokens, logits: str = "last", gemm=None, keep_hidden=False):
         kw = {"keep_hidden": True} if keep_hidden else {}
         nb = self.n_batch
-        if not nb or len(tokens) <= nb:
-            out = self.model.forward(tokens, logits=logits, gemm=gemm, **kw)
-        else:
-            out = self._eval_chunked(tokens, logits, gemm, kw, nb)
-        return out
+        with self.lock:
+            if not nb or len(tokens) <= nb:
+                return self.model.forward(tokens, logits=logits, gemm=gemm, **kw)
+            return self._eval_chunked(tokens, logits, gemm, kw, nb)
 
     def _eval_chunked(self, tokens, logits, gemm, kw, nb):
         model = self.model

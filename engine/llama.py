@@ -227,7 +227,7 @@ class Llama:
                  spec: str = "none", draft_max: int = 3, draft_p_min: float = 0.0,
                  draft_model: str | None = None, chat_format: str | None = None,
                  chat_template: str | None = None, embedding: bool = False,
-                 pooling_type: int = POOLING_UNSPECIFIED, **kwargs):
+                 pooling_type: int = POOLING_UNSPECIFIED, n_parallel: int = 1, **kwargs):
         t0 = time.perf_counter()
         _check_init_args(n_ctx, n_batch, n_threads, seed)
         self.model_path = str(model_path)
@@ -258,6 +258,10 @@ class Llama:
                               split_mode=split_mode, verbose=verbose)
             self.session = Session(self.model, n_batch)
         self._n_ctx = n_ctx
+        self.engine = None  # the continuous-batching scheduler (llamba.scheduler), with n_parallel > 1
+        self.concurrent = False  # True: generation calls may come from several threads at once
+        if self.model is not None and n_parallel is not None and int(n_parallel) > 1:
+            self._start_engine(int(n_parallel))
         self.embedding = bool(embedding)
         if pooling_type not in POOLING_NAMES and pooling_type != POOLING_UNSPECIFIED:
             raise LlambaError(f"pooling_type must be one of {sorted(POOLING_NAMES)} or {POOLING_UNSPECIFIED} "
@@ -278,6 +282,71 @@ class Llama:
             c = self.model.config
             print(f"llamba: loaded {os.path.basename(self.model_path)} ({c.arch}, {c.n_layer} layers, "
                   f"n_ctx {n_ctx}) in {self.load_time:.2f} s", file=sys.stderr)
+
+    def _start_engine(self, n_parallel: int):
+        """Serve generation calls through the batching engine: up to n_parallel sequences decode together, over
+        one shared KV pool of n_ctx slots (each sequence may grow to n_ctx while the pool has room)."""
+        from llamba.scheduler import Engine
+        if getattr(self.model, "offload", None) is not None or self.model.out_dev is not None:
+            from llamba.backend import warn_once
+            warn_once("llamba: GPU-offloaded layers run one sequence at a time; n_parallel is set to 1")
+            return
+        spec = self.spec_options["spec"]
+        if spec == "auto":
+            spec = "mtp" if getattr(self.model, "mtp", None) is not None else "none"
+        if spec == "draft":
+            raise LlambaError("a draft model (--spec draft) serves one sequence at a time; use --spec mtp or "
+                              "ngram with --parallel > 1")
+        self.engine = Engine(self.model, n_ctx=self._n_ctx, n_parallel=n_parallel,
+                             step_tokens=max(64, min(256, self.session.n_batch or 256)), spec=spec,
+                             draft_max=self.spec_options["draft_max"], draft_p_min=self.spec_options["draft_p_min"],
+                             is_eog=self.tokenizer.is_eog, lock=self.session.lock).start()
+        self.concurrent = True
+
+    @property
+    def engine_stats(self) -> dict | None:
+        """Counters of the batching engine (requests, tokens, queue, batch rows, drafts), or None."""
+        return self.engine.snapshot() if self.engine is not None else None
+
+    def generate_batch(self, prompts, max_tokens: int | None = 16, temperature: float = 0.8, top_k: int = 40,
+                       top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0, repeat_penalty: float = 1.0,
+                       frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int | None = None,
+                       logit_bias=None, stop_at_eog: bool = True, n_parallel: int | None = None) -> list[list[int]]:
+        """Offline batch generation, in the spirit of vLLM's `LLM.generate(prompts, sampling_params)`: every
+        prompt (token ids, or text tokenized with BOS) runs as its own sequence through the batching scheduler,
+        up to n_parallel at once (default: the engine's, else 8); returns the generated token ids per prompt,
+        in order. Each output equals what the prompt gives alone (batch invariance)."""
+        self._need_model()
+        from llamba.scheduler import Engine
+        reqs_toks = [self.tokenize(p.encode("utf-8") if isinstance(p, str) else p, add_bos=True)
+                     if isinstance(p, (str, bytes)) else [int(t) for t in p] for p in prompts]
+        sampler = self._make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
+                                     frequency_penalty, presence_penalty, seed, logit_bias)
+        if self.engine is not None and n_parallel is None:
+            reqs = [self.engine.submit(t, sampler.params, max_tokens, stop_at_eog=stop_at_eog) for t in reqs_toks]
+            return [r.tokens() for r in reqs]
+        eng = Engine(self.model, n_ctx=self._n_ctx, n_parallel=n_parallel or 8, is_eog=self.tokenizer.is_eog,
+                     lock=self.session.lock)
+        reqs = [eng.submit(t, sampler.params, max_tokens, stop_at_eog=stop_at_eog) for t in reqs_toks]
+        eng.run_until_done()
+        return [r.tokens() for r in reqs]
+
+    def _engine_tokens(self, toks, sampler, max_tokens, stats, on_logits, stop_at_eog: bool = True):
+        """generate()'s token stream, from the batching engine (the request is cancelled if the consumer stops)."""
+        req = self.engine.submit(toks, sampler.params, max_tokens, stop_at_eog=stop_at_eog,
+                                 want_rows=on_logits is not None)
+        stats.n_prompt = len(toks)
+        try:
+            for t in req:
+                stats.n_reused = req.n_cached
+                stats.n_prompt = len(toks) - req.n_cached
+                stats.n_gen += 1
+                if on_logits is not None:
+                    on_logits(t.row)
+                yield t.id
+        finally:
+            if req.finish_reason is None:
+                req.cancel()
 
     # ---- properties mirroring llama-cpp-python
     def n_ctx(self) -> int:
@@ -430,9 +499,12 @@ class Llama:
         max_tokens = _int_arg("max_tokens", max_tokens)
         if not toks:
             raise ParameterError("the prompt is empty: give at least one token")
-        sampler.accept_many(toks)
         stats = GenStats()
         self.last_stats = stats
+        if self.engine is not None:
+            yield from self._engine_tokens(toks, sampler, max_tokens, stats, None, stop_at_eog=False)
+            return
+        sampler.accept_many(toks)
         yield from generate(self.session, toks, sampler, max_tokens, stats, None, self._proposer())
 
     # ---- cache state (llama-cpp-python's save_state / load_state)
@@ -555,9 +627,10 @@ class Llama:
         created = int(time.time())
         gen_toks: list[int] | None = [] if logprobs is not None else None
         rec = _LogprobRecorder(logprobs) if logprobs is not None and stream else None
+        stats = GenStats()
         it = self._completion_stream(toks, max_tokens, temperature, top_k, top_p, min_p, typical_p,
                                      repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias,
-                                     gen_toks, rec)
+                                     gen_toks, rec, stats)
         if stream:
             return self._stream_chunks(it, cid, created, prompt_text if echo else None, rec, toks, len(prompt_text))
         pieces, finish = [], "length"
@@ -568,14 +641,15 @@ class Llama:
         text = "".join(pieces)
         if echo:
             text = prompt_text + text
-        st = self.last_stats
-        lp = (self._completion_logprobs(prompt, toks, gen_toks, logprobs, echo, keep_scores)
-              if logprobs is not None else None)
+        st = stats
+        lp = None
+        if logprobs is not None:
+            with self.session.lock:  # (re-evaluates on the default sequence)
+                lp = self._completion_logprobs(prompt, toks, gen_toks, logprobs, echo, keep_scores)
         return {
             "id": cid, "object": "text_completion", "created": created, "model": self.model_path,
             "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}],
-            "usage": {"prompt_tokens": len(toks), "completion_tokens": st.n_gen if st else 0,
-                      "total_tokens": len(toks) + (st.n_gen if st else 0)},
+            "usage": _usage(len(toks), st),
         }
 
     def _stream_chunks(self, it, cid, created, echo_text, rec=None, prompt_tokens=None, prompt_len=0):
@@ -683,15 +757,15 @@ class Llama:
         return {"tokens": tokens, "text_offset": offsets, "token_logprobs": token_lps, "top_logprobs": tops}
 
     def _completion_stream(self, toks, max_tokens, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
-                           frequency_penalty, presence_penalty, seed, stops, logit_bias, out_tokens=None, rec=None):
+                           frequency_penalty, presence_penalty, seed, stops, logit_bias, out_tokens=None, rec=None,
+                           stats=None):
         """Yield (text_piece, finish_reason|None). Text that could be the start of a stop string is held back.
         `rec` (a _LogprobRecorder): each generated token's logprobs are recorded, and after each yield
         `rec.take()` gives the tokens whose text has started to come out (tokens of a cut stop string or the
         end-of-generation token never do)."""
         sampler = self._make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                                      frequency_penalty, presence_penalty, seed, logit_bias)
-        sampler.accept_many(toks)
-        stats = GenStats()
+        stats = GenStats() if stats is None else stats  # per call (several threads may generate at once)
         self.last_stats = stats
         dec = StreamDecoder(self.tokenizer)
         tk = self.tokenizer
@@ -700,8 +774,12 @@ class Llama:
         total = 0  # characters decoded so far (yielded + pending)
         gen: list[int] = []
         on_logits = rec.row if rec is not None else None
-        for tok in generate(self.session, toks, sampler, max_tokens, stats, tk.is_eog, self._proposer(),
-                            on_logits):
+        if self.engine is not None:
+            source = self._engine_tokens(toks, sampler, max_tokens, stats, on_logits)
+        else:
+            sampler.accept_many(toks)
+            source = generate(self.session, toks, sampler, max_tokens, stats, tk.is_eog, self._proposer(), on_logits)
+        for tok in source:
             n += 1
             if out_tokens is not None and not tk.is_eog(tok):
                 out_tokens.append(tok)
@@ -797,7 +875,7 @@ class Llama:
 
     def _chat_stream_pieces(self, toks, temperature=0.2, top_p=0.95, top_k=40, min_p=0.05, typical_p=1.0,
                             stop=None, seed=None, max_tokens=None, presence_penalty=0.0, frequency_penalty=0.0,
-                            repeat_penalty=1.0, logit_bias=None, rec=None):
+                            repeat_penalty=1.0, logit_bias=None, rec=None, stats=None):
         """Check a rendered chat prompt and return `_completion_stream`'s (piece, finish) iterator for it."""
         self._need_model()
         if not toks:
@@ -813,14 +891,15 @@ class Llama:
         stops += [s for s in self.get_chat_template().stop if s not in stops]
         return self._completion_stream(list(toks), max_tokens, temperature, top_k, top_p, min_p, typical_p,
                                        repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias,
-                                       None, rec)
+                                       None, rec, stats)
 
     def _chat_completion_from_tokens(self, toks, stream: bool = False, logprobs=None, top_logprobs=None, **kw):
         rec = None
         if logprobs:
             n = _int_arg("top_logprobs", 0 if top_logprobs is None else top_logprobs, lo=0, hi=MAX_LOGPROBS)
             rec = _LogprobRecorder(n)
-        it = self._chat_stream_pieces(toks, rec=rec, **kw)
+        stats = GenStats()
+        it = self._chat_stream_pieces(toks, rec=rec, stats=stats, **kw)
         cid = f"chatcmpl-{uuid.uuid4()}"
         created = int(time.time())
         if stream:
@@ -830,13 +909,12 @@ class Llama:
             pieces.append(piece)
             if fin:
                 finish = fin
-        n_gen = self.last_stats.n_gen if self.last_stats else 0
         lp = {"content": self._chat_logprobs_content(rec.take()), "refusal": None} if rec else None
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_path,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
                          "logprobs": lp, "finish_reason": finish}],
-            "usage": {"prompt_tokens": len(toks), "completion_tokens": n_gen, "total_tokens": len(toks) + n_gen},
+            "usage": _usage(len(toks), stats),
         }
 
     def _chat_chunks(self, it, cid, created, rec=None):
@@ -860,6 +938,9 @@ class Llama:
         return self.create_completion(prompt, *args, **kwargs)
 
     def close(self):
+        if getattr(self, "engine", None) is not None:
+            self.engine.stop()
+            self.engine = None
         self.model = None
         self.session = None
 
@@ -912,6 +993,13 @@ class LlamaState:
 
     def __repr__(self):
         return f"LlamaState({self.n_tokens} tokens, {self.llama_state_size / 2**20:.1f} MiB, {self.model_name})"
+
+
+def _usage(n_prompt: int, stats) -> dict:
+    """OpenAI `usage`, with the prompt tokens found in the cache (prompt_tokens_details.cached_tokens)."""
+    n_gen = stats.n_gen if stats is not None else 0
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen,
+            "prompt_tokens_details": {"cached_tokens": stats.n_reused if stats is not None else 0}}
 
 
 def _normalized(v: np.ndarray) -> list[float]:

@@ -1,0 +1,580 @@
+"""Continuous batching: one scheduler loop that serves many sequences at once, with speculative decoding inside
+the batch.
+
+Each `step()`:
+1. admits waiting requests (up to `n_parallel` running) onto sequences (llamba.kv_cache.SeqCache) from one
+   shared KV pool, reusing the longest cached prefix an idle sequence still holds (a shared system prompt, the
+   earlier turns of a chat);
+2. gives every running sequence either its decode token plus drafts (MTP or n-gram) or the next chunk of its
+   prompt, under a per-step token budget (chunked prefill: a long prompt does not stall everyone's decoding);
+3. runs ONE forward over all those rows (llamba.models.base `forward_batch`: weights streamed once per step);
+4. samples per sequence with its own sampler (parameters, seed, penalty history), verifying drafts like
+   llamba.speculative.verifier does (longest agreeing prefix + correction/bonus; KV and recurrent state rolled
+   back), streams each token to its request, and retires finished or cancelled sequences;
+5. drafts the next step's tokens (MTP head catch-up and drafts batched over the sequences too).
+Plain decoding is the same path with no drafts. Every row is computed by row-exact kernels, so a sequence's
+logits, and hence its tokens under greedy or seeded sampling, do not depend on what else is in the batch.
+
+The engine runs in its own thread (`start()`), or is stepped by the caller (`run_until_done()`, the offline
+batch API). Callers talk to it only through `submit()` and the `Request` handles it returns.
+"""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+
+import numpy as np
+
+from llamba.errors import ContextOverflowError, LlambaError
+from llamba.kv_cache import KVExhaustedError, SeqCache
+from llamba.sampling import Sampler, SamplingParams, draft_top
+
+_END = object()
+_ids = itertools.count(1)
+
+
+class Token:
+    """One generated token: its id and (when the request asked for them) the logits row it was sampled from."""
+    __slots__ = ("id", "row")
+
+    def __init__(self, tid: int, row=None):
+        self.id = tid
+        self.row = row
+
+
+class Request:
+    """A generation request and its output stream. Iterate it for `Token`s (blocks until each comes); `cancel()`
+    stops it within one step. After the stream ends: `finish_reason` ('stop' | 'length' | 'cancelled'),
+    `n_prompt`, `n_cached` (prompt tokens reused from the cache), `n_gen`, `error` (an exception, re-raised by
+    the iterator), `prompt_logprobs` (when asked: per prompt position i >= 1, (logprob of token i, top-n
+    [(id, logprob)]))."""
+
+    def __init__(self, prompt, params: SamplingParams, max_tokens: int | None, *, stop_at_eog: bool = True,
+                 want_rows: bool = False, prompt_logprobs: int | None = None, engine=None):
+        self.id = next(_ids)
+        self.prompt = [int(t) for t in prompt]
+        self.params = params
+        self.max_tokens = max_tokens
+        self.stop_at_eog = stop_at_eog
+        self.want_rows = want_rows
+        self.n_prompt_logprobs = prompt_logprobs
+        self.prompt_logprobs = None
+        self.finish_reason = None
+        self.error = None
+        self.n_prompt = len(self.prompt)
+        self.n_cached = 0
+        self.n_gen = 0
+        self.t_submit = time.perf_counter()
+        self.t_first = None
+        self.t_end = None
+        self.cancelled = False
+        self.spec = None  # SpecStats-like counts: [drafted, accepted, steps]
+        self.output: list[int] = []  # every token id streamed so far
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._engine = engine
+        self.done = threading.Event()
+
+    def cancel(self):
+        self.cancelled = True
+        if self._engine is not None:
+            self._engine._wake()
+
+    def _put(self, item):
+        self._q.put(item)
+
+    def _finish(self, reason: str, error: BaseException | None = None):
+        if self.finish_reason is not None:
+            return
+        self.finish_reason = reason
+        self.error = error
+        self.t_end = time.perf_counter()
+        self._q.put(_END)
+        self.done.set()
+
+    def __iter__(self):
+        while True:
+            item = self._q.get()
+            if item is _END:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def tokens(self) -> list[int]:
+        """Wait for the whole output; its token ids (raises the request's error, if any)."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return list(self.output)
+
+
+class _Run:
+    """A running request on its sequence."""
+
+    def __init__(self, req: Request, seq: SeqCache, sampler: Sampler, keep: int):
+        self.req = req
+        self.seq = seq
+        self.sampler = sampler
+        self.n_fed = keep  # prompt tokens in the cache
+        self.decoding = False
+        self.id_last = None  # the sampled token not yet in the cache (decode phase)
+        self.drafts: list[int] = []
+        self.pending_h = None  # MTP: trunk hidden of the position before the next catch-up row
+        self.committed: list[int] = []  # tokens this step added to the cache (for the MTP catch-up)
+        self.hidden = None  # their trunk hidden rows
+
+
+class Engine:
+    """Continuous-batching scheduler over one model (see the module docstring).
+
+    n_ctx: KV slots in the shared pool (all sequences together); n_ctx_seq: most positions one sequence may
+    hold (default: n_ctx); n_parallel: most sequences running at once; step_tokens: rows per forward (decode
+    rows first, prompt chunks fill the rest); spec: 'none' | 'mtp' | 'ngram' with draft_max tokens per step,
+    speculation switched off while more than spec_max_seqs sequences decode (measured: verifying drafts for
+    many sequences costs more than it gains on a CPU)."""
+
+    def __init__(self, model, *, n_ctx: int, n_ctx_seq: int | None = None, n_parallel: int = 4,
+                 block_size: int = 32, step_tokens: int = 256, spec: str = "none", draft_max: int = 3,
+                 draft_p_min: float = 0.0, spec_max_seqs: int = 4, is_eog=None, lock=None):
+        if n_parallel < 1:
+            raise LlambaError(f"n_parallel must be at least 1, got {n_parallel}")
+        self.model = model
+        self.n_ctx = int(n_ctx)
+        self.n_ctx_seq = int(min(n_ctx_seq or n_ctx, n_ctx))
+        self.n_parallel = int(n_parallel)
+        self.step_tokens = max(8, int(step_tokens))
+        self.pool = model.new_pool(self.n_ctx, block_size)
+        self.is_eog = is_eog or (lambda t: False)
+        self.spec = spec or "none"
+        if self.spec == "mtp" and getattr(model, "mtp", None) is None:
+            raise LlambaError("this model has no MTP (nextn) layers, so --spec mtp cannot be used")
+        if self.spec not in ("none", "mtp", "ngram"):
+            raise LlambaError(f"the batching engine drafts with 'mtp' or 'ngram' (or 'none'), not {self.spec!r}")
+        self.draft_max = int(draft_max) if self.spec != "none" else 0
+        self.draft_p_min = float(draft_p_min)
+        self.spec_max_seqs = int(spec_max_seqs)
+        self._ngram = None
+        if self.spec == "ngram":
+            from llamba.speculative.ngram import NgramProposer
+            self._ngram = NgramProposer(draft_max=max(1, self.draft_max))
+        self.has_rec = bool(model.rec_shapes())
+        self.lock = lock or threading.RLock()  # held for each step (other users of the model take it too)
+        self._cv = threading.Condition()
+        self.waiting: deque[Request] = deque()
+        self.running: list[_Run] = []
+        self.idle: OrderedDict[int, SeqCache] = OrderedDict()  # finished sequences kept for prefix reuse, LRU
+        self._thread = None
+        self._stop = False
+        self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0, "prompt_tokens": 0,
+                      "cached_tokens": 0, "generated_tokens": 0, "steps": 0, "batch_rows": 0, "drafted": 0,
+                      "accepted": 0}
+        self.last_batch = 0
+
+    # ---- the public side
+    def submit(self, prompt, params: SamplingParams | None = None, max_tokens: int | None = None, **kw) -> Request:
+        """Queue a request; returns its handle at once (thread-safe)."""
+        req = Request(prompt, params or SamplingParams(), max_tokens, engine=self, **kw)
+        if not req.prompt:
+            raise LlambaError("the prompt is empty: give at least one token")
+        if len(req.prompt) >= self.n_ctx_seq:
+            raise ContextOverflowError(f"the prompt has {len(req.prompt)} tokens but a sequence holds "
+                                       f"{self.n_ctx_seq}; raise n_ctx (-c) or shorten the prompt")
+        with self._cv:
+            self.waiting.append(req)
+            self.stats["requests"] += 1
+            self._cv.notify()
+        return req
+
+    def start(self):
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="llamba-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self):
+        self._stop = True
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def run_until_done(self):
+        """Step until nothing is waiting or running (the offline batch API drives the engine this way)."""
+        while self.waiting or self.running:
+            self.step()
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def n_running(self) -> int:
+        return len(self.running)
+
+    def snapshot(self) -> dict:
+        d = dict(self.stats)
+        d.update(waiting=len(self.waiting), running=len(self.running), idle_sequences=len(self.idle),
+                 kv_blocks_free=self.pool.n_free, kv_blocks_total=self.pool.n_blocks, n_parallel=self.n_parallel,
+                 last_batch_rows=self.last_batch)
+        return d
+
+    def _wake(self):
+        with self._cv:
+            self._cv.notify()
+
+    def _loop(self):
+        while not self._stop:
+            with self._cv:
+                while not self._stop and not self.waiting and not self.running:
+                    self._cv.wait()
+            if self._stop:
+                break
+            try:
+                self.step()
+            except BaseException as e:  # noqa: BLE001 - never let the loop die: fail the running requests
+                self._fail_all(e)
+        self._fail_all(LlambaError("the engine stopped"))
+
+    def _fail_all(self, e: BaseException):
+        for run in list(self.running):
+            self._retire(run, "error", e, keep=False)
+        with self._cv:
+            while self.waiting:
+                self.waiting.popleft()._finish("error", e)
+
+    # ---- admission
+    def _admit(self):
+        while self.waiting and len(self.running) < self.n_parallel:
+            with self._cv:
+                req = self.waiting[0]
+            if req.cancelled:
+                with self._cv:
+                    self.waiting.popleft()
+                req._finish("cancelled")
+                self.stats["cancelled"] += 1
+                continue
+            seq, keep = self._sequence_for(req)
+            need = seq.blocks_needed(len(req.prompt) + 1)
+            if need > self.pool.n_free:
+                self._evict(need)
+            if need > self.pool.n_free:
+                if self.running:  # wait for running sequences to finish
+                    self._park(seq)
+                    return
+                self._park(seq)
+                with self._cv:
+                    self.waiting.popleft()
+                req._finish("error", KVExhaustedError(
+                    f"the prompt needs {need} KV blocks of {self.pool.bs} tokens but the cache has "
+                    f"{self.pool.n_free} of {self.pool.n_blocks} free; raise the context size (-c)"))
+                self.stats["errors"] += 1
+                continue
+            with self._cv:
+                self.waiting.popleft()
+            sampler = Sampler(req.params, n_ctx=self.n_ctx_seq)
+            sampler.accept_many(req.prompt)
+            run = _Run(req, seq, sampler, keep)
+            req.n_cached = keep
+            self.stats["prompt_tokens"] += len(req.prompt) - keep
+            self.stats["cached_tokens"] += keep
+            if self.spec == "mtp":
+                h = getattr(seq, "mtp_last_h", None)
+                run.pending_h = h[1] if (h is not None and h[0] == keep - 1) else self._zeros()
+            self.running.append(run)
+
+    def _zeros(self):
+        return np.zeros((1, self.model.config.n_embd), dtype=np.float32)
+
+    def _sequence_for(self, req: Request) -> tuple[SeqCache, int]:
+        """The idle sequence sharing the longest prefix with the prompt (truncated to it), or a fresh one."""
+        prompt = req.prompt
+        best, best_n = None, 0
+        if req.n_prompt_logprobs is None:  # prompt logprobs need every prompt row computed
+            for key, s in self.idle.items():
+                n = _common_prefix(s.tokens, prompt, len(prompt) - 1)
+                if s.mtp is not None:
+                    n = min(n, s.mtp.n_past)
+                if n > best_n and (s.can_truncate(n)):
+                    best, best_n = key, n
+        if best is not None:
+            seq = self.idle.pop(best)
+            seq.truncate(best_n)
+            return seq, best_n
+        return self.model.new_seq(self.pool, self.n_ctx_seq), 0
+
+    def _park(self, seq: SeqCache):
+        """Keep a sequence's cache for prefix reuse (most recently used last)."""
+        if seq.n_past == 0:
+            seq.release()
+            return
+        self.idle[id(seq)] = seq
+        self.idle.move_to_end(id(seq))
+
+    def _evict(self, need: int):
+        """Release idle sequences, least recently used first, until `need` blocks are free."""
+        while self.idle and self.pool.n_free < need:
+            _, s = self.idle.popitem(last=False)
+            s.release()
+
+    def _reserve(self, run: _Run, n_pos: int) -> bool:
+        need = run.seq.blocks_needed(n_pos)
+        if need > self.pool.n_free:
+            self._evict(need)
+        return need <= self.pool.n_free
+
+    def _retire(self, run: _Run, reason: str, error=None, keep: bool = True):
+        if run in self.running:
+            self.running.remove(run)
+        seq = run.seq
+        if self.spec == "mtp" and run.pending_h is not None and seq.mtp is not None:
+            if seq.mtp.n_past > seq.n_past:
+                seq.mtp.truncate(seq.n_past)
+            seq.mtp_last_h = (seq.mtp.n_past - 1, run.pending_h)  # the trunk hidden the next catch-up row needs
+        if keep and error is None:
+            self._park(seq)
+        else:
+            seq.release()
+        if reason == "cancelled":
+            self.stats["cancelled"] += 1
+        elif reason == "error":
+            self.stats["errors"] += 1
+        else:
+            self.stats["finished"] += 1
+        run.req._finish(reason, error)
+
+    # ---- one step
+    def step(self) -> bool:
+        with self.lock:
+            return self._step()
+
+    def _step(self) -> bool:
+        for run in list(self.running):
+            if run.req.cancelled:
+                self._retire(run, "cancelled")
+        self._admit()
+        if not self.running:
+            return False
+        budget = self.step_tokens
+        items = []  # (run, tokens, logits mode, n_draft)
+        n_dec = sum(1 for r in self.running if r.decoding)
+        dmax = self.draft_max if n_dec <= self.spec_max_seqs else 0
+        for run in list(self.running):
+            if not run.decoding:
+                continue
+            seq, req = run.seq, run.req
+            if seq.n_past >= self.n_ctx_seq:
+                self._retire(run, "length")
+                continue
+            room = self.n_ctx_seq - seq.n_past - 1
+            limit = req.max_tokens if req.max_tokens is not None and req.max_tokens > 0 else self.n_ctx_seq
+            nd = max(0, min(dmax, room, limit - req.n_gen - 1, len(run.drafts)))
+            drafts = run.drafts[:nd]
+            if not self._reserve(run, seq.n_past + 1 + nd):
+                drafts = []
+                if not self._reserve(run, seq.n_past + 1):
+                    self._retire(run, "length")  # the shared KV cache is full
+                    continue
+            toks = [run.id_last] + drafts
+            items.append((run, toks, "all" if drafts else "last", len(drafts)))
+            budget -= len(toks)
+        for run in self.running:
+            if run.decoding or budget <= 0:
+                continue
+            req = run.req
+            rest = len(req.prompt) - run.n_fed
+            n = min(rest, budget)
+            if not self._reserve(run, run.n_fed + n + 1):
+                n = min(n, max(0, run.seq.n_ctx - run.n_fed))
+                if not self._reserve(run, run.n_fed + n):
+                    continue  # waits for memory
+            if n <= 0:
+                continue
+            chunk = req.prompt[run.n_fed:run.n_fed + n]
+            final = run.n_fed + n == len(req.prompt)
+            mode = "all" if req.n_prompt_logprobs is not None else ("last" if final else "none")
+            items.append((run, chunk, mode, -1))
+            budget -= n
+        if not items:
+            return bool(self.running)
+        seqs = [it[0].seq for it in items]
+        mtp = self.spec == "mtp"
+        snaps = self.has_rec and any(it[3] > 0 for it in items)
+        outs = self.model.forward_batch(seqs, [it[1] for it in items], [it[2] for it in items], gemm=False,
+                                        keep_hidden=mtp, snapshots=snaps)
+        self.stats["steps"] += 1
+        self.last_batch = sum(len(it[1]) for it in items)
+        self.stats["batch_rows"] += self.last_batch
+        for (run, toks, mode, nd), rows in zip(items, outs):
+            try:
+                self._after(run, toks, mode, nd, rows)
+            except BaseException as e:  # noqa: BLE001 - a sampling error fails that request only
+                self._retire(run, "error", e, keep=False)
+        if mtp:
+            self._mtp_draft()
+        elif self._ngram is not None:
+            for run in self.running:
+                if run.decoding:
+                    run.drafts = self._ngram.draft(_TokView(run.seq), run.id_last, self.draft_max)
+        return True
+
+    def _after(self, run: _Run, toks, mode, nd, rows):
+        req, seq = run.req, run.seq
+        hid = seq.hidden
+        if nd < 0:  # a prompt chunk
+            p0 = run.n_fed
+            run.n_fed += len(toks)
+            if req.n_prompt_logprobs is not None:
+                self._record_prompt_logprobs(req, p0, rows)
+            run.committed, run.hidden = list(toks), hid
+            if run.n_fed < len(req.prompt):
+                return
+            run.decoding = True
+            ids = [run.sampler.sample_and_accept(rows[-1])]
+            sample_rows = rows[-1:]
+        else:
+            n_before = seq.n_past - len(toks)
+            if nd == 0:
+                ids = [run.sampler.sample_and_accept(rows[-1])]
+            else:
+                ids = run.sampler.sample_and_accept_n(rows, toks[1:])
+            k = len(ids) - 1
+            if nd:
+                self.stats["drafted"] += nd
+                self.stats["accepted"] += k
+                if req.spec is None:
+                    req.spec = [0, 0, 0]
+                req.spec[0] += nd
+                req.spec[1] += k
+                req.spec[2] += 1
+            if k < nd:
+                seq.truncate(n_before + 1 + k)
+            run.committed = toks[:k + 1]
+            run.hidden = hid[:k + 1] if hid is not None else None
+            sample_rows = rows[:k + 1] if nd else rows[-1:]
+        run.drafts = []
+        for j, t in enumerate(ids):
+            req.n_gen += 1
+            self.stats["generated_tokens"] += 1
+            if req.t_first is None:
+                req.t_first = time.perf_counter()
+            req.output.append(int(t))
+            req._put(Token(int(t), sample_rows[j] if req.want_rows else None))
+            limit = req.max_tokens if req.max_tokens is not None and req.max_tokens > 0 else self.n_ctx_seq
+            if req.stop_at_eog and self.is_eog(t):
+                self._retire(run, "stop")
+                return
+            if req.n_gen >= limit:
+                self._retire(run, "length")
+                return
+        run.id_last = int(ids[-1])
+        if seq.n_past >= self.n_ctx_seq:
+            self._retire(run, "length")
+
+    def _record_prompt_logprobs(self, req: Request, p0: int, rows):
+        """Entry i (prompt position i >= 1): logprob of prompt[i] from the row of position i-1, top-n."""
+        n = req.n_prompt_logprobs
+        if req.prompt_logprobs is None:
+            req.prompt_logprobs = []
+        for r in range(rows.shape[0]):
+            i = p0 + r + 1
+            if i >= len(req.prompt):
+                break
+            lp = _log_softmax(rows[r])
+            top = []
+            if n:
+                idx = np.argpartition(-lp, min(n, lp.shape[0] - 1))[:n]
+                idx = idx[np.lexsort((idx, -lp[idx]))]
+                top = [(int(j), float(lp[j])) for j in idx]
+            req.prompt_logprobs.append((float(lp[req.prompt[i]]), top))
+
+    # ---- MTP drafting, batched over the sequences
+    def _mtp_draft(self):
+        mtp = self.model.mtp
+        cat = []  # (run, tokens, hiddens, wants a draft)
+        for run in self.running:
+            if not run.committed or run.hidden is None:
+                continue
+            view = run.seq.mtp
+            start = run.seq.n_past - len(run.committed)
+            if view.n_past > start:
+                view.truncate(start)
+            if view.n_past < start:  # rows the head never saw (e.g. reused from another request): skip ahead
+                view.n_past = start
+            H = run.hidden
+            hp = np.concatenate([run.pending_h, H[:-1]]) if len(H) > 1 else run.pending_h
+            toks = list(run.committed)
+            draft_now = run.decoding and self.draft_max > 0 and run.seq.n_past + 1 < self.n_ctx_seq
+            if draft_now:
+                toks.append(run.id_last)
+                hp = np.concatenate([hp, H[-1:]])
+            run.pending_h = H[-1:].copy()
+            cat.append((run, toks, hp, draft_now))
+            run.committed, run.hidden = [], None
+        if not cat:
+            return
+        ok = []
+        for c in cat:
+            try:
+                c[0].seq.mtp.reserve(c[0].seq.mtp.n_past + len(c[1]))
+                ok.append(c)
+            except LlambaError:  # no room for the head's rows: this sequence decodes without drafts
+                c[0].seq.mtp.n_past = min(c[0].seq.mtp.n_past, c[0].seq.n_past)
+        cat = ok
+        if not cat:
+            return
+        outs = mtp.forward_batch([c[0].seq.mtp for c in cat], [c[1] for c in cat], [c[2] for c in cat],
+                                 ["last" if c[3] else "none" for c in cat], gemm=False)
+        active = []
+        for (run, toks, hp, d), lg in zip(cat, outs):
+            if not d:
+                continue
+            t, p = draft_top(lg[-1], 10)
+            if p < self.draft_p_min:
+                continue
+            run.drafts = [t]
+            active.append(run)
+        for _ in range(1, self.draft_max):
+            active = [r for r in active if r.seq.mtp.n_past + 1 < self.n_ctx_seq]
+            if not active:
+                break
+            outs = mtp.forward_batch([r.seq.mtp for r in active], [[r.drafts[-1]] for r in active],
+                                     [r.seq.mtp.hidden[-1:] for r in active], "last", gemm=False)
+            nxt = []
+            for r, lg in zip(active, outs):
+                t, p = draft_top(lg[-1], 10)
+                if p < self.draft_p_min:
+                    continue
+                r.drafts.append(t)
+                nxt.append(r)
+            active = nxt
+        for run, *_ in cat:  # draft rows are rewritten by the next catch-up
+            if run.seq.mtp.n_past > run.seq.n_past:
+                run.seq.mtp.truncate(run.seq.n_past)
+
+
+class _TokView:
+    """What NgramProposer reads of a session: the token ids in the cache."""
+
+    def __init__(self, seq):
+        self.tokens = seq.tokens
+
+
+def _common_prefix(a, b, cap: int) -> int:
+    n = min(len(a), len(b), cap)
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    m = np.max(x)
+    if not np.isfinite(m):
+        m = 0.0
+    sub = x - np.float32(m)
+    return sub - np.float32(np.log(np.sum(np.exp(sub, dtype=np.float64))))
