@@ -321,10 +321,30 @@ class Engine:
             s.release()
 
     def _reserve(self, run: _Run, n_pos: int) -> bool:
+        """Take the blocks positions < n_pos need (evicting idle sequences first); False if they are not there."""
         need = run.seq.blocks_needed(n_pos)
         if need > self.pool.n_free:
             self._evict(need)
-        return need <= self.pool.n_free
+        if need > self.pool.n_free:
+            return False
+        run.seq.reserve(n_pos)
+        return True
+
+    def _preempt(self, keep: _Run | None = None) -> bool:
+        """Free memory by sending the youngest running request that has produced nothing yet back to the front of
+        the queue (its prompt is computed again later, its cache released). False if there is none."""
+        for run in reversed(self.running):
+            if run is keep or run.decoding or run.req.n_gen:
+                continue
+            self.running.remove(run)
+            run.seq.release()
+            self.stats["prompt_tokens"] -= len(run.req.prompt) - run.req.n_cached
+            self.stats["cached_tokens"] -= run.req.n_cached
+            with self._cv:
+                self.waiting.appendleft(run.req)
+            self.stats["preempted"] = self.stats.get("preempted", 0) + 1
+            return True
+        return False
 
     def _retire(self, run: _Run, reason: str, error=None, keep: bool = True):
         if run in self.running:
@@ -375,31 +395,41 @@ class Engine:
             drafts = run.drafts[:nd]
             if not self._reserve(run, seq.n_past + 1 + nd):
                 drafts = []
-                if not self._reserve(run, seq.n_past + 1):
-                    self._retire(run, "length")  # the shared KV cache is full
+                while not self._reserve(run, seq.n_past + 1):
+                    if not self._preempt(keep=run):
+                        break
+                else:
+                    toks = [run.id_last]
+                    items.append((run, toks, "last", 0))
+                    budget -= 1
                     continue
+                self._retire(run, "length")  # the shared KV cache is full
+                continue
             toks = [run.id_last] + drafts
             items.append((run, toks, "all" if drafts else "last", len(drafts)))
             budget -= len(toks)
-        for run in self.running:
+        for run in list(self.running):
             if run.decoding or budget <= 0:
                 continue
             req = run.req
-            rest = len(req.prompt) - run.n_fed
-            n = min(rest, budget)
-            if not self._reserve(run, run.n_fed + n + 1):
-                n = min(n, max(0, run.seq.n_ctx - run.n_fed))
-                if not self._reserve(run, run.n_fed + n):
-                    continue  # waits for memory
+            n = min(len(req.prompt) - run.n_fed, budget)
+            while n > 0 and not self._reserve(run, run.n_fed + n):
+                n = min(n - 1, (len(run.seq.blocks) * self.pool.bs + self.pool.n_free * self.pool.bs) - run.n_fed)
             if n <= 0:
-                continue
+                continue  # waits for memory
             chunk = req.prompt[run.n_fed:run.n_fed + n]
             final = run.n_fed + n == len(req.prompt)
             mode = "all" if req.n_prompt_logprobs is not None else ("last" if final else "none")
             items.append((run, chunk, mode, -1))
             budget -= n
         if not items:
-            return bool(self.running)
+            if len(self.running) > 1 and self._preempt():
+                return True
+            for run in list(self.running):  # alone and still no room: the pool is too small for it
+                self._retire(run, "error", KVExhaustedError(
+                    f"the KV cache ({self.pool.n_blocks} blocks of {self.pool.bs} tokens) cannot hold this "
+                    f"request; raise the context size (-c)"), keep=False)
+            return True
         seqs = [it[0].seq for it in items]
         mtp = self.spec == "mtp"
         snaps = self.has_rec and any(it[3] > 0 for it in items)

@@ -1,0 +1,178 @@
+"""The batching engine (llamba.scheduler, llamba.kv_cache): several sequences in one forward, paged KV, chunked
+prefill, speculative decoding inside the batch, prefix reuse, cancellation. The promise checked throughout is
+batch invariance: a request's tokens are exactly the tokens it gets alone (greedy and seeded sampling)."""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from llamba import Llama
+from llamba.kernels import ops as K
+from llamba.kv_cache import KVPool, SeqCache
+from llamba.scheduler import Engine
+from tiny_models import QT, write_model
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "data", "models", "tiny-qwen35-mtp-q8_0.gguf")
+
+
+def _params(llm, temp, seed):
+    return llm._make_sampler(temp, 40, 0.95, 0.05, 1.0, 1.0, 0.0, 0.0, seed, None).params
+
+
+def _alone(llm, prompts, temps, seeds, maxt):
+    out = []
+    for p, t, s, m in zip(prompts, temps, seeds, maxt):
+        out.append(list(llm.generate(p, temp=t, seed=s, max_tokens=m)))
+        llm.reset()
+    return out
+
+
+def _cases(n_vocab, n=16, seed=0, max_len=60):
+    rng = np.random.default_rng(seed)
+    prompts = [[int(t) for t in rng.integers(3, n_vocab - 1, size=int(rng.integers(1, max_len)))] for _ in range(n)]
+    temps = [0.0 if i % 2 == 0 else 0.9 for i in range(n)]
+    seeds = [None if i % 2 == 0 else 100 + i for i in range(n)]
+    maxt = [int(rng.integers(1, 40)) for _ in range(n)]
+    return prompts, temps, seeds, maxt
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("eng") / "llama-q8.gguf")
+    write_model(path, "llama", qtype=QT.Q8_0, n_ctx=512)
+    return path
+
+
+@pytest.mark.parametrize("arch,qtype", [("llama", QT.Q8_0), ("gemma2", QT.Q4_K), ("qwen3moe", QT.F32),
+                                        ("phi3", QT.Q8_0)])
+def test_batch_invariance_16_requests(tmp_path, arch, qtype):
+    path = str(tmp_path / f"{arch}.gguf")
+    kw = dict(n_embd=256, n_ff=512, head_dim=64) if qtype == QT.Q4_K else {}
+    write_model(path, arch, qtype=qtype, n_ctx=512, n_vocab=320, **kw)
+    llm = Llama(path, n_ctx=512, verbose=False, seed=1)
+    prompts, temps, seeds, maxt = _cases(320)
+    alone = _alone(llm, prompts, temps, seeds, maxt)
+    eng = Engine(llm.model, n_ctx=4096, n_parallel=16, block_size=16, step_tokens=64, lock=llm.session.lock)
+    reqs = [eng.submit(p, _params(llm, t, s), m) for p, t, s, m in zip(prompts, temps, seeds, maxt)]
+    eng.run_until_done()
+    assert [r.tokens() for r in reqs] == alone
+    assert eng.stats["steps"] < sum(maxt)  # several sequences per step, not one after another
+    for s in list(eng.idle.values()):
+        s.release()
+    assert eng.pool.n_free == eng.pool.n_blocks
+
+
+@pytest.mark.parametrize("spec", ["none", "mtp", "ngram"])
+def test_batch_invariance_qwen35_with_speculation(spec):
+    llm = Llama(FIXTURE, n_ctx=1024, verbose=False, seed=1)
+    texts = ["def main():", "import numpy as np\n", "class Foo:\n    def __init__(self", "for i in range(10):",
+             "# compute the sum", "x = [", "if __name__ ==", "def fib(n):\n"] * 2
+    prompts = [llm.tokenize(t.encode(), add_bos=True) for t in texts]
+    temps = [0.0 if i % 2 == 0 else 0.8 for i in range(16)]
+    seeds = [None if i % 2 == 0 else 100 + i for i in range(16)]
+    maxt = [20 + (i * 7) % 30 for i in range(16)]
+    alone = _alone(llm, prompts, temps, seeds, maxt)
+    eng = Engine(llm.model, n_ctx=8192, n_parallel=16, spec=spec, draft_max=3, spec_max_seqs=16,
+                 lock=llm.session.lock)
+    reqs = [eng.submit(p, _params(llm, t, s), m) for p, t, s, m in zip(prompts, temps, seeds, maxt)]
+    eng.run_until_done()
+    assert [r.tokens() for r in reqs] == alone
+    if spec != "none":
+        assert eng.stats["drafted"] > 0 and eng.stats["accepted"] > 0
+
+
+def test_paged_attention_equals_contiguous():
+    rng = np.random.default_rng(3)
+    Hq, Hkv, d, bs = 4, 2, 32, 8
+    lens = [5, 23, 40]
+    pool = KVPool({0: (Hkv, d, d)}, 128, bs)
+    seqs = [SeqCache(pool, 64) for _ in lens]
+    order = rng.permutation(len(lens) * 5)  # interleave the sequences' block allocations
+    for i in order:
+        s = seqs[i % len(lens)]
+        if len(s.blocks) * bs < lens[i % len(lens)]:
+            s.reserve(len(s.blocks) * bs + bs)
+    qs, poss, outs_ref = [], [], []
+    for s, n in zip(seqs, lens):
+        k = rng.standard_normal((n, Hkv, d)).astype(np.float32)
+        v = rng.standard_normal((n, Hkv, d)).astype(np.float32)
+        K.store_kv_slots(k, v, pool.k[0], pool.v[0], s.slots(0, n))
+        kc = np.zeros((Hkv, 64, d), K.KV_DTYPE)
+        vc = np.zeros_like(kc)
+        K.store_kv(k, v, kc, vc, 0)
+        T = min(n, 4)
+        q = rng.standard_normal((T, Hq, d)).astype(np.float32)
+        pos = np.arange(n - T, n, dtype=np.int64)
+        o = np.empty((T, Hq, d), np.float32)
+        K.attention(q, kc, vc, pos, n, 0.2, 0, o)
+        qs.append(q), poss.append(pos), outs_ref.append(o)
+        s.n_past = n
+    q = np.concatenate(qs)
+    pos = np.concatenate(poss)
+    row_seq = np.repeat(np.arange(len(lens)), [len(p) for p in poss]).astype(np.int64)
+    tables = np.stack([s.table for s in seqs])
+    o = np.empty_like(q.reshape(-1, Hq, d))
+    K.attention_paged(q, pool.k[0], pool.v[0], pos, row_seq, tables, bs, np.array(lens, np.int64), 0.2, 0, o)
+    np.testing.assert_array_equal(o, np.concatenate(outs_ref))
+
+
+def test_cancel_prefix_reuse_and_blocks_free(tiny_llama):
+    llm = Llama(tiny_llama, n_ctx=512, verbose=False, seed=1)
+    eng = Engine(llm.model, n_ctx=1024, n_parallel=2, block_size=16, lock=llm.session.lock)
+    p = list(range(5, 105))
+    want = list(llm.generate(p, temp=0, max_tokens=12))
+    r1 = eng.submit(p, _params(llm, 0, None), 12)
+    eng.run_until_done()
+    assert r1.tokens() == want and r1.n_cached == 0
+    r2 = eng.submit(p, _params(llm, 0, None), 12)  # same prompt: all but its last token come from the cache
+    eng.run_until_done()
+    assert r2.tokens() == want and r2.n_cached == len(p) - 1
+    r3 = eng.submit(p[:50] + [7, 8, 9], _params(llm, 0, None), 400)
+    eng.step()
+    eng.step()
+    r3.cancel()
+    eng.run_until_done()
+    assert r3.finish_reason == "cancelled" and r3.n_cached == 50
+    eng._evict(eng.pool.n_blocks)
+    assert eng.pool.n_free == eng.pool.n_blocks and not eng.running
+
+
+def test_small_pool_never_stalls(tiny_llama):
+    llm = Llama(tiny_llama, n_ctx=512, verbose=False, seed=1)
+    eng = Engine(llm.model, n_ctx=128, n_parallel=4, block_size=16, lock=llm.session.lock)
+    reqs = [eng.submit(list(range(3, 40)), _params(llm, 0, None), 200) for _ in range(6)]
+    for _ in range(2000):
+        if not eng.step():
+            break
+    assert all(r.finish_reason in ("length", "stop") for r in reqs)
+    assert all(r.n_gen >= 1 for r in reqs)
+
+
+def test_llama_n_parallel_threads_equal_single(tiny_llama):
+    single = Llama(tiny_llama, n_ctx=512, verbose=False, seed=1)
+    llm = Llama(tiny_llama, n_ctx=2048, verbose=False, seed=1, n_parallel=4)
+    try:
+        prompts = ["hello world", "the quick brown fox", "a b c d e f", "once upon a time there was"] * 2
+        want = [single(p, max_tokens=16, temperature=0)["choices"][0]["text"] for p in prompts]
+        out = [None] * len(prompts)
+
+        def work(i):
+            out[i] = llm(prompts[i], max_tokens=16, temperature=0)
+
+        ths = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        assert [o["choices"][0]["text"] for o in out] == want
+        assert out[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # its twin ran first
+        it = llm("hello world", max_tokens=200, temperature=0, stream=True)
+        next(iter(it))
+        it.close()  # a consumer that stops cancels its request
+        assert llm.generate_batch(["hello", [5, 6, 7]], max_tokens=5, temperature=0) == \
+            single.generate_batch(["hello", [5, 6, 7]], max_tokens=5, temperature=0)
+    finally:
+        llm.close()
