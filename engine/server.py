@@ -567,6 +567,11 @@ class LlambaService:
         self.llm = llm
         self.alias = alias or os.path.basename(llm.model_path)
         self.concurrent = bool(getattr(llm, "concurrent", False))
+        # Streamed chunks without `usage` (today's library): with several generations at once `last_stats` is not
+        # this request's, so non-streamed requests use the library's non-streamed calls (exact usage, cached
+        # tokens), which cannot be cancelled midway. A library whose last streamed chunk carries `usage` says so
+        # with `stream_usage = True`, and every request streams (cancellable).
+        self.whole_calls = self.concurrent and not getattr(llm, "stream_usage", False)
         self.n_parallel = max(1, int(n_parallel or 1))
         self.slots = self.n_parallel if self.concurrent else 1
         self.gate = Gate(self.slots, max_queue)
@@ -663,7 +668,7 @@ class LlambaService:
         nv = self.llm.n_vocab()
         for t in toks:
             if not 0 <= t < nv:
-                raise _bad(f"token id {t} is out of range (vocabulary of {nv})", param, "invalid_token_id")
+                raise _bad(f"'{param}': token id {t} is out of range (vocabulary of {nv})", param, "invalid_token_id")
 
     def _check_fit(self, toks: list[int], max_tokens, param: str, logit_bias=None, allow_zero: bool = False):
         n_ctx = self._n_ctx()
@@ -732,8 +737,11 @@ class LlambaService:
             kw["logprobs"] = True
             kw["top_logprobs"] = req.top_logprobs or 0
 
+        whole = not req.stream and self.whole_calls
+
         def open_fn(cancelled):
-            return llm.create_chat_completion(msgs, stream=True, tools=req.tools, chat_template_kwargs=tkw, **kw)
+            out = llm.create_chat_completion(msgs, stream=not whole, tools=req.tools, chat_template_kwargs=tkw, **kw)
+            return iter([out]) if whole else out
 
         return [_Job(0, "chat", len(toks), open_fn)], {"n_prompt": len(toks)}
 
@@ -789,9 +797,9 @@ class LlambaService:
                 return None
             # a text prompt goes in as text (so text offsets count its characters); it tokenizes as above
             src = prompt_text if prompt_text is not None else toks
-            if n_lp is not None and not stream:
-                # the library's own layout and offsets for the generated tokens (llama-cpp-python's, which is
-                # OpenAI's without echo), from its non-streamed call: one chunk, not cancellable midway
+            if not stream and (n_lp is not None or self.whole_calls):
+                # the library's non-streamed call, as one chunk (not cancellable midway): its layout and offsets
+                # of the generated tokens' logprobs (llama-cpp-python's, which is OpenAI's without echo), its usage
                 return iter([llm.create_completion(src, max_tokens=max_tokens or -1, special=True, logprobs=n_lp,
                                                    _no_scores=True, **kw)])
             return llm.create_completion(src, max_tokens=max_tokens or -1, stream=True, special=True,
@@ -877,8 +885,10 @@ class LlambaService:
                 lp["top_logprobs"].append(None)
                 continue
             v, top = scored[i - 1]
-            d = {piece(k): x for k, x in top}
-            d[s] = v
+            d: dict[str, float] = {}
+            for k, x in list(top) + [(t, v)]:  # ids with the same text share a key: it keeps the higher logprob
+                key = piece(k)
+                d[key] = max(d.get(key, -math.inf), x)
             lp["token_logprobs"].append(v)
             lp["top_logprobs"].append(d)
         yield {"choices": [{"text": echo_text + text, "logprobs": lp, "finish_reason": finish}],
@@ -1307,7 +1317,7 @@ def _chat_choice(index: int, chunks: list[dict]) -> dict:
     text, finish, lps, want_lp = [], None, [], False
     for c in chunks:
         ch = c["choices"][0]
-        d = ch.get("delta") or {}
+        d = ch.get("delta") or ch.get("message") or {}
         if d.get("content"):
             text.append(d["content"])
         if ch.get("logprobs") is not None:
