@@ -321,7 +321,7 @@ def cmd_serve(a) -> int:
               file=sys.stderr)
     svc = srv.service
     if svc.concurrent:
-        mode = f"{svc.slots} requests decoded at once (-np {a.n_parallel})"
+        mode = f"{svc.slots} request{'s' if svc.slots != 1 else ''} decoded at once (-np {a.n_parallel})"
     else:
         mode = "one request at a time: the others wait in a queue"
         if a.n_parallel != 1:
