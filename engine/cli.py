@@ -311,6 +311,9 @@ def cmd_serve(a) -> int:
         print(f"llamba: warning: /v1/chat/completions is unavailable: {e}", file=sys.stderr)
     if a.n_parallel < 1:
         raise LlambaError(f"-np/--parallel must be at least 1, got {a.n_parallel}")
+    # every request goes through the continuous-batching scheduler (llamba.scheduler): up to n_parallel
+    # sequences decode together, one loop for plain and speculative decoding
+    llm.start_engine(a.n_parallel)
     srv = make_server(llm, a.host, a.port, alias=a.alias, max_body=a.max_body, max_queue=a.max_queue,
                       timeout=a.timeout if a.timeout > 0 else None, verbose=a.verbose, api_key=a.api_key,
                       n_parallel=a.n_parallel, cors_origins=a.cors_origin, max_connections=a.max_connections,

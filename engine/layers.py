@@ -28,7 +28,12 @@ from llamba.kernels.traits import TYPES
 
 GEMM_TILE_FLOATS = 1 << 19  # 2 MiB of float32 per dequantized weight tile
 REPACK_CHUNK_BYTES = 8 << 20  # Q8_0 repacking: raw bytes per chunk (then those raw pages are dropped)
-FUSED_MAX_T = 4  # LinearGroup: batches up to this size use the fused kernel (llamba.kernels.fused)
+# LinearGroup: batches up to this size use the fused kernel (llamba.kernels.fused), by weight family. Measured on
+# 2 threads (SmolLM2 Q4_1, the Qwen3.5 fixture's Q8_0, Gemma 3 Q4_K_M): block-32 weights stay faster fused up to
+# ~32 rows (weights streamed once, rows in tiles of 4), K-quants up to ~8 (beyond, the per-matrix kernels win).
+FUSED_MAX_T_BLOCK32 = 32
+FUSED_MAX_T_KQUANTS = 8
+FUSED_MAX_T = 4  # every group takes the fused path at least up to here
 
 # LinearGroup input transforms (llamba.kernels.fused modes)
 IDENTITY, RMS_NORM, SWIGLU, GEGLU = 0, 1, 2, 3
@@ -135,7 +140,8 @@ class LinearGroup:
     `group(x, mode, x2, norm_w, eps)` returns [lin(f(x)) for lin in lins] with f = identity, rms_norm(x, norm_w),
     silu(x)*x2 or gelu_tanh(x)*x2 (modes IDENTITY, RMS_NORM, SWIGLU, GEGLU).
 
-    Small batches (T <= FUSED_MAX_T: decode and speculative verify) of the quantized weights take one fused
+    Small batches (T <= max_t: decode, speculative verify, batches of several sequences) of the quantized weights
+    take one fused
     kernel call (llamba.kernels.fused: one shared activation quantization, one parallel region); other weights
     (float types), larger batches and the BLAS path run the transform and the Linears one by one. Both give
     bit-identical numbers."""
@@ -162,6 +168,8 @@ class LinearGroup:
                 fused.update(part)
         self.other_idx = [i for i in range(len(self.lins)) if i not in fused]
         self.fused = bool(self.calls)
+        kq = any(int(c[2][0]) in F.KQUANTS for c in self.calls)
+        self.max_t = max(FUSED_MAX_T, FUSED_MAX_T_KQUANTS if kq else FUSED_MAX_T_BLOCK32)
         self._none = np.empty((1, 1), dtype=np.float32)
 
     @staticmethod
@@ -184,7 +192,7 @@ class LinearGroup:
         if x2 is not None:
             x2 = np.ascontiguousarray(x2, dtype=np.float32)
         T = x.shape[0]
-        if not (self.fused and not gemm and 0 < T <= FUSED_MAX_T):
+        if not (self.fused and not gemm and 0 < T <= self.max_t):
             h = self.transform(x, mode, x2, norm_w, eps)
             return [lin.gemm(h) if gemm else lin(h) for lin in self.lins]
         res = [None] * len(self.lins)

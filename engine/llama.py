@@ -260,8 +260,8 @@ class Llama:
         self._n_ctx = n_ctx
         self.engine = None  # the continuous-batching scheduler (llamba.scheduler), with n_parallel > 1
         self.concurrent = False  # True: generation calls may come from several threads at once
-        if self.model is not None and n_parallel is not None and int(n_parallel) > 1:
-            self._start_engine(int(n_parallel))
+        if self.model is not None and n_parallel is not None and int(n_parallel) > 1:  # (1: see start_engine)
+            self.start_engine(int(n_parallel))
         self.embedding = bool(embedding)
         if pooling_type not in POOLING_NAMES and pooling_type != POOLING_UNSPECIFIED:
             raise LlambaError(f"pooling_type must be one of {sorted(POOLING_NAMES)} or {POOLING_UNSPECIFIED} "
@@ -283,10 +283,13 @@ class Llama:
             print(f"llamba: loaded {os.path.basename(self.model_path)} ({c.arch}, {c.n_layer} layers, "
                   f"n_ctx {n_ctx}) in {self.load_time:.2f} s", file=sys.stderr)
 
-    def _start_engine(self, n_parallel: int):
+    def start_engine(self, n_parallel: int, step_tokens: int | None = None):
         """Serve generation calls through the batching engine: up to n_parallel sequences decode together, over
         one shared KV pool of n_ctx slots (each sequence may grow to n_ctx while the pool has room)."""
         from llamba.scheduler import Engine
+        self._need_model()
+        if self.engine is not None:
+            return
         if getattr(self.model, "offload", None) is not None or self.model.out_dev is not None:
             from llamba.backend import warn_once
             warn_once("llamba: GPU-offloaded layers run one sequence at a time; n_parallel is set to 1")
@@ -295,10 +298,12 @@ class Llama:
         if spec == "auto":
             spec = "mtp" if getattr(self.model, "mtp", None) is not None else "none"
         if spec == "draft":
+            if n_parallel == 1:
+                return  # a draft model keeps its own single-sequence cache: the one-caller path serves it
             raise LlambaError("a draft model (--spec draft) serves one sequence at a time; use --spec mtp or "
                               "ngram with --parallel > 1")
         self.engine = Engine(self.model, n_ctx=self._n_ctx, n_parallel=n_parallel,
-                             step_tokens=max(64, min(256, self.session.n_batch or 256)), spec=spec,
+                             step_tokens=step_tokens or max(64, min(256, self.session.n_batch or 256)), spec=spec,
                              draft_max=self.spec_options["draft_max"], draft_p_min=self.spec_options["draft_p_min"],
                              is_eog=self.tokenizer.is_eog, lock=self.session.lock).start()
         self.concurrent = True
@@ -649,7 +654,7 @@ class Llama:
         return {
             "id": cid, "object": "text_completion", "created": created, "model": self.model_path,
             "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}],
-            "usage": _usage(len(toks), st),
+            "usage": _usage(len(toks), st, self.engine is not None),
         }
 
     def _stream_chunks(self, it, cid, created, echo_text, rec=None, prompt_tokens=None, prompt_len=0):
@@ -914,7 +919,7 @@ class Llama:
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_path,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
                          "logprobs": lp, "finish_reason": finish}],
-            "usage": _usage(len(toks), stats),
+            "usage": _usage(len(toks), stats, self.engine is not None),
         }
 
     def _chat_chunks(self, it, cid, created, rec=None):
@@ -995,11 +1000,14 @@ class LlamaState:
         return f"LlamaState({self.n_tokens} tokens, {self.llama_state_size / 2**20:.1f} MiB, {self.model_name})"
 
 
-def _usage(n_prompt: int, stats) -> dict:
-    """OpenAI `usage`, with the prompt tokens found in the cache (prompt_tokens_details.cached_tokens)."""
+def _usage(n_prompt: int, stats, details: bool = False) -> dict:
+    """OpenAI `usage` (llama-cpp-python's three counts); with details (the batching engine, i.e. serving), also the
+    prompt tokens found in the cache (prompt_tokens_details.cached_tokens)."""
     n_gen = stats.n_gen if stats is not None else 0
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen,
-            "prompt_tokens_details": {"cached_tokens": stats.n_reused if stats is not None else 0}}
+    u = {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
+    if details:
+        u["prompt_tokens_details"] = {"cached_tokens": stats.n_reused if stats is not None else 0}
+    return u
 
 
 def _normalized(v: np.ndarray) -> list[float]:

@@ -1,5 +1,6 @@
-"""Fused small-batch linear layers (decode, T = 1, and speculative verify, T <= 4): one compiled call and one
-parallel region for several quantized matrices that read the same input.
+"""Fused small-batch linear layers (decode, T = 1, speculative verify and batches of several sequences, T up to a few
+dozen rows, taken in tiles of 4 per weight unit): one compiled call and one parallel region for several quantized
+matrices that read the same input.
 
 ``fused_mm(mode, x, x2, norm_w, eps, ws, kinds, outs)`` computes, for every matrix i of the group,
 ``outs[i] = W_i @ f(x)`` with
@@ -31,13 +32,13 @@ from llamba.kernels import quants_k as QKm
 from llamba.kernels import quants_simple as QS
 from llamba.kernels.ops import _gelu1, _rms_scale, _silu1
 
-MAX_T = 4  # batches up to this size take the fused path (larger ones: the per-matrix prefill kernels)
 
 BLOCK32 = (QS.Q4_0, QS.Q4_1, QS.Q5_0, QS.Q5_1, QS.Q8_0, QS.IQ4_NL)
 KQUANTS = (QKm.Q2_K, QKm.Q3_K, QKm.Q4_K, QKm.Q5_K, QKm.Q6_K, QKm.IQ4_XS)
 SUPPORTED = frozenset(BLOCK32 + KQUANTS)
 _QK = 32
 _QK_K = 256
+MAX_T = 9  # the tests check every batch size up to here (two whole tiles of 4 rows and a partial one)
 _PREP_PAR_MIN = 4096  # SwiGLU/GeGLU inputs at least this many values are transformed in parallel
 
 
@@ -207,7 +208,19 @@ def _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, kfam):
                 df = d.reshape(T * nb)
                 s1 = s.reshape(T * nb)
                 for g in range(g0, g1):
-                    QS._rows8t_any(kind, T, w, g * 8, min(8, rows_i - g * 8), qf, n, sf, df, s1, nb, of, rows_i)
+                    r0 = g * 8
+                    nr = min(8, rows_i - r0)
+                    # activation rows in tiles of <= 4 while the unit's weight rows stay in cache (a row's
+                    # numbers do not depend on its tile: the kernels are row-exact)
+                    for t0 in range(0, T, 4):
+                        nt = min(4, T - t0)
+                        if nt == 1:
+                            QS._rows8(kind, w, r0, nr, qs[t0], asum[t0], d[t0], s[t0], nb, res)
+                            for k in range(nr):
+                                o[t0, r0 + k] = res[k]
+                        else:
+                            QS._rows8t_any(kind, nt, w, r0, nr, qf[t0 * n:], n, sf[t0 * nb:], df[t0 * nb:],
+                                           s1[t0 * nb:], nb, of[t0 * rows_i:], rows_i)
 
 
 @njit(cache=True, parallel=True)

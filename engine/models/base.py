@@ -19,7 +19,7 @@ import numpy as np
 from llamba.errors import LlambaError
 from llamba.kernels import ops as K
 from llamba.kv_cache import Batch, KVPool, SeqCache
-from llamba.layers import FUSED_MAX_T, GEGLU, RMS_NORM, SWIGLU, Embedding, Linear, LinearGroup, norm_weight
+from llamba.layers import GEGLU, RMS_NORM, SWIGLU, Embedding, Linear, LinearGroup, norm_weight
 
 # Prompt batches at least this long use the dequantize+BLAS path. Off by default: the quantized int8 path is
 # as fast on 2 threads (measured: SmolLM2 pp512 373 vs 141 tokens/s, because OpenBLAS's and Numba's OpenMP
@@ -266,7 +266,7 @@ class FFN:
             gu += [np.ascontiguousarray(gup[:, :self.n_ff]), np.ascontiguousarray(gup[:, self.n_ff:])]
             del gup
         g = gu[0]
-        if gemm or g.shape[0] > FUSED_MAX_T or not self.down.fused:
+        if gemm or g.shape[0] > self.down.max_t or not self.down.fused:
             # prompt batches: act(g) * u written over g, and u let go (the list held the last reference) before
             # the down projection: the same kernel and numbers as LinearGroup's transform, with two (T, n_ff)
             # buffers fewer at the memory peak of a prefill
