@@ -25,10 +25,19 @@ Concurrency. Generation calls the `Llama`'s public methods (`create_completion(.
 thread-safe (today's) runs one generation at a time; one whose `concurrent` attribute is true (the batching engine)
 runs up to `n_parallel` at once. Each generation's iterator is pulled in its worker thread and its events are handed
 to the event loop through a queue; the HTTP writes happen on the event loop, never in the worker. A client that stops
-reading only fills its own bounded buffer: then its generation is paused (concurrent engine) or cancelled (one at a
-time, where a paused generation would hold the model), so it never holds up other requests. A client that disconnects
-cancels its generation within one step (the worker closes the iterator). Connections cost no thread (asyncio); their
-number, idle time, header size and header/body read time are bounded.
+reading only fills its own bounded buffer (`stream_buffer` bytes): then its generation is paused (concurrent engine;
+for 30 s at most, then cut) or cancelled (one at a time, where a paused generation would hold the model), so it never
+holds up other requests; a write the client does not take within `timeout` s drops the connection. A client that
+disconnects cancels its generation within one step (the worker closes the iterator). Connections cost no thread
+(asyncio); their number, idle time, header size and header/body read time are bounded.
+
+What the server needs from the `Llama` when `concurrent` is true: `create_completion` / `create_chat_completion`
+(streamed and not), `generate`, `prompt_logprobs`, `embed`, `tokenize`, `detokenize` and `apply_chat_template`
+callable from several threads at once, and a streamed iterator closed from the thread that pulls it stops its
+sequence. Usage: the last streamed chunk may carry `usage` (prompt_tokens, completion_tokens,
+prompt_tokens_details.cached_tokens); a `Llama` that sets `stream_usage = True` promises it, and then non-streamed
+requests stream too (cancellable on disconnect). `engine_stats` (a dict of numbers, or a callable returning one) is
+exported on /metrics as llamba_engine_<name>.
 """
 import asyncio
 import base64
@@ -441,8 +450,12 @@ def validation_message(err: dict) -> APIError:
         return _bad(f"'{field}' must be {op} {ctx.get(key)}{got}", param)
     if typ == "literal_error":
         return _bad(f"'{field}' must be {ctx.get('expected')}{got}", param)
-    if typ in ("too_short", "too_long"):
-        return _bad(f"'{field}' {_line(err.get('msg', ''), 200).replace('List', 'list')}", param)
+    if typ == "too_short":
+        k = ctx.get("min_length", 1)
+        return _bad(f"'{field}' must have at least {k} item{'s' if k != 1 else ''}", param)
+    if typ == "too_long":
+        k = ctx.get("max_length")
+        return _bad(f"'{field}' must have at most {k} item{'s' if k != 1 else ''}", param)
     msg = _line(err.get("msg", "invalid value"), 200)
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
@@ -1133,7 +1146,8 @@ class _Run:
         self.rid = f"{'chatcmpl' if jobs[0].kind == 'chat' else 'cmpl'}-{uuid.uuid4()}"
         self.created = int(time.time())
         loop = asyncio.get_running_loop()
-        self.pipe = _Pipe(loop, svc.stream_buffer if stream else 0, svc.concurrent, svc.timeout)
+        # a generation paused for a client that does not read holds its slot: for 30 s at most, then it is cut
+        self.pipe = _Pipe(loop, svc.stream_buffer if stream else 0, svc.concurrent, min(svc.timeout, 30.0))
         self.tasks: list[asyncio.Task] = []
         self.watcher = None
         self.gone = False
