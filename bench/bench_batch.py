@@ -37,10 +37,10 @@ PROMPTS = [
 ]
 
 
-def run_level(llm, n_par, spec, draft_max, n_gen, spec_max_seqs):
+def run_level(llm, n_par, spec, draft_max, n_gen, spec_rows):
     from llamba.scheduler import Engine
     eng = Engine(llm.model, n_ctx=max(4096, n_par * 512), n_parallel=n_par, spec=spec, draft_max=draft_max,
-                 spec_max_seqs=spec_max_seqs, lock=llm.session.lock, is_eog=lambda t: False)
+                 spec_rows=spec_rows, lock=llm.session.lock, is_eog=lambda t: False)
     sp = llm._make_sampler(0.0, 40, 0.95, 0.05, 1.0, 1.0, 0.0, 0.0, None, None).params
     toks = [llm.tokenize(PROMPTS[i % len(PROMPTS)].encode(), add_bos=True) for i in range(n_par)]
     t0 = time.perf_counter()
@@ -58,7 +58,9 @@ def main():
     ap.add_argument("--parallel", default="1,2,4,8")
     ap.add_argument("--spec", default="none", help="comma list of none, mtp, ngram")
     ap.add_argument("--draft-max", type=int, default=3)
-    ap.add_argument("--spec-max-seqs", type=int, default=64, help="speculation off above this many decoders")
+    ap.add_argument("--spec-rows", type=int, default=4,
+                    help="verify rows per step for all sequences together (the engine's load adaptation; 4 is "
+                         "the default, a large value drafts draft-max tokens at any load)")
     ap.add_argument("-n", type=int, default=64)
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=3)
@@ -67,13 +69,13 @@ def main():
     llm = Llama(a.model, n_ctx=512, n_threads=a.threads, verbose=False)
     levels = [int(x) for x in a.parallel.split(",")]
     specs = a.spec.split(",")
-    run_level(llm, 2, specs[0], a.draft_max, 8, a.spec_max_seqs)  # warm-up (kernels loaded)
+    run_level(llm, 2, specs[0], a.draft_max, 8, a.spec_rows)  # warm-up (kernels loaded)
     res = {(n, s): [] for n in levels for s in specs}
     accs = {}
     for _ in range(a.reps):
         for n in levels:
             for s in specs:
-                tps, acc = run_level(llm, n, s, a.draft_max, a.n, a.spec_max_seqs)
+                tps, acc = run_level(llm, n, s, a.draft_max, a.n, a.spec_rows)
                 res[(n, s)].append(tps)
                 accs[(n, s)] = acc
     print(f"{os.path.basename(a.model)}, {a.threads} threads, {a.n} tokens per sequence, median of {a.reps}")

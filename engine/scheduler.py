@@ -132,13 +132,17 @@ class Engine:
 
     n_ctx: KV slots in the shared pool (all sequences together); n_ctx_seq: most positions one sequence may
     hold (default: n_ctx); n_parallel: most sequences running at once; step_tokens: rows per forward (decode
-    rows first, prompt chunks fill the rest); spec: 'none' | 'mtp' | 'ngram' with draft_max tokens per step,
-    speculation switched off while more than spec_max_seqs sequences decode (measured: verifying drafts for
-    many sequences costs more than it gains on a CPU)."""
+    rows first, prompt chunks fill the rest); spec: 'none' | 'mtp' | 'ngram' with up to draft_max tokens per step
+    and sequence, adapted to load: the verify rows of all decoding sequences together stay within spec_rows
+    (draft length spec_rows // n_decoding - 1, none when that is < 1). Measured on 2 cores (bench/bench_batch.py,
+    the padded Qwen3.5 fixture, greedy): matmuls stop being bound by weight reads at about 4 rows, so drafts pay
+    for one sequence (1.2-1.6x), break even for two (1 draft) and lose for four (0.7-0.8x with 1-3 drafts).
+    spec_max_seqs (optional) also switches speculation off above that many decoding sequences."""
 
     def __init__(self, model, *, n_ctx: int, n_ctx_seq: int | None = None, n_parallel: int = 4,
                  block_size: int = 32, step_tokens: int = 256, spec: str = "none", draft_max: int = 3,
-                 draft_p_min: float = 0.0, spec_max_seqs: int = 4, is_eog=None, lock=None):
+                 draft_p_min: float = 0.0, spec_rows: int = 4, spec_max_seqs: int | None = None, is_eog=None,
+                 lock=None):
         if n_parallel < 1:
             raise LlambaError(f"n_parallel must be at least 1, got {n_parallel}")
         self.model = model
@@ -155,7 +159,8 @@ class Engine:
             raise LlambaError(f"the batching engine drafts with 'mtp' or 'ngram' (or 'none'), not {self.spec!r}")
         self.draft_max = int(draft_max) if self.spec != "none" else 0
         self.draft_p_min = float(draft_p_min)
-        self.spec_max_seqs = int(spec_max_seqs)
+        self.spec_rows = int(spec_rows)
+        self.spec_max_seqs = spec_max_seqs
         self._ngram = None
         if self.spec == "ngram":
             from llamba.speculative.ngram import NgramProposer
@@ -366,6 +371,14 @@ class Engine:
             self.stats["finished"] += 1
         run.req._finish(reason, error)
 
+    def draft_len(self, n_decoding: int) -> int:
+        """Draft tokens per sequence this step, with n_decoding sequences decoding."""
+        if self.draft_max <= 0 or n_decoding <= 0:
+            return 0
+        if self.spec_max_seqs is not None and n_decoding > self.spec_max_seqs:
+            return 0
+        return max(0, min(self.draft_max, self.spec_rows // n_decoding - 1))
+
     # ---- one step
     def step(self) -> bool:
         with self.lock:
@@ -381,7 +394,7 @@ class Engine:
         budget = self.step_tokens
         items = []  # (run, tokens, logits mode, n_draft)
         n_dec = sum(1 for r in self.running if r.decoding)
-        dmax = self.draft_max if n_dec <= self.spec_max_seqs else 0
+        dmax = self.draft_len(n_dec)
         for run in list(self.running):
             if not run.decoding:
                 continue
@@ -444,11 +457,18 @@ class Engine:
             except BaseException as e:  # noqa: BLE001 - a sampling error fails that request only
                 self._retire(run, "error", e, keep=False)
         if mtp:
-            self._mtp_draft()
+            if self.draft_len(sum(1 for r in self.running if r.decoding)) > 0 or \
+                    any(not r.decoding for r in self.running):
+                self._mtp_draft()
+            else:  # no drafts under this load: the head's catch-up is skipped too (it restarts from zeros)
+                for r in self.running:
+                    r.committed, r.hidden, r.drafts = [], None, []
+                    r.pending_h = self._zeros()
         elif self._ngram is not None:
             for run in self.running:
                 if run.decoding:
-                    run.drafts = self._ngram.draft(_TokView(run.seq), run.id_last, self.draft_max)
+                    run.drafts = self._ngram.draft(_TokView(run.seq), run.id_last, self.draft_max) \
+                        if self.draft_len(len(self.running)) > 0 else []
         return True
 
     def _after(self, run: _Run, toks, mode, nd, rows):
@@ -524,6 +544,7 @@ class Engine:
     # ---- MTP drafting, batched over the sequences
     def _mtp_draft(self):
         mtp = self.model.mtp
+        dl = self.draft_len(sum(1 for r in self.running if r.decoding))
         cat = []  # (run, tokens, hiddens, wants a draft)
         for run in self.running:
             if not run.committed or run.hidden is None:
@@ -537,7 +558,7 @@ class Engine:
             H = run.hidden
             hp = np.concatenate([run.pending_h, H[:-1]]) if len(H) > 1 else run.pending_h
             toks = list(run.committed)
-            draft_now = run.decoding and self.draft_max > 0 and run.seq.n_past + 1 < self.n_ctx_seq
+            draft_now = run.decoding and dl > 0 and run.seq.n_past + 1 < self.n_ctx_seq
             if draft_now:
                 toks.append(run.id_last)
                 hp = np.concatenate([hp, H[-1:]])
@@ -567,7 +588,7 @@ class Engine:
                 continue
             run.drafts = [t]
             active.append(run)
-        for _ in range(1, self.draft_max):
+        for _ in range(1, dl):
             active = [r for r in active if r.seq.mtp.n_past + 1 < self.n_ctx_seq]
             if not active:
                 break

@@ -75,7 +75,7 @@ def test_batch_invariance_qwen35_with_speculation(spec):
     seeds = [None if i % 2 == 0 else 100 + i for i in range(16)]
     maxt = [20 + (i * 7) % 30 for i in range(16)]
     alone = _alone(llm, prompts, temps, seeds, maxt)
-    eng = Engine(llm.model, n_ctx=8192, n_parallel=16, spec=spec, draft_max=3, spec_max_seqs=16,
+    eng = Engine(llm.model, n_ctx=8192, n_parallel=16, spec=spec, draft_max=3, spec_rows=64,
                  lock=llm.session.lock)
     reqs = [eng.submit(p, _params(llm, t, s), m) for p, t, s, m in zip(prompts, temps, seeds, maxt)]
     eng.run_until_done()
@@ -176,3 +176,11 @@ def test_llama_n_parallel_threads_equal_single(tiny_llama):
             single.generate_batch(["hello", [5, 6, 7]], max_tokens=5, temperature=0)
     finally:
         llm.close()
+
+
+def test_draft_length_adapts_to_load():
+    llm = Llama(FIXTURE, n_ctx=256, verbose=False)
+    eng = Engine(llm.model, n_ctx=1024, n_parallel=8, spec="mtp", draft_max=3, spec_rows=4, lock=llm.session.lock)
+    assert [eng.draft_len(n) for n in (1, 2, 3, 4, 8)] == [3, 1, 0, 0, 0]
+    eng = Engine(llm.model, n_ctx=1024, n_parallel=8, spec="none")
+    assert eng.draft_len(1) == 0
