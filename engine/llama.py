@@ -309,6 +309,11 @@ class Llama:
         self.concurrent = True
 
     @property
+    def stream_usage(self) -> bool:
+        """True when streamed completions end with a chunk carrying `usage` (with the batching engine)."""
+        return self.engine is not None
+
+    @property
     def engine_stats(self) -> dict | None:
         """Counters of the batching engine (requests, tokens, queue, batch rows, drafts), or None."""
         return self.engine.snapshot() if self.engine is not None else None
@@ -637,7 +642,8 @@ class Llama:
                                      repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias,
                                      gen_toks, rec, stats)
         if stream:
-            return self._stream_chunks(it, cid, created, prompt_text if echo else None, rec, toks, len(prompt_text))
+            return self._stream_chunks(it, cid, created, prompt_text if echo else None, rec, toks, len(prompt_text),
+                                       stats)
         pieces, finish = [], "length"
         for piece, fin in it:
             pieces.append(piece)
@@ -657,14 +663,17 @@ class Llama:
             "usage": _usage(len(toks), st, self.engine is not None),
         }
 
-    def _stream_chunks(self, it, cid, created, echo_text, rec=None, prompt_tokens=None, prompt_len=0):
+    def _stream_chunks(self, it, cid, created, echo_text, rec=None, prompt_tokens=None, prompt_len=0, stats=None):
         try:
             if echo_text:
                 yield self._chunk(cid, created, echo_text, None)
             for piece, fin in it:
                 if piece or fin:
                     lp = self._completion_chunk_logprobs(rec.take(), prompt_tokens, prompt_len) if rec else None
-                    yield self._chunk(cid, created, piece, fin, lp)
+                    c = self._chunk(cid, created, piece, fin, lp)
+                    if fin and self.stream_usage and stats is not None:  # serving: usage on the last chunk
+                        c["usage"] = _usage(len(prompt_tokens), stats, True)
+                    yield c
         finally:
             it.close()
 
@@ -908,7 +917,7 @@ class Llama:
         cid = f"chatcmpl-{uuid.uuid4()}"
         created = int(time.time())
         if stream:
-            return self._chat_chunks(it, cid, created, rec)
+            return self._chat_chunks(it, cid, created, rec, stats, len(toks))
         pieces, finish = [], "length"
         for piece, fin in it:
             pieces.append(piece)
@@ -922,7 +931,7 @@ class Llama:
             "usage": _usage(len(toks), stats, self.engine is not None),
         }
 
-    def _chat_chunks(self, it, cid, created, rec=None):
+    def _chat_chunks(self, it, cid, created, rec=None, stats=None, n_prompt=0):
         def chunk(delta, finish, lp=None):
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_path,
                     "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
@@ -935,7 +944,10 @@ class Llama:
                     yield chunk({"content": piece}, None, lp)
                 if fin:
                     finish = fin
-            yield chunk({}, finish)
+            last = chunk({}, finish)
+            if self.stream_usage and stats is not None:  # serving: usage on the last chunk
+                last["usage"] = _usage(n_prompt, stats, True)
+            yield last
         finally:
             it.close()  # a consumer that stops early ends the generation here
 
