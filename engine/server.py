@@ -1665,14 +1665,18 @@ def _protocol_class(head_timeout: float):
             self._arm()
 
         def _arm(self):
-            self._head_cycle = self.cycle
-            self._head_timer = self.loop.call_later(head_timeout, self._head_timeout)
+            try:
+                self._head_cycle = self.cycle
+                self._head_timer = self.loop.call_later(head_timeout, self._head_timeout)
+            except AttributeError:  # another uvicorn's internals: serve without the head deadline
+                self._head_timer = None
 
         def data_received(self, data):
-            if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
+            cycle = getattr(self, "cycle", None)
+            if self._head_timer is None and (cycle is None or getattr(cycle, "response_complete", False)):
                 self._arm()
             super().data_received(data)
-            if self._head_timer is not None and self.cycle is not self._head_cycle:
+            if self._head_timer is not None and getattr(self, "cycle", None) is not self._head_cycle:
                 self._head_timer.cancel()  # a request head arrived
                 self._head_timer = None
 
@@ -1684,7 +1688,7 @@ def _protocol_class(head_timeout: float):
 
         def _head_timeout(self):
             self._head_timer = None
-            if self.cycle is self._head_cycle and not self.transport.is_closing():
+            if getattr(self, "cycle", None) is self._head_cycle and not self.transport.is_closing():
                 self.transport.close()
 
     return Protocol
