@@ -22,6 +22,7 @@ class GenStats:
     t_gen: float = 0.0  # seconds after the first token
     t_first: float = 0.0  # seconds from start to the first sampled token
     spec: dict = field(default_factory=dict)
+    ended_eog: bool = False  # the generation ended with an end-of-generation token
 
     @property
     def prompt_tps(self) -> float:

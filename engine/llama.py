@@ -656,7 +656,11 @@ class Llama:
         lp = None
         if logprobs is not None:
             with self.session.lock:  # (re-evaluates on the default sequence)
-                lp = self._completion_logprobs(prompt, toks, gen_toks, logprobs, echo, keep_scores)
+                # positions the generation evaluated: with the engine (another sequence than `session`), the prompt
+                # and every generated token but the last sampled one (an end-of-generation token is never kept)
+                n_ev = None if self.engine is None else \
+                    len(toks) + len(gen_toks) - (0 if getattr(stats, "ended_eog", False) else 1)
+                lp = self._completion_logprobs(prompt, toks, gen_toks, logprobs, echo, keep_scores, n_ev)
         return {
             "id": cid, "object": "text_completion", "created": created, "model": self.model_path,
             "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}],
@@ -718,7 +722,7 @@ class Llama:
         return sub - out
 
     def _completion_logprobs(self, prompt, prompt_tokens, completion_tokens, n: int, echo: bool,
-                             keep_scores: bool = True) -> dict:
+                             keep_scores: bool = True, n_evaluated: int | None = None) -> dict:
         """The OpenAI `logprobs` object of a finished completion, laid out as llama-cpp-python lays it out (its
         offsets, its BOS handling, null first entry with echo). The logits of every position come from a batched
         evaluation of prompt + completion, n_batch rows at a time (bit-identical to the rows the generation sampled
@@ -727,7 +731,9 @@ class Llama:
         after the token, not before it)."""
         full = list(prompt_tokens) + list(completion_tokens)
         # the positions llama.cpp evaluated: not the last sampled token when generation stopped on the length
-        n_eval = min(len(full), max(len(self.session.tokens), len(prompt_tokens)))
+        if n_evaluated is None:
+            n_evaluated = len(self.session.tokens)
+        n_eval = min(len(full), max(n_evaluated, len(prompt_tokens)))
         text_offset = 0 if echo else len(prompt)
         token_offset = 0 if echo else len(prompt_tokens) - 1
         bos = self.token_bos()
@@ -798,6 +804,7 @@ class Llama:
             if out_tokens is not None and not tk.is_eog(tok):
                 out_tokens.append(tok)
             if tk.is_eog(tok):
+                stats.ended_eog = True
                 tail = dec.flush()
                 total += len(tail)
                 pending += tail
