@@ -283,7 +283,7 @@ class Llama:
             print(f"llamba: loaded {os.path.basename(self.model_path)} ({c.arch}, {c.n_layer} layers, "
                   f"n_ctx {n_ctx}) in {self.load_time:.2f} s", file=sys.stderr)
 
-    def start_engine(self, n_parallel: int, step_tokens: int | None = None):
+    def start_engine(self, n_parallel: int, step_tokens: int | None = None, spare_core_rows: int = 0):
         """Serve generation calls through the batching engine: up to n_parallel sequences decode together, over
         one shared KV pool of n_ctx slots (each sequence may grow to n_ctx while the pool has room)."""
         from llamba.scheduler import Engine
@@ -305,7 +305,8 @@ class Llama:
         self.engine = Engine(self.model, n_ctx=self._n_ctx, n_parallel=n_parallel,
                              step_tokens=step_tokens or max(32, min(128, self.session.n_batch or 128)), spec=spec,
                              draft_max=self.spec_options["draft_max"], draft_p_min=self.spec_options["draft_p_min"],
-                             is_eog=self.tokenizer.is_eog, lock=self.session.lock).start()
+                             is_eog=self.tokenizer.is_eog, lock=self.session.lock, n_threads=self.n_threads,
+                             spare_core_rows=spare_core_rows)
         self.concurrent = True
 
     @property

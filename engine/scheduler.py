@@ -15,8 +15,10 @@ Each `step()`:
 Plain decoding is the same path with no drafts. Every row is computed by row-exact kernels, so a sequence's
 logits, and hence its tokens under greedy or seeded sampling, do not depend on what else is in the batch.
 
-The engine runs in its own thread (`start()`), or is stepped by the caller (`run_until_done()`, the offline
-batch API). Callers talk to it only through `submit()` and the `Request` handles it returns.
+The engine is stepped by the threads that wait for its tokens (iterating a `Request` runs a step whenever no other
+thread is running one: a single caller decodes at the library's own speed, with no thread hand-off per token), by
+`run_until_done()` (the offline batch API), or by a thread of its own (`start()`). Callers talk to it only through
+`submit()` and the `Request` handles it returns.
 """
 from __future__ import annotations
 
@@ -95,8 +97,22 @@ class Request:
         self.done.set()
 
     def __iter__(self):
+        eng = self._engine
         while True:
-            item = self._q.get()
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                if eng is not None and eng._thread is None:
+                    # no engine thread: the callers waiting for tokens take turns stepping it (the thread that
+                    # waits runs the step itself: no hand-off between threads per token)
+                    if eng._try_step():
+                        continue
+                    try:
+                        item = self._q.get(timeout=0.005)
+                    except queue.Empty:
+                        continue
+                else:
+                    item = self._q.get()
             if item is _END:
                 if self.error is not None:
                     raise self.error
@@ -105,6 +121,10 @@ class Request:
 
     def tokens(self) -> list[int]:
         """Wait for the whole output; its token ids (raises the request's error, if any)."""
+        if self._engine is not None and self._engine._thread is None:
+            while not self.done.is_set():
+                if not self._engine._try_step():
+                    self.done.wait(0.005)
         self.done.wait()
         if self.error is not None:
             raise self.error
@@ -146,7 +166,7 @@ class Engine:
                  block_size: int = 32, step_tokens: int = 128, busy_step_tokens: int = 32, spec: str = "none",
                  draft_max: int = 3,
                  draft_p_min: float = 0.0, spec_rows: int = 4, spec_max_seqs: int | None = None, is_eog=None,
-                 lock=None):
+                 lock=None, n_threads: int | None = None, spare_core_rows: int = 0):
         if n_parallel < 1:
             raise LlambaError(f"n_parallel must be at least 1, got {n_parallel}")
         self.model = model
@@ -172,6 +192,13 @@ class Engine:
             self._ngram = NgramProposer(draft_max=max(1, self.draft_max))
         self.has_rec = bool(model.rec_shapes())
         self.lock = lock or threading.RLock()  # held for each step (other users of the model take it too)
+        # kernel threads of a step: Numba's thread count is per calling thread, and steps run in whichever thread
+        # waits for tokens, so each step sets it (None: leave the caller's)
+        self.n_threads = n_threads
+        # a step of at most this many rows runs on one thread less, leaving a core to the other threads of the
+        # process (HTTP) and to clients on the same machine. Off by default: on 2 cores (SmolLM2, one streaming
+        # client through `llamba serve`) it measured 64-70 -> 87-92 tokens/s in some runs and no better in others
+        self.spare_core_rows = int(spare_core_rows)
         self._cv = threading.Condition()
         self.waiting: deque[Request] = deque()
         self.running: list[_Run] = []
@@ -384,10 +411,34 @@ class Engine:
             return 0
         return max(0, min(self.draft_max, self.spec_rows // n_decoding - 1))
 
+    def _try_step(self) -> bool:
+        """One step, unless another thread is stepping (then False at once)."""
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            if not self.waiting and not self.running:
+                return False
+            try:
+                return self._step()
+            except BaseException as e:  # noqa: BLE001 - fail the running requests, keep the engine usable
+                self._fail_all(e)
+                return True
+        finally:
+            self.lock.release()
+
     # ---- one step
     def step(self) -> bool:
         with self.lock:
             return self._step()
+
+    def _set_threads(self, n_rows: int):
+        if self.n_threads:
+            import numba
+            n = self.n_threads
+            if n > 1 and n_rows <= self.spare_core_rows:
+                n -= 1
+            if numba.get_num_threads() != n:
+                numba.set_num_threads(n)
 
     def _step(self) -> bool:
         for run in list(self.running):
@@ -453,6 +504,7 @@ class Engine:
                     f"request; raise the context size (-c)"), keep=False)
             return True
         seqs = [it[0].seq for it in items]
+        self._set_threads(sum(len(it[1]) for it in items))
         mtp = self.spec == "mtp"
         snaps = self.has_rec and any(it[3] > 0 for it in items)
         outs = self.model.forward_batch(seqs, [it[1] for it in items], [it[2] for it in items], gemm=False,

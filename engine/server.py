@@ -511,6 +511,9 @@ class Gate:
 _GONE = ("gone", -1, None, 0)
 
 
+WRITE_THROUGH_S = 0.005  # a worker waits at most this long for the event loop to write the chunk it handed over
+
+
 class _Pipe:
     """Events of one request's generations, from worker threads to the event loop. `limit` bounds the bytes not yet
     written to the client; a worker that would go over waits (`can_pause`, up to `stall` s) or stops (cancels)."""
@@ -547,6 +550,17 @@ class _Pipe:
         except RuntimeError:  # the loop is closed (shutdown)
             self.cancel()
             return False
+        if size and WRITE_THROUGH_S > 0:
+            # let the event loop write it before this thread goes back to generating: the loop then runs between
+            # engine steps, not in the middle of one (a third busy thread on a 2-core machine stalls the kernels'
+            # parallel regions for whole scheduler time slices: measured 13 -> 8 ms per token for one client)
+            with self.cv:
+                deadline = time.monotonic() + WRITE_THROUGH_S
+                while self.buffered >= size and not self.cancelled:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cv.wait(left)
         return not self.cancelled
 
     def consumed(self, size: int):

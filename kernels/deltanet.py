@@ -26,12 +26,12 @@ _FM = {"reassoc", "contract"}
 CHUNK = 64  # chunk length of the chunked (WY) form, as llama.cpp's graph fallback uses
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _silu(x):
     return x / (np.float32(1.0) + np.exp(-x))
 
 
-@njit(cache=True, parallel=True, fastmath={"contract"})  # FMA, fixed order: as ggml_ssm_conv
+@njit(cache=True, nogil=True, parallel=True, fastmath={"contract"})  # FMA, fixed order: as ggml_ssm_conv
 def conv1d_silu(m, conv_state, w, out, snapshots):
     """Causal depthwise conv over [conv_state | m] per channel, then SiLU; conv_state advances in place.
 
@@ -75,7 +75,7 @@ def conv1d_silu(m, conv_state, w, out, snapshots):
             conv_state[c, i] = m[j, c] if j >= 0 else conv_state[c, j + dm1]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def l2_norm_heads(x, eps, out):
     """ggml_l2_norm per head: out = x * (1 / max(sqrt(sum x^2), eps)), with the sum in float64.
 
@@ -93,7 +93,7 @@ def l2_norm_heads(x, eps, out):
                 out[t, h, i] = x[t, h, i] * scale
 
 
-@njit(cache=True, parallel=True, fastmath=_FM)
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
 def gated_delta_rule(q, k, v, g, beta, state, out, snapshots):
     """Gated delta rule, one token at a time (llama.cpp's GATED_DELTA_NET op, decode and prefill alike).
 
@@ -134,7 +134,7 @@ def gated_delta_rule(q, k, v, g, beta, state, out, snapshots):
                 snapshots[t, h] = st
 
 
-@njit(cache=True, parallel=True, fastmath=_FM)
+@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
 def gated_delta_rule_chunked(q, k, v, g, beta, state, out):
     """Chunked (WY) form of `gated_delta_rule`, chunks of 64 tokens; same math, different rounding.
 
@@ -217,7 +217,7 @@ def gated_delta_rule_chunked(q, k, v, g, beta, state, out):
                         st[b, a] += c * K[j, a]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def gated_rms_norm(o, z, w, eps, out):
     """out = RMSNorm(o_head) * w * silu(z_head), per (token, head) over S; llama.cpp's rms_norm, mul, mul.
 
@@ -236,7 +236,7 @@ def gated_rms_norm(o, z, w, eps, out):
                 out[t, h, i] = ((o[t, h, i] * scale) * w[i]) * _silu(z[t, h, i])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def gdn_gates(alpha, beta_raw, dt_bias, ssm_a, g_out, beta_out):
     """beta = sigmoid(beta_raw); g = softplus(alpha + dt_bias) * ssm_a (ssm_a already holds -exp(A_log)).
 

@@ -42,7 +42,7 @@ MAX_T = 9  # the tests check every batch size up to here (two whole tiles of 4 r
 _PREP_PAR_MIN = 4096  # SwiGLU/GeGLU inputs at least this many values are transformed in parallel
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _rows_k(kind, w, rb, qs, d, bsums, out, r0, r1):
     if kind == QKm.Q4_K:
         QKm._rows_q4_k(w, rb, qs, d, bsums, out, r0, r1)
@@ -58,7 +58,7 @@ def _rows_k(kind, w, rb, qs, d, bsums, out, r0, r1):
         QKm._rows_iq4_xs(w, rb, qs, d, bsums, out, r0, r1)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _prep(mode, x, x2, norm_w, rsc, t, j0, j1, xin, need32, needk, qs, d, s, asum, qk, dk, bsk):
     """Elements j0..j1-1 of row t (whole activation blocks): xin = f(x) (the operations of ops.rms_norm -- with
     the row's scale rsc[t] -- swiglu or geglu_tanh), then their Q8_0/Q8_1 blocks (llama.cpp quantize_row_q8_1,
@@ -94,7 +94,7 @@ def _prep(mode, x, x2, norm_w, rsc, t, j0, j1, xin, need32, needk, qs, d, s, asu
             QKm._q8k_block(xin, xb, t, b, qk, dk, bsk)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, kfam):
     """fused_mm32 (kfam False: block-32 weights) / fused_mmk (kfam True: K-quant weights); see the module doc."""
     T, n = x.shape
@@ -223,7 +223,7 @@ def _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, kfam):
                                            s1[t0 * nb:], nb, of[t0 * rows_i:], rows_i)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def fused_mm32(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads):
     """outs[i] = W_i @ f(x) for block-32 weights ws[i] (see the module doc). x, x2: float32 (T, n) C-contiguous
     (x2 read in modes 2/3 only); ws: a 4-tuple of read-only uint8 (rows_i, row_bytes_i) raw weights or repacked
@@ -232,7 +232,7 @@ def fused_mm32(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads):
     _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, False)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def fused_mmk(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads):
     """fused_mm32 for K-quant weights (Q8_K activations; n % 256 == 0)."""
     _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, True)

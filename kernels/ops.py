@@ -85,7 +85,7 @@ def _bits_f32(typingctx, i):
     return types.float32(i), codegen
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def f16_round(x):
     """float32 -> the nearest fp16 value (round to nearest even, overflow to inf), returned as float32.
     Same result as numpy's `x.astype(np.float16).astype(np.float32)` and ggml's FP32_TO_FP16."""
@@ -104,7 +104,7 @@ def f16_round(x):
     return _bits_f32(s | _f32_bits(r))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def f16_bits(x):
     """float32 -> fp16 bit pattern (0..65535) with round to nearest even, like GGML_CPU_FP32_TO_FP16."""
     u = _f32_bits(x)
@@ -132,7 +132,7 @@ def f16_bits(x):
     return sign | q
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def round_f16(x, out):
     """out = x rounded to fp16 values (kept as float32). out may be x."""
     # x, out: one shape, C-contiguous
@@ -173,7 +173,7 @@ F16_TO_F32, GELU_F16_TABLE = _build_f16_tables()
 # RMSNorm
 # ----------------------------------------------------------------------------------------------------
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _rms_scale(x, r, n, eps):
     s = 0.0  # float64, like ggml_float
     for i in range(n):
@@ -183,7 +183,7 @@ def _rms_scale(x, r, n, eps):
     return _ONE / np.sqrt(mean + eps)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def rms_norm(x, w, eps, out):
     """out = (x * 1/sqrt(mean(x^2) + eps)) * w, row by row, in llama.cpp's order (f32 squares summed in
     order in float64, mean and scale in float32). Per-head norms: pass x.reshape(T*H, hd). out may be x."""
@@ -202,7 +202,7 @@ def rms_norm(x, w, eps, out):
             out[r, i] = (x[r, i] * sc) * w[i]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def rms_norm_noweight(x, eps, out):
     """out = x * 1/sqrt(mean(x^2) + eps) (ggml_rms_norm without the weight multiply). out may be x."""
     # x (R, n), out (R, n)
@@ -224,7 +224,7 @@ def rms_norm_noweight(x, eps, out):
 # RoPE
 # ----------------------------------------------------------------------------------------------------
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def rope_corr_dims(n_rot, n_ctx_orig, freq_base, beta_fast, beta_slow):
     """ggml_rope_yarn_corr_dims in float32: (low, high) pair indices of the YaRN ramp."""
     nd = np.float32(n_rot)
@@ -240,7 +240,7 @@ def rope_corr_dims(n_rot, n_ctx_orig, freq_base, beta_fast, beta_slow):
     return low, high
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _rope_cs(theta, i, ff_i, freq_scale, ext_factor, low, high, attn_factor, mscale_yarn):
     """rope_yarn() for pair i, given the running theta (= p * theta_scale^i in float32)."""
     theta_extrap = theta / ff_i
@@ -256,7 +256,7 @@ def _rope_cs(theta, i, ff_i, freq_scale, ext_factor, low, high, attn_factor, msc
     return np.cos(th) * ms, np.sin(th) * ms
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _rope_consts(n_rot, freq_base, freq_scale, ext_factor, attn_factor, beta_fast, beta_slow, n_ctx_orig):
     theta_scale = np.power(np.float32(freq_base), np.float32(-2.0) / np.float32(n_rot))  # powf
     low, high = rope_corr_dims(n_rot, n_ctx_orig, freq_base, beta_fast, beta_slow)
@@ -266,7 +266,7 @@ def _rope_consts(n_rot, freq_base, freq_scale, ext_factor, attn_factor, beta_fas
     return theta_scale, low, high, fs, np.float32(ext_factor), af, mscale_yarn
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def rope_cache(pos, n_rot, freq_base, freq_scale, freq_factors, ext_factor, attn_factor,
                beta_fast, beta_slow, n_ctx_orig, cos_out, sin_out):
     """cos/sin table of ggml_rope_cache_init for each position: theta starts at (float)p and is multiplied by
@@ -286,7 +286,7 @@ def rope_cache(pos, n_rot, freq_base, freq_scale, freq_factors, ext_factor, attn
             theta = theta * theta_scale
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _rotate(x, t, h, i, n_rot, neox, c, s):
     if neox:
         a = i
@@ -300,7 +300,7 @@ def _rotate(x, t, h, i, n_rot, neox, c, s):
     x[t, h, b] = x0 * s + x1 * c
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def rope_apply(x, cos, sin, n_rot, neox):
     """Rotate the first n_rot dims of every head in place; dims >= n_rot are untouched.
     NORM (neox=False): pairs (2i, 2i+1). NEOX (neox=True): pairs (i, i + n_rot/2)."""
@@ -320,7 +320,7 @@ def rope_apply(x, cos, sin, n_rot, neox):
             _rotate(x, t, h, i, n_rot, neox, cos[t, i], sin[t, i])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _rope_row(x, t, p, half, n_rot, neox, freq_factors, theta_scale, low, high, fs, ef, af, msy):
     H = x.shape[1]
     theta = np.float32(p)
@@ -331,7 +331,7 @@ def _rope_row(x, t, p, half, n_rot, neox, freq_factors, theta_scale, low, high, 
         theta = theta * theta_scale
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def rope(x, pos, n_rot, freq_base, freq_scale, neox, freq_factors, ext_factor, attn_factor,
          beta_fast, beta_slow, n_ctx_orig):
     """ggml_rope_ext on float32, in place (same numbers as rope_cache + rope_apply, without a table)."""
@@ -352,7 +352,7 @@ def rope(x, pos, n_rot, freq_base, freq_scale, neox, freq_factors, ext_factor, a
 # softmax and activations
 # ----------------------------------------------------------------------------------------------------
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _softmax_row(x, out, r, n):
     m = _NEG_INF
     for i in range(n):
@@ -373,7 +373,7 @@ def _softmax_row(x, out, r, n):
         out[r, i] = out[r, i] * inv
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def softmax_rows(x, out):
     """Row softmax: max-subtracted expf in float32, sum in float64, scale by (float)(1/sum). out may be x.
     A row that is all -inf gives zeros."""
@@ -394,7 +394,7 @@ _EXP_C = (1.0, 1.0, 1.0 / 2, 1.0 / 6, 1.0 / 24, 1.0 / 120, 1.0 / 720, 1.0 / 5040
           1.0 / 3628800, 1.0 / 39916800)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _expf(x):
     """float32 expf computed in float64 and rounded once: x = k*ln2 + r (|r| <= ln2/2), exp(r) by its degree-11
     Taylor polynomial (relative error < 1e-14), times 2^k. So the result is the correctly rounded expf except
@@ -444,24 +444,24 @@ def _fdiv(typingctx, a, b):
     return types.float32(types.float32, types.float32), codegen
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _silu1(g):
     return _fdiv(g, _ONE + _expf(-g))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _sigmoid1(g):
     return _fdiv(_ONE, _ONE + _expf(-g))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _softplus1(g):
     if g > _TWENTY:
         return g
     return np.log(_ONE + np.exp(g))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _gelu1(g):
     if g <= -_TEN:
         return _ZERO
@@ -470,7 +470,7 @@ def _gelu1(g):
     return GELU_F16_TABLE[f16_bits(g)]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _map1(x, out, f):
     """out = f(x) elementwise over flat C-contiguous arrays: one thread below _PAR_MIN values, else _BLOCK-sized
     blocks in parallel (the per-element function is the same either way)."""
@@ -491,7 +491,7 @@ def _map1(x, out, f):
             ob[i] = f(gb[i])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _map2(x, y, out, f):
     """out = f(x) * y elementwise (see _map1)."""
     g = x.reshape(x.size)
@@ -513,14 +513,14 @@ def _map2(x, y, out, f):
             ob[i] = f(gb[i]) * ub[i]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def swiglu(gate, up, out):
     """out = silu(gate) * up, silu(g) = g/(1+expf(-g)). out may alias gate or up."""
     # gate, up, out: one shape, C-contiguous, e.g. (T, n_ff)
     _map2(gate, up, out, _silu1)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def geglu_tanh(gate, up, out):
     """out = gelu_tanh(gate) * up the way ggml_vec_geglu_f32 does it (GGML_GELU_FP16): gate <= -10 -> 0,
     gate >= 10 -> gate*up, else fp16 table[fp16(gate)] * up. out may alias gate or up."""
@@ -528,25 +528,25 @@ def geglu_tanh(gate, up, out):
     _map2(gate, up, out, _gelu1)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def gelu_tanh(x, out):
     """ggml_vec_gelu_f32 (fp16 table, same thresholds as geglu_tanh). out may be x."""
     _map1(x, out, _gelu1)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def silu(x, out):
     """out = x/(1+expf(-x)). out may be x."""
     _map1(x, out, _silu1)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def sigmoid(x, out):
     """out = 1/(1+expf(-x)). out may be x."""
     _map1(x, out, _sigmoid1)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def softplus(x, out):
     """out = x if x > 20 else logf(1 + expf(x)) (ggml's op_softplus). out may be x."""
     _map1(x, out, _softplus1)
@@ -601,7 +601,7 @@ def _kv_enc_ov(x, cache):
     return None
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def store_kv_slots(k, v, k_cache, v_cache, slots):
     """Write row t of k/v into cache slot slots[t], rounded to fp16 like llama.cpp's F16 cache: as fp16 bits into
     uint16 caches (KV_DTYPE), or as fp16-rounded float32 values into float32 caches. k and v may have different
@@ -701,7 +701,7 @@ def dot16(typingctx, a, a_off, b, b_off, n):
     return types.float32(a, a_off, b, b_off, n), codegen
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def dot16_scalar(a, b):
     """Scalar statement of dot16's summation order (for tests)."""  # a (n,), b (n,) f32
     n = a.shape[0]
@@ -721,14 +721,14 @@ def dot16_scalar(a, b):
     return (x + y) + r
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _slot(tab, bs, j):
     """Cache slot of position j of a sequence with block table tab (blocks of bs slots)."""
     b = j // bs
     return np.int64(tab[b]) * bs + (j - b * bs)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _attn_row(q, kc, vc, t, h, g, p, n_kv, tab, bs, scale, n_swa, qh, pb, acc, out, softcap):
     """One (query row, head): two-pass softmax over the visible keys of kv head g, the keys of position j read
     from slot _slot(tab, bs, j). softcap > 0: each score becomes softcap * tanh(score) (with scale already
@@ -802,7 +802,7 @@ def _attn_row(q, kc, vc, t, h, g, p, n_kv, tab, bs, scale, n_swa, qh, pb, acc, o
         out[t, h, d] = acc[d] * inv
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def attention_paged(q, k_cache, v_cache, q_pos, q_seq, tables, bs, n_kv, scale, n_swa, out, softcap=0.0):
     """Causal (optionally sliding-window) grouped-query attention of the rows of several sequences over one
     paged KV cache.

@@ -452,7 +452,7 @@ _unpack_dot_iq4_xs = _make_unpack_dot(IQ4_XS)
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _f16(w, o):
     """Exact IEEE half -> float32 of the little-endian fp16 at flat byte offset o of a uint8 array."""
     h = np.int32(w[_U(o)]) | (np.int32(w[_U(o + 1)]) << 8)
@@ -467,13 +467,13 @@ def _f16(w, o):
     return -v if h & 0x8000 else v
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _u32(w, o):
     return (np.uint32(w[_U(o)]) | (np.uint32(w[_U(o + 1)]) << np.uint32(8))
             | (np.uint32(w[_U(o + 2)]) << np.uint32(16)) | (np.uint32(w[_U(o + 3)]) << np.uint32(24)))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _scale_min_k4(w, o, sc, mn):
     """Q4_K/Q5_K: the 12 packed bytes at w[o:] -> 8 six-bit scales sc[0:8] and mins mn[0:8]
     (llama.cpp's kmask trick on three little-endian u32 words)."""
@@ -498,7 +498,7 @@ def _scale_min_k4(w, o, sc, mn):
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _block_term(kind, da, dw, dm, isum, m):
     """The float32 contribution of one super-block (see module doc); m = msum (mins) or the offset term."""
     if kind == Q2_K or kind == Q4_K or kind == Q5_K:
@@ -506,7 +506,7 @@ def _block_term(kind, da, dw, dm, isum, m):
     return (da * dw) * np.float32(np.int32(isum - m))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _rows(kind, w, rb, qs, d, bsums, out, r_start, r_end):
     """out[:, r] for rows r_start..r_end-1 (``w`` the flat weight bytes, ``rb`` bytes per row).
 
@@ -577,37 +577,37 @@ def _rows(kind, w, rb, qs, d, bsums, out, r_start, r_end):
                     t += 1
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rows_q2_k(w, rb, qs, d, bsums, out, r_start, r_end):
     _rows(Q2_K, w, rb, qs, d, bsums, out, r_start, r_end)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rows_q3_k(w, rb, qs, d, bsums, out, r_start, r_end):
     _rows(Q3_K, w, rb, qs, d, bsums, out, r_start, r_end)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rows_q4_k(w, rb, qs, d, bsums, out, r_start, r_end):
     _rows(Q4_K, w, rb, qs, d, bsums, out, r_start, r_end)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rows_q5_k(w, rb, qs, d, bsums, out, r_start, r_end):
     _rows(Q5_K, w, rb, qs, d, bsums, out, r_start, r_end)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rows_q6_k(w, rb, qs, d, bsums, out, r_start, r_end):
     _rows(Q6_K, w, rb, qs, d, bsums, out, r_start, r_end)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rows_iq4_xs(w, rb, qs, d, bsums, out, r_start, r_end):
     _rows(IQ4_XS, w, rb, qs, d, bsums, out, r_start, r_end)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _mm_k(w2, kind, qs, d, bsums, out, nthreads):
     """Split the rows into one contiguous range per thread (rows are independent)."""
     rows, rb = w2.shape
@@ -669,7 +669,7 @@ matmul_iq4_xs = _make_mm(IQ4_XS, "iq4_xs")
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _dequant_k(w2, kind, out):
     rows, ncols = out.shape
     nb = ncols // QK_K
@@ -775,7 +775,7 @@ dequant_iq4_xs = _make_dequant(IQ4_XS, "iq4_xs")
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _q8k_block(x, xb, t, b, qs, d, bsums):
     """One Q8_K block; ``xb`` is ``x`` viewed as uint32: for non-NaN floats ``bits & 0x7fffffff``
     orders like |x|, and an integer max reduction vectorises (a float one may not be reordered)."""
@@ -805,7 +805,7 @@ def _q8k_block(x, xb, t, b, qs, d, bsums):
     d[t, b] = np.float32(1.0) / iscale
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _act_q8k_serial(x, qs, d, bsums):
     T, n = x.shape
     xb = x.view(np.uint32)
@@ -814,7 +814,7 @@ def _act_q8k_serial(x, qs, d, bsums):
             _q8k_block(x, xb, t, b, qs, d, bsums)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _act_q8k_parallel(x, qs, d, bsums):
     T, n = x.shape
     nb = n // QK_K

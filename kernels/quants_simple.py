@@ -931,7 +931,7 @@ _fdot1_bf16, _fdot4_bf16 = _make_fdot(BF16, 1), _make_fdot(BF16, 4)
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _h2f_exact(h):
     """fp16 bits -> float32, bitwise (keeps NaN payloads unquieted, as numpy does)."""
     h = np.uint32(h)
@@ -944,7 +944,7 @@ def _h2f_exact(h):
     return np.uint32(b | s).view(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _round_f16_sw(x):
     """float32 -> nearest fp16 (round to nearest even, as numpy's npy_floatbits_to_halfbits) -> float32."""
     f = np.float32(x).view(np.uint32)
@@ -980,7 +980,7 @@ def _round_f16_sw(x):
 _round_f16 = _round_f16_hw if _HW_F16 else _round_f16_sw
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _round_bf16(x):
     """float32 -> bf16 (round to nearest even, NaN forced quiet; ggml_compute_fp32_to_bf16) -> float32."""
     u = np.float32(x).view(np.uint32)
@@ -991,7 +991,7 @@ def _round_bf16(x):
     return np.uint32(qnan if nan else rne).view(np.float32)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _chunks(n_items, nthreads):
     return max(1, min(n_items, nthreads))
 
@@ -1001,7 +1001,7 @@ def _chunks(n_items, nthreads):
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _bias(kind):
     if kind == Q4_0:
         return 8
@@ -1012,7 +1012,7 @@ def _bias(kind):
     return 0
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _scales_row(kind, wr, dw, mw):
     """d (and m for Q4_1/Q5_1) of every block of one quantized weight row, as float32."""
     nb = dw.shape[0]
@@ -1035,7 +1035,7 @@ def _scales_row(kind, wr, dw, mw):
             dw[b] = _f16_at(wr, b * 18)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _unpack_row(kind, wr, u, nb):
     """u[32b + j] = q + BIAS (uint8) for every block b < nb of one quantized weight row."""
     if kind == Q4_0:
@@ -1064,7 +1064,7 @@ def _unpack_row(kind, wr, u, nb):
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _dequant_quant(w, kind, out, nthreads):
     rows, ncols = out.shape
     nb = ncols // QK
@@ -1083,7 +1083,7 @@ def _dequant_quant(w, kind, out, nthreads):
                 _dequant_block(u, b * QK, bias, dw[b], mw[b], has_min, orow, b * QK)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _dequant_f16_kernel(w, out):
     rows, ncols = out.shape
     for r in prange(rows):
@@ -1091,7 +1091,7 @@ def _dequant_f16_kernel(w, out):
             out[r, i] = _h2f_exact(w[r, i])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _dequant_bf16_kernel(w, out):
     rows, ncols = out.shape
     for r in prange(rows):
@@ -1148,7 +1148,7 @@ def dequant_bf16(w, out):
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _act_q8_kernel(x, qs, d, s, with_sum):
     """llama.cpp quantize_row_q8_0/q8_1 (x86 SIMD path): per block amax, d = amax/127, id = 127/amax,
     q = round_half_even(x*id); d stored as fp16; s = fp16(d * sum(q)) with the unrounded d.
@@ -1162,7 +1162,7 @@ def _act_q8_kernel(x, qs, d, s, with_sum):
         _act_q8_row(x, qs, d, s, with_sum, t)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _act_q8_row(x, qs, d, s, with_sum, t):
     xr = x[t]
     qr = qs[t]
@@ -1170,7 +1170,7 @@ def _act_q8_row(x, qs, d, s, with_sum, t):
         _act_q8_block(xr, qr, b, d, s, with_sum, t)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _act_q8_block(xr, qr, b, d, s, with_sum, t):
     """Activation block b of row t (xr = x[t], qr = qs[t]): llama.cpp's quantize_row_q8_1 (Q8_0: its first two
     arrays) -> qr[32b:32b+32], d[t, b] (and s[t, b] = d * sum q with with_sum); returns the exact sum of q."""
@@ -1217,7 +1217,7 @@ def act_q8_1(x):
     return qs, d, s
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _act_f16_kernel(x, out):
     T, n = x.shape
     for t in prange(T):
@@ -1225,7 +1225,7 @@ def _act_f16_kernel(x, out):
             out[t, i] = _round_f16(x[t, i])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _act_bf16_kernel(x, out):
     T, n = x.shape
     for t in prange(T):
@@ -1259,7 +1259,7 @@ def act_bf16(x):
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _rows8(kind, w, r0, nr, aq, asum, ad, as_, nb, res):
     if kind == Q4_0:
         _rows8_q4_0(w, r0, nr, aq, asum, ad, as_, nb, res)
@@ -1275,7 +1275,7 @@ def _rows8(kind, w, r0, nr, aq, asum, ad, as_, nb, res):
         _rows8_iq4_nl(w, r0, nr, aq, asum, ad, as_, nb, res)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _block_sums(aq, t, asum):
     for b in range(asum.shape[0]):
         s = 0
@@ -1284,7 +1284,7 @@ def _block_sums(aq, t, asum):
         asum[b] = s
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _mm_quant(w, kind, aq, ad, as_, out, nthreads):
     """out[t, r] = sum over blocks b, in order, of (dw*da)*isum (+ mw*sa for Q4_1/Q5_1), float32.
 
@@ -1366,7 +1366,7 @@ def _mm_quant(w, kind, aq, ad, as_, out, nthreads):
                 _tile4_any(kind, vbuf, dbuf, mbuf, aqf, t0, min(4, T - t0), n, sf, adf, asf, nb, of, r0, nr, rows)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _rows8t_any(kind, nt, w, r0, nr, aq, n, asum, ad, as_, nb, out, rows):
     if kind == Q4_0:
         if nt == 2:
@@ -1412,7 +1412,7 @@ def _rows8t_any(kind, nt, w, r0, nr, aq, n, asum, ad, as_, nb, out, rows):
             _rows8t4_iq4_nl(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _pack8(kind, w, r0, nr, nb, vbuf, dbuf, mbuf):
     if kind == Q4_0:
         _pack8_q4_0(w, r0, nr, nb, vbuf, dbuf, mbuf)
@@ -1428,7 +1428,7 @@ def _pack8(kind, w, r0, nr, nb, vbuf, dbuf, mbuf):
         _pack8_iq4_nl(w, r0, nr, nb, vbuf, dbuf, mbuf)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _tile4_any(kind, vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows):
     if kind == Q4_0:
         _tile4_b8(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows)
@@ -1440,7 +1440,7 @@ def _tile4_any(kind, vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0
         _tile4_b128(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _tilep_any(nt, wp, g, nb, aq, t0, n, asum, ad, out, r0, nr, rows):
     if nt == 1:
         _tilep1(wp, g, nb, aq, t0, n, asum, ad, out, r0, nr, rows)
@@ -1452,7 +1452,7 @@ def _tilep_any(nt, wp, g, nb, aq, t0, n, asum, ad, out, r0, nr, rows):
         _tilep4(wp, g, nb, aq, t0, n, asum, ad, out, r0, nr, rows)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _repack_q8_0_kernel(w, rows, nb, out):
     for g in prange(out.shape[0]):
         _repack8_q8_0(w, g * 8, min(8, rows - g * 8), nb, out, g)
@@ -1487,7 +1487,7 @@ def repack_q8_0(w, chunk_bytes: int = 0, done=None):
     return out
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _dequant_rows_q8_0p_kernel(wp, ids, nb, out):
     for i in prange(ids.shape[0]):
         r = ids[i]
@@ -1583,7 +1583,7 @@ matmul_q5_1 = _make_mm_q8_1(Q5_1, "q5_1")
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _mm_float(w, wkind, x, out, nthreads):
     """out[t, r] = dot(w[r], x[t]) (see ``_make_fdot`` for the fixed order); activation rows in groups
     of 4 per weight-row pass (the last group repeats row T-1), T == 1 on its own."""

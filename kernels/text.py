@@ -13,7 +13,7 @@ from llamba.kernels import _jit  # noqa: F401  (Numba set-up: before the first k
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def gather_strings(buf, pos, n, max_len):
     size = buf.shape[0]
     offsets = np.zeros(n + 1, np.int64)
