@@ -402,8 +402,10 @@ class Tokenizer:
             self.clean_spaces = True
             pre_key = self.pre or "default"
             if pre_key not in _PRE_TYPES:
-                raise UnsupportedError(f"unsupported BPE pre-tokenizer '{self.pre}' (tokenizer.ggml.pre); llamba "
-                                       f"supports: {', '.join(SUPPORTED_PRE)}")
+                from llamba.gguf import short
+                raise UnsupportedError(f"unsupported BPE pre-tokenizer '{short(self.pre, 40)}' (tokenizer.ggml.pre); "
+                                       f"llamba supports {len(SUPPORTED_PRE)} of them: "
+                                       f"{short(', '.join(SUPPORTED_PRE), 100)}")
             family, flags = _PRE_TYPES[pre_key]
             self.pre_family = family
             self._regexes = _compiled(_PRE_REGEXES[family])

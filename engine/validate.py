@@ -106,6 +106,11 @@ def _kind(v) -> str:
         return type(v).__name__
 
 
+def _is_str_array(v) -> bool:
+    from llamba.gguf import StringArray
+    return isinstance(v, StringArray) or (isinstance(v, list) and all(isinstance(t, str) for t in v))
+
+
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
@@ -174,8 +179,9 @@ def check_metadata(gf, arch: str):
                 raise bad(key, v, "an array of 1 to 4 integers")
             if int(v.min()) < lo or int(v.max()) > hi or int(v.sum()) <= 0:
                 raise bad(key, v, "integers >= 0 with a positive sum")
-    if n_layer is None and p + "block_count" in gf.metadata:  # (unreachable: checked above)
-        raise GGUFError(f"{path}: metadata key '{p}block_count' is invalid")
+    toks = gf.metadata.get("tokenizer.ggml.tokens")
+    if toks is not None and not _is_str_array(toks):
+        raise bad("tokenizer.ggml.tokens", toks, "an array of strings (the vocabulary)")
 
 
 def _fail(gf, what: str):
