@@ -458,6 +458,9 @@ def worker_main(n_tokens: int, mem_gb: float):
     if mem_gb > 0:
         lim = int(mem_gb * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    if os.environ.get("LLAMBA_FUZZ_NO_VALIDATE") == "1":  # measure what llamba.validate catches: skip its checks
+        import llamba.validate as V
+        V.check_metadata = V.check_config = lambda *a, **k: None
     out = sys.stdout
     for line in sys.stdin:
         req = json.loads(line)
@@ -568,10 +571,13 @@ def run_cases(models: list[Path], cases: list[int], seed: int, *, jobs: int = 2,
         try:
             for mi, m in enumerate(models):  # warm-up on the originals
                 kind, detail = w.run(f"warm{mi}", str(m), warmup_timeout)
-                if kind != "ok":
+                if kind != "ok":  # the unmutated model must run: otherwise the counts would mean nothing
                     with lock:
                         failures.append((-1, m.name, "unmutated", kind, detail))
-                        counts[kind if kind in counts else "traceback"] += 1
+                        counts["broken_baseline"] = counts.get("broken_baseline", 0) + 1
+                        if progress:
+                            progress(-1, m.name, "unmutated", kind, detail)
+                    return
             while True:
                 try:
                     c = todo.get_nowait()
@@ -638,6 +644,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--models", nargs="*", type=Path)
     ap.add_argument("--keep", type=Path, help="write failing mutants here")
+    ap.add_argument("--no-validate", action="store_true",
+                    help="skip llamba.validate in the workers (to see what it catches)")
     ap.add_argument("-v", "--verbose", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tokens", type=int, default=4, help=argparse.SUPPRESS)
@@ -646,6 +654,8 @@ def main(argv=None) -> int:
     if a.worker:
         worker_main(a.tokens, a.mem_gb)
         return 0
+    if a.no_validate:
+        os.environ["LLAMBA_FUZZ_NO_VALIDATE"] = "1"
     models = a.models or default_models(Path(tempfile.gettempdir()) / "llamba-fuzz-models")
     print(f"fuzz_gguf: seed {a.seed}, cases {a.first}..{a.first + a.cases - 1}, models "
           f"{', '.join(m.name for m in models)}, boundscheck {'on' if a.boundscheck else 'off'}", flush=True)
@@ -659,6 +669,8 @@ def main(argv=None) -> int:
     counts, failures = run_cases(models, list(range(a.first, a.first + a.cases)), a.seed, jobs=a.jobs,
                                  timeout=a.timeout, boundscheck=a.boundscheck, keep=a.keep, mem_gb=a.mem_gb,
                                  progress=progress)
+    if counts.get("broken_baseline"):
+        print("fuzz_gguf: an unmutated model does not run (see above): no mutants were judged", flush=True)
     print(f"fuzz_gguf: {sum(counts.values())} runs in {time.time() - t0:.0f} s: " +
           ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 1 if failures else 0

@@ -416,7 +416,8 @@ class Tokenizer:
                 bos = null
             merges = meta.get("tokenizer.ggml.merges")
             if not _is_str_seq(merges):
-                raise GGUFError("BPE vocabulary without 'tokenizer.ggml.merges'; re-convert the model")
+                what = "without" if merges is None else "with a malformed (not an array of strings)"
+                raise GGUFError(f"BPE vocabulary {what} 'tokenizer.ggml.merges'; re-convert the model")
             if not hasattr(merges, "byte_lengths"):
                 merges = list(merges)
             # key "left right" -> rank; the first occurrence of a duplicate wins (std::unordered_map::emplace)

@@ -179,6 +179,12 @@ def check_metadata(gf, arch: str):
                 raise bad(key, v, "an array of 1 to 4 integers")
             if int(v.min()) < lo or int(v.max()) > hi or int(v.sum()) <= 0:
                 raise bad(key, v, "integers >= 0 with a positive sum")
+    heads, embd = gf.metadata.get(p + "attention.head_count"), gf.metadata.get(p + "embedding_length")
+    if p + "attention.key_length" not in gf.metadata and heads is not None and embd is not None:
+        h = int(np.max(heads)) if isinstance(heads, np.ndarray) and heads.size else int(heads)
+        if int(embd) < h:  # the head size defaults to embedding_length / head_count: it would be 0
+            raise GGUFError(f"{path}: {p}embedding_length {int(embd)} is smaller than {p}attention.head_count {h} "
+                            f"(no {p}attention.key_length): the head size would be 0")
     toks = gf.metadata.get("tokenizer.ggml.tokens")
     if toks is not None and not _is_str_array(toks):
         raise bad("tokenizer.ggml.tokens", toks, "an array of strings (the vocabulary)")
