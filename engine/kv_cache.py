@@ -10,7 +10,7 @@ released: short requests do not reserve a whole context, and one `-c` budget is 
 arrays come from np.zeros (calloc: pages are mapped when first written), so untouched blocks cost no memory.
 Why blocks and not llama.cpp's per-token cells: the attention kernel reads whole runs of slots per block (same
 arithmetic, see kernels/ops.attention_paged), the free list is per block, and a single-sequence model is simply
-the one-block case (bs = n_ctx), which keeps the contiguous layout the GPU offload path expects.
+the one-block case (bs = n_ctx). Offloaded layers (llamba.offload) keep their pool arrays on their device.
 """
 from __future__ import annotations
 

@@ -290,10 +290,6 @@ class Llama:
         self._need_model()
         if self.engine is not None:
             return
-        if getattr(self.model, "offload", None) is not None or self.model.out_dev is not None:
-            from llamba.backend import warn_once
-            warn_once("llamba: GPU-offloaded layers run one sequence at a time; n_parallel is set to 1")
-            return
         spec = self.spec_options["spec"]
         if spec == "auto":
             spec = "mtp" if getattr(self.model, "mtp", None) is not None else "none"

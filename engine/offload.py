@@ -1,20 +1,24 @@
-"""GPU offload: device-side twins of the model blocks, and `offload_model` which places layers (llamba.backend)
-and swaps the offloaded blocks, their KV cache and recurrent state, the output layer and the MTP layer onto
-their devices (ENGINE_BRIEF §7).
+"""GPU offload: `offload_model` places layers (llamba.backend) and moves the offloaded blocks, their KV cache and
+recurrent state, the output layer and the MTP layer onto their devices (ENGINE_BRIEF §7).
 
-The device blocks are written against a device's array module `xp` (numpy or cupy) and its device-kernel
-interface (llamba.kernels.cuda: `CudaKernels` on a GPU, `XpKernels(numpy)` or `HostKernels` on the numpy
-stand-in). They mirror the CPU blocks op for op, so with `HostKernels` the offload path gives logits
-bit-identical to the CPU path, and with the xp or CUDA kernels they differ only by float-activation matmuls.
+There are no device twins of the blocks: a block is written once (llamba.models) against a kernel backend
+(llamba.compute), and offloading a block is `place(block, DeviceCompute(dev))`, a copy of it whose weights are
+uploaded once and whose ops run through the device-kernel interface (llamba.kernels.cuda: `CudaKernels` on a
+GPU, `XpKernels(numpy)` or `HostKernels` on the numpy stand-in). With `HostKernels` the offload path computes
+exactly the CPU path's numbers (bit-identical logits); with the xp or CUDA kernels they differ only by
+float-activation matmuls.
 
-How the model code hooks in (the forward loops are unchanged otherwise):
-* `model.blocks[il]` is replaced by a device block with the same call signature. The first block of each
-  device (`entry`) copies the incoming activations there; consecutive blocks on one device pass x as is.
-* `model.kv.k/v[il]` and `model.rec[il]` are replaced by arrays on the layer's device (KV as fp16).
-* `model.out_dev` (output norm + head) and `model.mtp.out_dev` (the whole nextn layer) are set; the forward
-  tails call them when set, and they return host (numpy) hidden rows and logits.
-* qwen35moe: a block's mixture-of-experts FFN stays on the CPU (`HostMoE`, like llama.cpp's --cpu-moe); the
-  rest of the block (norms, attention / DeltaNet, its caches) runs on the device.
+How the model hooks in:
+* `model.blocks[il]` is replaced by the placed copy; it takes the same `blk(x, batch, rope, gemm)` call, so
+  offloaded layers serve batches of several sequences (paged KV with block tables on the device too). The
+  forward loop copies the activations into a device where the backend changes (once per device per forward).
+* `model.state_be[il]` names the backend of each offloaded layer with state: `model.new_pool` / `new_seq`
+  allocate that layer's KV arrays (fp16) and recurrent state on its device; the default pool's and sequence's
+  arrays are replaced here.
+* `model.out_layer` (output norm + head) and `model.mtp` (the whole nextn layer, its head on the output layer's
+  device when shared) are replaced by placed copies; they return host (numpy) hidden rows and logits.
+* a mixture-of-experts FFN stays on the CPU (`HostFFN`, like llama.cpp's --cpu-moe); the rest of the block
+  (norms, attention / DeltaNet, its caches) runs on the device.
 """
 from __future__ import annotations
 
@@ -24,9 +28,10 @@ import numpy as np
 
 from llamba.backend import Device, discover_devices, parse_ngl, parse_split_mode, parse_tensor_split, plan_layers, \
     warn_once
+from llamba.compute import DeviceCompute, HostFFN, place
 from llamba.kernels import deltanet as D
 from llamba.kernels import ops as K
-from llamba.layers import GEGLU, Linear
+from llamba.layers import Linear
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -61,6 +66,14 @@ class HostKernels:
     def attention(self, q, kc, vc, pos, n_kv, scale, n_swa):
         o = np.empty((q.shape[0], q.shape[1], vc.shape[2]), dtype=np.float32)
         K.attention(q, kc, vc, pos, n_kv, scale, n_swa, o)
+        return o
+
+    def store_kv_slots(self, k, v, kc, vc, slots):
+        K.store_kv_slots(k, v, kc, vc, slots)
+
+    def attention_paged(self, q, kc, vc, pos, row_seq, tables, bs, n_kv, scale, n_swa):
+        o = np.empty((q.shape[0], q.shape[1], vc.shape[2]), dtype=np.float32)
+        K.attention_paged(q, kc, vc, pos, row_seq, tables, bs, n_kv, scale, n_swa, o)
         return o
 
     def swiglu(self, g, u):
@@ -108,324 +121,6 @@ class HostKernels:
 
 
 # ----------------------------------------------------------------------------------------------------
-# device blocks (mirror llamba.models.base / qwen35 op for op)
-# ----------------------------------------------------------------------------------------------------
-
-class _On:
-    """Base of the device blocks: the device, its kernels and array module, and parameter accounting."""
-
-    def __init__(self, dev: Device):
-        self.dev = dev
-        self.k = dev.kernels
-        self.xp = dev.xp
-        self.nbytes = 0
-
-    def w(self, lin):
-        if lin is None:
-            return None
-        W = self.k.upload(lin)
-        self.nbytes += int(W.nbytes) if hasattr(W, "nbytes") else 0
-        return W
-
-    def p(self, a):
-        if a is None:
-            return None
-        d = self.dev.upload(np.ascontiguousarray(a, dtype=np.float32))
-        self.nbytes += int(d.nbytes)
-        return d
-
-
-class DevFFN(_On):
-    def __init__(self, dev, ffn):
-        super().__init__(dev)
-        self.w_gate, self.w_up, self.w_down = self.w(ffn.w_gate), self.w(ffn.w_up), self.w(ffn.w_down)
-        self.gelu = ffn.glu == GEGLU
-        self.n_ff = ffn.n_ff
-
-    def __call__(self, h, gemm):
-        k = self.k
-        if self.w_gate is None:  # fused [gate | up] (phi3)
-            gu = k.matmul(self.w_up, h, gemm)
-            xp = self.xp
-            g, u = xp.ascontiguousarray(gu[:, :self.n_ff]), xp.ascontiguousarray(gu[:, self.n_ff:])
-        else:
-            g = k.matmul(self.w_gate, h, gemm)
-            u = k.matmul(self.w_up, h, gemm)
-        a = k.geglu(g, u) if self.gelu else k.swiglu(g, u)
-        return k.matmul(self.w_down, a, gemm)
-
-
-class HostMoE(_On):
-    """A mixture-of-experts FFN (llamba.models.moe.MoEFFN) left on the CPU, like llama.cpp's --cpu-moe: the rows
-    go to the host, through the CPU MoE FFN (router, experts, shared expert), and back onto the device. Its
-    weights take no device memory."""
-
-    def __init__(self, dev, ffn):
-        super().__init__(dev)
-        self.ffn = ffn
-
-    def __call__(self, h, gemm):
-        y = self.ffn(self.dev.to_host(h), gemm)
-        with self.dev.activate():
-            return self.dev.put(y)
-
-
-def _dev_ffn(dev, ffn):
-    return HostMoE(dev, ffn) if getattr(ffn, "offload_on_cpu", False) else DevFFN(dev, ffn)
-
-
-class DevAttentionBlock(_On):
-    """llamba.models.base.AttentionBlock on a device (llama, gemma3, qwen2, qwen3, qwen3moe)."""
-
-    recurrent = False
-
-    def __init__(self, dev, blk, entry: bool):
-        super().__init__(dev)
-        self.entry = entry
-        for a in ("il", "n_head", "n_head_kv", "hd", "hd_v", "eps", "splits", "swa", "n_swa", "rope_base",
-                  "freq_scale", "neox", "n_rot", "q_scale"):
-            setattr(self, a, getattr(blk, a))
-        self.attn_norm = self.p(blk.attn_norm)
-        self.wqkv, self.wq, self.wk, self.wv = self.w(blk.wqkv), self.w(blk.wq), self.w(blk.wk), self.w(blk.wv)
-        self.q_norm, self.k_norm = self.p(blk.q_norm), self.p(blk.k_norm)
-        self.wo = self.w(blk.wo)
-        self.post_attn_norm = self.p(blk.post_attn_norm)
-        self.ffn_norm = self.p(blk.ffn_norm)
-        self.ffn = _dev_ffn(dev, blk.ffn)  # an MoE FFN (qwen3moe) stays on the CPU
-        self.post_ffw_norm = self.p(blk.post_ffw_norm)
-        self.nbytes += self.ffn.nbytes
-
-    def attention(self, h, pos, n_kv, kv, rope, gemm):
-        k, xp, dev = self.k, self.xp, self.dev
-        T = h.shape[0]
-        if self.wqkv is not None:
-            qkv = k.matmul(self.wqkv, h, gemm)
-            a, b = self.splits
-            q, kk, v = qkv[:, :a], qkv[:, a:b], qkv[:, b:]
-        else:
-            q, kk, v = k.matmul(self.wq, h, gemm), k.matmul(self.wk, h, gemm), k.matmul(self.wv, h, gemm)
-        q = xp.ascontiguousarray(q).reshape(T, self.n_head, self.hd)
-        kk = xp.ascontiguousarray(kk).reshape(T, self.n_head_kv, self.hd)
-        v = xp.ascontiguousarray(v).reshape(T, self.n_head_kv, self.hd_v)
-        if self.q_norm is not None:
-            q = k.rms_norm(q.reshape(-1, self.hd), self.q_norm, self.eps).reshape(q.shape)
-        if self.k_norm is not None:
-            kk = k.rms_norm(kk.reshape(-1, self.hd), self.k_norm, self.eps).reshape(kk.shape)
-        cos, sin = rope.get(pos, self.rope_base, self.freq_scale)
-        cos, sin = dev.cached(cos), dev.cached(sin)
-        k.rope(q, cos, sin, self.n_rot, self.neox)
-        k.rope(kk, cos, sin, self.n_rot, self.neox)
-        if self.q_scale > 0:
-            q *= np.float32(self.q_scale)
-            scale = 1.0
-        else:
-            scale = 1.0 / np.sqrt(self.hd)
-        kc, vc = kv.k[self.il], kv.v[self.il]
-        k.store_kv(kk, v, kc, vc, int(pos[0]))
-        o = k.attention(q, kc, vc, dev.cached(pos), n_kv, scale, self.n_swa)
-        return o.reshape(T, -1)
-
-    def __call__(self, x, pos, n_kv, kv, rope, gemm: bool):
-        k, dev = self.k, self.dev
-        with dev.activate():
-            if self.entry:
-                x = dev.put(x)
-            h = k.rms_norm(x, self.attn_norm, self.eps)
-            a = k.matmul(self.wo, self.attention(h, pos, n_kv, kv, rope, gemm), gemm)
-            if self.post_attn_norm is not None:
-                a = k.rms_norm(a, self.post_attn_norm, self.eps)
-            x += a
-            h = k.rms_norm(x, self.ffn_norm, self.eps)
-            f = self.ffn(h, gemm)
-            if self.post_ffw_norm is not None:
-                f = k.rms_norm(f, self.post_ffw_norm, self.eps)
-            x += f
-            return x
-
-
-class DevGatedAttention(_On):
-    """llamba.models.qwen35.GatedAttention on a device."""
-
-    def __init__(self, dev, m):
-        super().__init__(dev)
-        for a in ("il", "H", "Hkv", "hd", "eps", "n_rot", "base", "freq_scale"):
-            setattr(self, a, getattr(m, a))
-        self.wqkv = self.w(m.wqkv)
-        if m.wqkv is None:
-            self.wq, self.wk, self.wv = self.w(m.wq), self.w(m.wk), self.w(m.wv)
-        self.q_norm, self.k_norm = self.p(m.q_norm), self.p(m.k_norm)
-        self.wo = self.w(m.wo)
-
-    def __call__(self, h, pos, n_kv, kv, rope, gemm):
-        k, xp, dev = self.k, self.xp, self.dev
-        T = h.shape[0]
-        H, Hkv, hd = self.H, self.Hkv, self.hd
-        if self.wqkv is not None:
-            qkv = k.matmul(self.wqkv, h, gemm)
-            qg = qkv[:, :2 * H * hd]
-            kk = qkv[:, 2 * H * hd:2 * H * hd + Hkv * hd]
-            v = qkv[:, 2 * H * hd + Hkv * hd:]
-        else:
-            qg, kk, v = k.matmul(self.wq, h, gemm), k.matmul(self.wk, h, gemm), k.matmul(self.wv, h, gemm)
-        qg = qg.reshape(T, H, 2, hd)
-        q = k.rms_norm(xp.ascontiguousarray(qg[:, :, 0]).reshape(-1, hd), self.q_norm, self.eps).reshape(T, H, hd)
-        gate = xp.ascontiguousarray(qg[:, :, 1]).reshape(T, H * hd)
-        kk = k.rms_norm(xp.ascontiguousarray(kk).reshape(-1, hd), self.k_norm, self.eps).reshape(T, Hkv, hd)
-        v = xp.ascontiguousarray(v).reshape(T, Hkv, hd)
-        cos, sin = rope.get(pos, self.base, self.freq_scale)
-        cos, sin = dev.cached(cos), dev.cached(sin)
-        k.rope(q, cos, sin, self.n_rot, True)
-        k.rope(kk, cos, sin, self.n_rot, True)
-        kc, vc = kv.k[self.il], kv.v[self.il]
-        k.store_kv(kk, v, kc, vc, int(pos[0]))
-        o = k.attention(q, kc, vc, dev.cached(pos), n_kv, 1.0 / np.sqrt(hd), 0)
-        sg = k.sigmoid(gate)
-        o = o.reshape(T, H * hd)
-        o *= sg
-        return k.matmul(self.wo, o, gemm)
-
-
-class DevGatedDeltaNet(_On):
-    """llamba.models.qwen35.GatedDeltaNet on a device (token-by-token recurrence, like the CPU path)."""
-
-    def __init__(self, dev, m):
-        super().__init__(dev)
-        for a in ("il", "S", "Hk", "Hv", "Dc", "key_dim", "value_dim", "conv_dim", "eps"):
-            setattr(self, a, getattr(m, a))
-        self.w_qkv, self.w_gate = self.w(m.w_qkv), self.w(m.w_gate)
-        self.w_beta, self.w_alpha = self.w(m.w_beta), self.w(m.w_alpha)
-        self.conv_w = self.p(m.conv_w)
-        self.dt_bias, self.ssm_a, self.ssm_norm = self.p(m.dt_bias), self.p(m.ssm_a), self.p(m.ssm_norm)
-        self.w_out = self.w(m.w_out)
-
-    def __call__(self, h, state, snaps, gemm, chunked):
-        k, xp = self.k, self.xp
-        T = h.shape[0]
-        S, Hk, Hv, kd = self.S, self.Hk, self.Hv, self.key_dim
-        conv_state, ssm = state
-        m = k.matmul(self.w_qkv, h, gemm)
-        z = k.matmul(self.w_gate, h, gemm)
-        b = k.matmul(self.w_beta, h, gemm)
-        a = k.matmul(self.w_alpha, h, gemm)
-        g, beta = k.gdn_gates(a, b, self.dt_bias, self.ssm_a)
-        n_snap = T if snaps is not None else 0
-        c, conv_snap = k.conv1d_silu(m, conv_state, self.conv_w, n_snap)
-        q = k.l2_norm_heads(xp.ascontiguousarray(c[:, :kd]).reshape(T, Hk, S), self.eps)
-        kk = k.l2_norm_heads(xp.ascontiguousarray(c[:, kd:2 * kd]).reshape(T, Hk, S), self.eps)
-        v = xp.ascontiguousarray(c[:, 2 * kd:]).reshape(T, Hv, S)
-        o, ssm_snap = k.delta_rule(q, kk, v, g, beta, ssm, n_snap)
-        if snaps is not None:
-            snaps.append((conv_snap, ssm_snap))
-        y = k.gated_rms_norm(o, z.reshape(T, Hv, S), self.ssm_norm, self.eps)
-        return k.matmul(self.w_out, y.reshape(T, self.value_dim), gemm)
-
-
-class DevQwen35Block(_On):
-    """llamba.models.qwen35.Qwen35Block on a device."""
-
-    def __init__(self, dev, blk, entry: bool):
-        super().__init__(dev)
-        self.entry = entry
-        self.il, self.recurrent, self.eps = blk.il, blk.recurrent, blk.eps
-        self.attn_norm = self.p(blk.attn_norm)
-        self.mixer = (DevGatedDeltaNet if blk.recurrent else DevGatedAttention)(dev, blk.mixer)
-        self.post_attention_norm = self.p(blk.post_attention_norm)
-        self.ffn = _dev_ffn(dev, blk.ffn)  # qwen35moe: the MoE FFN stays on the CPU (HostMoE)
-        self.nbytes += self.mixer.nbytes + self.ffn.nbytes
-
-    def __call__(self, x, pos, n_kv, kv, rope, gemm: bool, rec_state=None, snaps=None, chunked: bool = False):
-        k, dev = self.k, self.dev
-        with dev.activate():
-            if self.entry:
-                x = dev.put(x)
-            h = k.rms_norm(x, self.attn_norm, self.eps)
-            if self.recurrent:
-                x += self.mixer(h, rec_state, snaps, gemm, chunked)
-            else:
-                x += self.mixer(h, pos, n_kv, kv, rope, gemm)
-            x += self.ffn(k.rms_norm(x, self.post_attention_norm, self.eps), gemm)
-            return x
-
-
-class DevHead(_On):
-    """An output projection (+ soft-capping) on a device; rows in, host logits out."""
-
-    def __init__(self, dev, lin, n_vocab: int, cap: float):
-        super().__init__(dev)
-        self.W = self.w(lin)
-        self.n_vocab, self.cap = n_vocab, cap
-
-    def __call__(self, h, gemm) -> np.ndarray:
-        if h.shape[0] == 0:
-            return np.empty((0, self.n_vocab), dtype=np.float32)
-        xp = self.xp
-        with self.dev.activate():
-            y = self.k.matmul(self.W, h, gemm)
-            if self.cap > 0:
-                y = xp.tanh(y / self.cap)
-                y *= self.cap
-            return self.dev.to_host(y)
-
-
-class DevOutput(_On):
-    """The output layer (output_norm + output) on a device: `(x, rows, keep_hidden, gemm) -> (hidden, logits)`,
-    both host arrays, as the tail of Transformer/Qwen35.forward computes them."""
-
-    def __init__(self, dev, model, entry: bool):
-        super().__init__(dev)
-        self.entry = entry
-        self.eps = model.config.eps
-        self.norm = self.p(model.output_norm)
-        self.head = DevHead(dev, model.output, model.config.n_vocab, model.config.final_logit_softcap)
-        self.nbytes += self.head.nbytes
-
-    def __call__(self, x, rows, keep_hidden, gemm):
-        xp, dev = self.xp, self.dev
-        with dev.activate():
-            if self.entry:
-                x = dev.put(x)
-            hN = self.k.rms_norm(x if keep_hidden else xp.ascontiguousarray(x[rows]), self.norm, self.eps)
-            hidden = dev.to_host(hN) if keep_hidden else None
-            h = xp.ascontiguousarray(hN[rows]) if keep_hidden else hN
-            return hidden, self.head(h, gemm and hN.shape[0] > 1)
-
-
-class DevMTP(_On):
-    """The nextn (MTP) layer on a device: enorm/hnorm/eh_proj, its block, shared_head_norm; the head on the
-    output layer's device (or on this one when the MTP has its own shared_head_head)."""
-
-    def __init__(self, dev, mtp, out_head: DevHead):
-        super().__init__(dev)
-        self.eps = mtp.eps
-        self.enorm, self.hnorm = self.p(mtp.enorm), self.p(mtp.hnorm)
-        self.eh_proj = self.w(mtp.eh_proj)
-        self.block = DevQwen35Block(dev, mtp.block, entry=False)
-        self.head_norm = self.p(mtp.head_norm)
-        self.nbytes += self.block.nbytes
-        if out_head is not None:
-            self.head = out_head
-        else:
-            self.head = DevHead(dev, mtp.output, mtp.config.n_vocab, mtp.config.final_logit_softcap)
-            self.nbytes += self.head.nbytes
-
-    def __call__(self, mtp, tokens, h_prev, pos, rows, gemm):
-        k, xp, dev = self.k, self.xp, self.dev
-        T = tokens.shape[0]
-        with dev.activate():
-            e = k.rms_norm(dev.put(mtp.embed(tokens)), self.enorm, self.eps)
-            hh = k.rms_norm(dev.put(np.ascontiguousarray(h_prev, dtype=np.float32).reshape(T, -1)), self.hnorm,
-                            self.eps)
-            x = k.matmul(self.eh_proj, xp.concatenate([e, hh], axis=1), gemm)
-            x = self.block(x, pos, mtp.n_past + T, mtp.kv, mtp.rope, gemm)
-            hM = k.rms_norm(xp.ascontiguousarray(x[rows]), self.head_norm, self.eps)
-            hidden = dev.to_host(hM)
-        if self.head.dev is not dev:
-            with self.head.dev.activate():
-                hM = self.head.dev.put(hM)
-        return hidden, self.head(hM, False)
-
-
-# ----------------------------------------------------------------------------------------------------
 # placement and installation
 # ----------------------------------------------------------------------------------------------------
 
@@ -434,14 +129,14 @@ def _param_bytes(obj, seen: set) -> int:
     if id(obj) in seen:
         return 0
     seen.add(id(obj))
-    if getattr(obj, "offload_on_cpu", False):  # a MoE FFN: kept on the CPU (HostMoE), no device memory
+    if getattr(obj, "offload_on_cpu", False):  # a MoE FFN: kept on the CPU (HostFFN), no device memory
         return 0
     if isinstance(obj, Linear):
         return int(obj.w.nbytes) + (int(obj.bias.nbytes) if obj.bias is not None else 0)
     if isinstance(obj, np.ndarray):
         return int(obj.nbytes)
     if type(obj).__module__.startswith("llamba.models") and hasattr(obj, "__dict__"):
-        return sum(_param_bytes(v, seen) for k, v in vars(obj).items() if k not in ("kv", "rope", "embed"))
+        return sum(_param_bytes(v, seen) for k, v in vars(obj).items() if k not in ("kv", "rope", "embed", "trunk"))
     return 0
 
 
@@ -551,39 +246,50 @@ def _build(model, placement, devices):
     """Create every device object first (weights uploaded, caches allocated); nothing in `model` changes."""
     cfg = model.config
     L, n_all = cfg.n_layer, cfg.n_layer_all
+    computes = {}  # id(Device) -> its backend (the same Device twice in `devices` shares one)
 
-    def dev_of(il):
+    def be_of(il):
         p = placement[il]
-        return None if p is None else devices[p]
+        if p is None:
+            return None
+        d = devices[p]
+        if id(d) not in computes:
+            computes[id(d)] = DeviceCompute(d)
+        return computes[id(d)]
 
-    plan = {"blocks": {}, "kv": {}, "rec": {}, "out": None, "mtp": None, "mtp_kv": None}
-    prev = None  # the device x comes from (None: the CPU embedding)
+    plan = {"blocks": {}, "kv": {}, "rec": {}, "out": None, "mtp": None, "mtp_kv": None, "state_be": {}}
+    rec = getattr(model, "rec", None) or {}
     for blk in model.blocks:
-        d = dev_of(blk.il)
-        if d is not None:
-            with d.activate():
-                cls = DevQwen35Block if hasattr(blk, "mixer") else DevAttentionBlock
-                plan["blocks"][blk.il] = cls(d, blk, entry=d is not prev)
-                if blk.il in model.kv.k:
-                    kdt = d.kernels.kv_dtype
-                    plan["kv"][blk.il] = (d.zeros(model.kv.k[blk.il].shape, kdt),
-                                          d.zeros(model.kv.v[blk.il].shape, kdt))
-                rec = getattr(model, "rec", None)
-                if rec and blk.il in rec:
-                    plan["rec"][blk.il] = tuple(d.upload(np.array(a, copy=True)) for a in rec[blk.il])
-        prev = d
-    d_out = dev_of(n_all)
-    if d_out is not None:
-        with d_out.activate():
-            plan["out"] = DevOutput(d_out, model, entry=d_out is not prev)
+        be = be_of(blk.il)
+        if be is None:
+            continue
+        with be.dev.activate():
+            plan["blocks"][blk.il] = place(blk, be)
+            if blk.il in model.kv.k:
+                plan["kv"][blk.il] = (be.zeros(model.kv.k[blk.il].shape, be.kv_dtype),
+                                      be.zeros(model.kv.v[blk.il].shape, be.kv_dtype))
+                plan["state_be"][blk.il] = be
+            if blk.il in rec:
+                plan["rec"][blk.il] = tuple(be.dev.upload(np.array(a, copy=True)) for a in rec[blk.il])
+                plan["state_be"][blk.il] = be
+    be_out = be_of(n_all)
+    if be_out is not None:
+        with be_out.dev.activate():
+            plan["out"] = place(model.out_layer, be_out)
     mtp = getattr(model, "mtp", None)
-    d_mtp = dev_of(L) if n_all > L else None
-    if mtp is not None and d_mtp is not None:
-        with d_mtp.activate():
-            shared = mtp.output is model.output
-            plan["mtp"] = DevMTP(d_mtp, mtp, plan["out"].head if shared and plan["out"] is not None else None)
-            kdt = d_mtp.kernels.kv_dtype
-            plan["mtp_kv"] = (d_mtp.zeros(mtp.kv.k[L].shape, kdt), d_mtp.zeros(mtp.kv.v[L].shape, kdt))
+    be_mtp = be_of(L) if n_all > L else None
+    if mtp is not None and be_mtp is not None:
+        with be_mtp.dev.activate():
+            nm = place(mtp, be_mtp)
+            if mtp.lm_head is model.out_layer.head and plan["out"] is not None:
+                nm.lm_head = plan["out"].head  # the shared output head, on the output layer's device
+            else:
+                nm.lm_head = place(mtp.lm_head, be_mtp)
+                nm.nbytes += nm.lm_head.nbytes
+            plan["mtp"] = nm
+            plan["mtp_kv"] = (be_mtp.zeros(mtp.kv.k[L].shape, be_mtp.kv_dtype),
+                              be_mtp.zeros(mtp.kv.v[L].shape, be_mtp.kv_dtype))
+            plan["state_be"][L] = be_mtp
     return plan
 
 
@@ -592,32 +298,33 @@ def _install(model, plan, placement, devices) -> OffloadInfo:
     weights, kv, state = [0] * n, [0] * n, [0] * n
     pos_of = {id(d): i for i, d in enumerate(devices)}
 
-    def acct(arr_list, d, into):
-        into[pos_of[id(d)]] += sum(int(a.nbytes) for a in arr_list)
+    def acct(arr_list, be, into):
+        into[pos_of[id(be.dev)]] += sum(int(a.nbytes) for a in arr_list)
 
     for i, blk in enumerate(model.blocks):
         nb = plan["blocks"].get(blk.il)
         if nb is None:
             continue
         model.blocks[i] = nb
-        weights[pos_of[id(nb.dev)]] += nb.nbytes
+        weights[pos_of[id(nb.be.dev)]] += nb.nbytes
         if blk.il in plan["kv"]:
             model.kv.k[blk.il], model.kv.v[blk.il] = plan["kv"][blk.il]
-            acct(plan["kv"][blk.il], nb.dev, kv)
+            acct(plan["kv"][blk.il], nb.be, kv)
         if blk.il in plan["rec"]:
             model.rec[blk.il] = plan["rec"][blk.il]
-            acct(plan["rec"][blk.il], nb.dev, state)
+            acct(plan["rec"][blk.il], nb.be, state)
     if plan["out"] is not None:
-        model.out_dev = plan["out"]
-        weights[pos_of[id(plan["out"].dev)]] += plan["out"].nbytes
+        model.out_layer = plan["out"]
+        weights[pos_of[id(plan["out"].be.dev)]] += plan["out"].nbytes
     if plan["mtp"] is not None:
         L = model.config.n_layer
-        model.mtp.out_dev = plan["mtp"]
-        model.mtp.kv.k[L], model.mtp.kv.v[L] = plan["mtp_kv"]
-        weights[pos_of[id(plan["mtp"].dev)]] += plan["mtp"].nbytes
-        acct(plan["mtp_kv"], plan["mtp"].dev, kv)
-    n_cpu_moe = sum(isinstance(getattr(b, "ffn", None), HostMoE) for b in plan["blocks"].values())
-    if plan["mtp"] is not None and isinstance(plan["mtp"].block.ffn, HostMoE):
+        model.mtp = plan["mtp"]
+        model.kv.k[L], model.kv.v[L] = plan["mtp_kv"]
+        weights[pos_of[id(plan["mtp"].be.dev)]] += plan["mtp"].nbytes
+        acct(plan["mtp_kv"], plan["mtp"].be, kv)
+    model.state_be = dict(plan["state_be"])  # new pools and sequences put these layers' state on their devices
+    n_cpu_moe = sum(isinstance(getattr(b, "ffn", None), HostFFN) for b in plan["blocks"].values())
+    if plan["mtp"] is not None and isinstance(plan["mtp"].block.ffn, HostFFN):
         n_cpu_moe += 1
     info = OffloadInfo(placement, devices, weights, kv, state, n_cpu_moe)
     model.offload = info

@@ -20,13 +20,18 @@ The interface (all arrays float32 and C-contiguous unless noted; outputs are new
   rope(x (T, H, hd), cos, sin (T, n_rot/2), n_rot, neox)            in place
   store_kv(k (T, Hkv, dk), v, kc (Hkv, n_ctx, dk), vc, pos0)        in place, rounded to fp16
   attention(q (T, H, dk), kc, vc, pos (T,) int64, n_kv, scale, n_swa) -> (T, H, dv)
+  store_kv_slots(k, v, kc (Hkv, n_slots, dk), vc, slots (T,) int64)  paged cache (llamba.kv_cache), in place
+  attention_paged(q, kc, vc, pos (T,) int64, row_seq (T,) int64, tables (n_seq, max_blocks) int32, bs,
+                  n_kv (n_seq,) int64, scale, n_swa) -> (T, H, dv)   row t over sequence row_seq[t]'s blocks
   swiglu(g, u) / geglu(g, u) / sigmoid(x) -> same shape
   gdn_gates(alpha, beta_raw (T, Hv), dt_bias, ssm_a) -> (g, beta)
   conv1d_silu(m (T, C), conv_state (C, D-1), w (C, D), n_snap) -> (out (T, C), snaps (n_snap, C, D-1) | None)
   l2_norm_heads(x (T, H, S), eps) -> (T, H, S)
   delta_rule(q, k (T, Hk, S), v (T, Hv, S), g, beta (T, Hv), state (Hv, S, S), n_snap) -> (o, snaps | None)
   gated_rms_norm(o, z (T, Hv, S), w (S,), eps) -> (T, Hv, S)
-Semantics are those of the CPU kernels in `llamba.kernels.ops` / `deltanet` (see their docstrings).
+Semantics are those of the CPU kernels in `llamba.kernels.ops` / `deltanet` (see their docstrings). Index and
+metadata arrays (slots, positions, tables, n_kv) may be host (numpy) or device arrays. The model blocks reach this
+interface through `llamba.compute.DeviceCompute`.
 """
 from __future__ import annotations
 
@@ -390,6 +395,97 @@ extern "C" __global__ void attn_f16kv(const float* __restrict__ Q, const u16* __
     }
 }
 
+// ---- paged KV cache (llamba.kv_cache): the caches are (Hkv, n_slots, d); position j of the sequence with block
+// table tab is in slot tab[j / bs] * bs + j % bs. store_kv_f16 writes row t of X (T, H, d) into slot S[t], rounded to
+// fp16 (one thread per element; slots of one batch are distinct).
+extern "C" __global__ void store_kv_f16(const float* __restrict__ X, u16* __restrict__ C, const i64* __restrict__ S,
+    int T, int H, int d, i64 n_slots) {
+    const i64 n = (i64)T * H * d;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const int c = (int)(i % d);
+        const i64 th = i / d;
+        const int h = (int)(th % H), t = (int)(th / H);
+        C[((i64)h * n_slots + S[t]) * d + c] = (u16)f2h_bits(X[i]);
+    }
+}
+
+// attn_f16kv over a paged cache: row t belongs to sequence Sq[t] (block table TAB[Sq[t]], n_kv NKV[Sq[t]]); the
+// same visibility rule and arithmetic as attn_f16kv, keys read from their slots (a chunk's slots in shared memory).
+extern "C" __global__ void attn_f16kv_paged(const float* __restrict__ Q, const u16* __restrict__ Kc,
+    const u16* __restrict__ Vc, const i64* __restrict__ P, const i64* __restrict__ Sq, const int* __restrict__ TAB,
+    int max_blocks, int bs, const i64* __restrict__ NKV, float* __restrict__ O, int H, int Hkv, int dk, int dv,
+    i64 n_slots, float scale, int n_swa) {
+    __shared__ float qs[ATT_MAXD];
+    __shared__ float ps[ATT_THREADS];
+    __shared__ i64 sl[ATT_THREADS];
+    __shared__ float red[ATT_THREADS / 32];
+    const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5, nw = ATT_THREADS / 32;
+    const int t = blockIdx.x / H, h = blockIdx.x % H;
+    const int g = h / (H / Hkv);
+    const i64 p = P[t];
+    const i64 sq = Sq[t];
+    const i64 n_kv = NKV[sq];
+    const int* tab = TAB + sq * max_blocks;
+    const int hi = (int)(p + 1 < n_kv ? p + 1 : n_kv);
+    int lo = 0;
+    if (n_swa > 0) {
+        const i64 l = p - n_swa + 1;
+        lo = l > 0 ? (int)l : 0;
+    }
+    float* o = O + ((i64)t * H + h) * dv;
+    if (hi - lo <= 0) {
+        for (int d = tid; d < dv; d += ATT_THREADS) o[d] = 0.0f;
+        return;  // whole block
+    }
+    const float* q = Q + ((i64)t * H + h) * dk;
+    for (int d = tid; d < dk; d += ATT_THREADS) qs[d] = f16_round(q[d]);
+    float acc[ATT_MAXD / ATT_THREADS];
+#pragma unroll
+    for (int i = 0; i < ATT_MAXD / ATT_THREADS; ++i) acc[i] = 0.0f;
+    float M = NEG_INF, L = 0.0f;
+    const u16* kb = Kc + (i64)g * n_slots * dk;
+    const u16* vb = Vc + (i64)g * n_slots * dv;
+    for (int j0 = lo; j0 < hi; j0 += ATT_THREADS) {
+        const int nc = hi - j0 < ATT_THREADS ? hi - j0 : ATT_THREADS;
+        if (tid < nc) {
+            const int j = j0 + tid;
+            sl[tid] = (i64)tab[j / bs] * bs + (j % bs);
+        }
+        __syncthreads();  // sl (and, on the first chunk, qs) written
+        for (int jj = wid; jj < nc; jj += nw) {
+            const u16* kr = kb + sl[jj] * dk;
+            float s = 0.0f;
+            for (int d = lane; d < dk; d += 32) s += qs[d] * h2f(kr[d]);
+            s = warp_sum(s);
+            if (lane == 0) ps[jj] = s * scale;
+        }
+        __syncthreads();
+        const float sv = tid < nc ? ps[tid] : NEG_INF;
+        const float Mn = fmaxf(M, block_max(sv, red));
+        const float alpha = expf(M - Mn);  // 0 for the first chunk (M = -inf)
+        const float e = tid < nc ? expf(sv - Mn) : 0.0f;
+        if (tid < nc) ps[tid] = e;
+        L = L * alpha + block_sum(e, red);  // its barriers also publish ps
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD / ATT_THREADS; ++i) {
+            const int d = tid + i * ATT_THREADS;
+            if (d < dv) {
+                float a = acc[i] * alpha;
+                for (int jj = 0; jj < nc; ++jj) a += ps[jj] * h2f(vb[sl[jj] * dv + d]);
+                acc[i] = a;
+            }
+        }
+        M = Mn;
+        __syncthreads();  // ps and sl are rewritten by the next chunk
+    }
+    const float inv = 1.0f / L;
+#pragma unroll
+    for (int i = 0; i < ATT_MAXD / ATT_THREADS; ++i) {
+        const int d = tid + i * ATT_THREADS;
+        if (d < dv) o[d] = acc[i] * inv;
+    }
+}
+
 // ---- gated activations: out = silu(g) * u ; out = gelu_tanh(g) * u with ggml's fp16 GELU table
 extern "C" __global__ void swiglu_f32(const float* __restrict__ G, const float* __restrict__ U,
     float* __restrict__ Y, i64 n) {
@@ -706,15 +802,40 @@ class XpKernels:
         vc[:, pos0:pos0 + T] = v.transpose(1, 0, 2).astype(f16).astype(vc.dtype)
 
     def attention(self, q, kc, vc, pos, n_kv, scale, n_swa):
+        return self._attend(q, kc[:, :n_kv], vc[:, :n_kv], pos, scale, n_swa)
+
+    def store_kv_slots(self, k, v, kc, vc, slots):
+        xp = self.xp
+        s = xp.asarray(slots)
+        f16 = xp.float16
+        kc[:, s] = k.transpose(1, 0, 2).astype(f16).astype(kc.dtype)
+        vc[:, s] = v.transpose(1, 0, 2).astype(f16).astype(vc.dtype)
+
+    def attention_paged(self, q, kc, vc, pos, row_seq, tables, bs, n_kv, scale, n_swa):
+        """Per sequence of the batch: its keys gathered from their slots, then `attention`'s arithmetic."""
+        xp = self.xp
+        T, H, _ = q.shape
+        out = xp.zeros((T, H, vc.shape[2]), dtype=xp.float32)
+        seq, tab, nkv = _host(row_seq), _host(tables), _host(n_kv)
+        pos = xp.asarray(pos)
+        for s in np.unique(seq):
+            rows = xp.asarray(np.nonzero(seq == s)[0])
+            j = np.arange(int(nkv[s]), dtype=np.int64)
+            sl = xp.asarray(tab[s, j // bs].astype(np.int64) * bs + j % bs)
+            out[rows] = self._attend(q[rows], kc[:, sl], vc[:, sl], pos[rows], scale, n_swa)
+        return out
+
+    def _attend(self, q, kc, vc, pos, scale, n_swa):
+        """q (T, H, dk) over keys 0..n-1 of kc/vc (Hkv, n, d) (fp16 values); pos (T,) the rows' positions."""
         xp = self.xp
         T, H, dk = q.shape
-        Hkv, dv = kc.shape[0], vc.shape[2]
+        Hkv, n_kv, dv = kc.shape[0], kc.shape[1], vc.shape[2]
         grp = H // Hkv
         if T == 0 or n_kv == 0:
             return xp.zeros((T, H, dv), dtype=xp.float32)
         qh = q.astype(xp.float16).astype(xp.float32).reshape(T, Hkv, grp, dk)
-        Kf = kc[:, :n_kv].astype(xp.float32)
-        Vf = vc[:, :n_kv].astype(xp.float32)
+        Kf = kc.astype(xp.float32)
+        Vf = vc.astype(xp.float32)
         s = xp.einsum("tgrd,gnd->grtn", qh, Kf) * xp.float32(scale)
         j = xp.arange(n_kv)[None, :]
         p = xp.asarray(pos).reshape(-1, 1)
@@ -810,6 +931,11 @@ class XpKernels:
 # ----------------------------------------------------------------------------------------------------
 # CUDA
 # ----------------------------------------------------------------------------------------------------
+
+def _host(a) -> np.ndarray:
+    """A (small) index array on the host: numpy as is, a CuPy array copied back."""
+    return a if isinstance(a, np.ndarray) else a.get()
+
 
 def _grid(n: int, block: int, cap: int = 1 << 16) -> int:
     return max(1, min(cap, (n + block - 1) // block))
@@ -910,6 +1036,39 @@ class CudaKernels(XpKernels):
             self._fn("attn_f16kv")((T * H,), (ATT_THREADS,),
                                    (q, kc, vc, p, out, np.int32(H), np.int32(Hkv), np.int32(dk), np.int32(dv),
                                     np.int32(n_ctx), np.int32(n_kv), np.float32(scale), np.int32(n_swa)))
+        return out
+
+    def store_kv_slots(self, k, v, kc, vc, slots):
+        xp = self.xp
+        if kc.dtype != xp.float16 or vc.dtype != xp.float16 or not (kc.flags.c_contiguous and vc.flags.c_contiguous):
+            return super().store_kv_slots(k, v, kc, vc, slots)
+        s = xp.ascontiguousarray(xp.asarray(slots), dtype=xp.int64)
+        for x, c in ((k, kc), (v, vc)):
+            x = xp.ascontiguousarray(x, dtype=xp.float32)
+            T, H, d = x.shape
+            n = T * H * d
+            if n:
+                self._fn("store_kv_f16")((_grid(n, 256),), (256,),
+                                         (x, c, s, np.int32(T), np.int32(H), np.int32(d), np.int64(c.shape[1])))
+
+    def attention_paged(self, q, kc, vc, pos, row_seq, tables, bs, n_kv, scale, n_swa):
+        xp = self.xp
+        T, H, dk = q.shape
+        Hkv, n_slots, dv = vc.shape
+        if dk > ATT_MAXD or dv > ATT_MAXD or kc.dtype != xp.float16 or vc.dtype != xp.float16 or \
+                not (kc.flags.c_contiguous and vc.flags.c_contiguous):
+            return super().attention_paged(q, kc, vc, pos, row_seq, tables, bs, n_kv, scale, n_swa)
+        q = xp.ascontiguousarray(q, dtype=xp.float32)
+        out = xp.empty((T, H, dv), dtype=xp.float32)
+        if T:
+            def c(a, dt):
+                return xp.ascontiguousarray(xp.asarray(a), dtype=dt)
+            tab = c(tables, xp.int32)
+            self._fn("attn_f16kv_paged")((T * H,), (ATT_THREADS,),
+                                         (q, kc, vc, c(pos, xp.int64), c(row_seq, xp.int64), tab,
+                                          np.int32(tab.shape[1]), np.int32(bs), c(n_kv, xp.int64), out, np.int32(H),
+                                          np.int32(Hkv), np.int32(dk), np.int32(dv), np.int64(n_slots),
+                                          np.float32(scale), np.int32(n_swa)))
         return out
 
     def swiglu(self, g, u):

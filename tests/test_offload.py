@@ -233,6 +233,43 @@ def test_xp_ops_match_cpu_kernels():
         assert _rel(xk.attention(q, kc16, vc16, pos, p0 + T, 0.25, swa), ref) < 1e-5
 
 
+def _paged_case(rng, Hkv=2, d=16, dv=16, bs=8, lens=(5, 23, 40), n_blocks=16):
+    """Three sequences over one paged pool with interleaved block tables: (k/v rows per sequence, slots per
+    sequence, tables (n_seq, max_blocks) int32, n_kv)."""
+    free = list(rng.permutation(n_blocks))
+    tables = np.zeros((len(lens), -(-max(lens) // bs)), np.int32)
+    for i, n in enumerate(lens):
+        for j in range(-(-n // bs)):
+            tables[i, j] = free.pop()
+    slots = [tables[i, np.arange(n) // bs].astype(np.int64) * bs + np.arange(n) % bs for i, n in enumerate(lens)]
+    kv = [(rng.standard_normal((n, Hkv, d)).astype(F32), rng.standard_normal((n, Hkv, dv)).astype(F32)) for n in lens]
+    return kv, slots, tables, np.array(lens, np.int64)
+
+
+def test_xp_paged_kv_and_attention_match_cpu_kernels():
+    """store_kv_slots / attention_paged of the xp device kernels against the CPU kernels, on a pool whose
+    sequences' blocks are interleaved, with GQA and a sliding window; rows of several sequences in one call."""
+    rng = np.random.default_rng(4)
+    xk = XpKernels(np)
+    Hq, Hkv, d, bs, nb = 4, 2, 16, 8, 16
+    kv, slots, tables, n_kv = _paged_case(rng, Hkv, d, d, bs, n_blocks=nb)
+    kc, vc = np.zeros((Hkv, nb * bs, d), Ko.KV_DTYPE), np.zeros((Hkv, nb * bs, d), Ko.KV_DTYPE)
+    kc16, vc16 = np.zeros((Hkv, nb * bs, d), np.float16), np.zeros((Hkv, nb * bs, d), np.float16)
+    for (k, v), sl in zip(kv, slots):
+        Ko.store_kv_slots(k, v, kc, vc, sl)
+        xk.store_kv_slots(k, v, kc16, vc16, sl)
+    as_f32 = (lambda a: a.view(np.float16).astype(F32)) if Ko.KV_DTYPE == np.uint16 else (lambda a: a)
+    np.testing.assert_array_equal(kc16.astype(F32), as_f32(kc))
+    np.testing.assert_array_equal(vc16.astype(F32), as_f32(vc))
+    pos = np.concatenate([np.arange(n - min(n, 4), n) for n in n_kv]).astype(np.int64)
+    row_seq = np.repeat(np.arange(3), [min(n, 4) for n in n_kv]).astype(np.int64)
+    q = rng.standard_normal((pos.shape[0], Hq, d)).astype(F32)
+    for swa in (0, 6):
+        ref = np.empty_like(q)
+        Ko.attention_paged(q, kc, vc, pos, row_seq, tables, bs, n_kv, 0.25, swa, ref)
+        assert _rel(xk.attention_paged(q, kc16, vc16, pos, row_seq, tables, bs, n_kv, 0.25, swa), ref) < 1e-5
+
+
 def test_xp_deltanet_ops_match_cpu_kernels():
     rng = np.random.default_rng(2)
     xk = XpKernels(np)
@@ -362,7 +399,7 @@ def test_activations_cross_devices_only_at_boundaries(tiny):
     llm.eval(PROMPT[4:5])
     assert [d.n_transfers for d in devs] == [2, 2]  # one copy in per device per forward
     # each layer's KV cache lives on its layer's device, as fp16 values (the CPU cache type under HostKernels)
-    assert llm.model.blocks[1].dev is devs[0] and llm.model.out_dev.dev is devs[1]
+    assert llm.model.blocks[1].be.dev is devs[0] and llm.model.out_dev.be.dev is devs[1]
 
 
 def test_kv_and_state_on_device_and_memory_report(tiny, capsys):
@@ -373,7 +410,10 @@ def test_kv_and_state_on_device_and_memory_report(tiny, capsys):
     assert m.kv.k[3].dtype == np.float16 and m.mtp.kv.k[4].dtype == np.float16  # fp16 KV on the device
     from llamba.kernels import ops as K
     assert m.kv.k[1].dtype == K.KV_DTYPE  # a CPU layer keeps the CPU cache (fp16 bits, uint16)
-    assert type(m.blocks[2]).__name__ == "Qwen35Block" and type(m.blocks[3]).__name__ == "DevQwen35Block"
+    from llamba.compute import CPU
+    assert type(m.blocks[2]).__name__ == "Qwen35Block" and m.blocks[2].be is CPU  # one block class, two backends
+    assert type(m.blocks[3]).__name__ == "Qwen35Block" and m.blocks[3].be.dev is info.devices[0]
+    assert m.blocks[3].mixer.be is m.blocks[3].be and m.blocks[3].ffn.be is m.blocks[3].be
     err = capsys.readouterr().err
     assert "offloaded 3/6 layers" in err and "weights" in err and "KV cache" in err
 
@@ -382,7 +422,8 @@ def test_qwen35moe_offload_keeps_moe_ffn_on_cpu(tiny, capsys):
     """qwen35moe: the offloaded blocks (and the MTP block) run on the device except their MoE FFNs, which stay
     on the CPU (HostMoE, like llama.cpp's --cpu-moe) and take no device memory."""
     from llamba.models.moe import MoEFFN
-    from llamba.offload import HostMoE, _param_bytes, layer_bytes
+    from llamba.compute import HostFFN
+    from llamba.offload import _param_bytes, layer_bytes
     llm = Llama(str(tiny["qwen35moe"]), n_ctx=64, verbose=False)
     m = llm.model
     # the placement estimate counts a block without its MoE FFN
@@ -393,7 +434,8 @@ def test_qwen35moe_offload_keeps_moe_ffn_on_cpu(tiny, capsys):
     info = offload_model(m, B.NGL_ALL, devices=B.fake_devices(1, "host"), verbose=True)
     assert info.n_offloaded == 6 and info.n_cpu_moe == 5
     for b in m.blocks + [m.mtp.out_dev.block]:
-        assert type(b).__name__ == "DevQwen35Block" and isinstance(b.ffn, HostMoE) and isinstance(b.ffn.ffn, MoEFFN)
+        assert type(b).__name__ == "Qwen35Block" and b.be.dev is info.devices[0]
+        assert isinstance(b.ffn, HostFFN) and isinstance(b.ffn.ffn, MoEFFN)
         assert b.ffn.nbytes == 0
     err = capsys.readouterr().err
     assert "offloaded 6/6 layers" in err and "MoE FFNs" in err and "5 offloaded layers" in err
@@ -438,6 +480,80 @@ def test_mtp_speculative_on_device(kernels):
         assert got[0] == ref[0]
         if kernels == "host":
             assert got[1] == ref[1]
+
+
+def _engine_cases(n_vocab, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = [[int(t) for t in rng.integers(3, n_vocab - 1, size=int(rng.integers(2, 30)))] for _ in range(n)]
+    temps = [0.0 if i % 2 == 0 else 0.9 for i in range(n)]
+    seeds = [None if i % 2 == 0 else 100 + i for i in range(n)]
+    maxt = [int(rng.integers(4, 16)) for _ in range(n)]
+    return prompts, temps, seeds, maxt
+
+
+@pytest.mark.parametrize("arch,spec", [("llama", "none"), ("gemma3", "none"), ("qwen35", "mtp"),
+                                       ("qwen35moe", "mtp"), ("qwen35", "ngram")])
+@pytest.mark.parametrize("kernels", ["host", "xp"])
+def test_offload_engine_batch_invariance(tiny, arch, spec, kernels):
+    """Offloaded layers serve several sequences in one batch (llamba.scheduler.Engine: paged KV with block
+    tables and per-sequence DeltaNet states on the stand-in devices, MTP drafts batched): every request gets
+    exactly the tokens it gets alone on the same offloaded model, for a partial offload (the CPU/device boundary
+    inside the trunk) and everything over two devices; with host kernels, also the CPU's tokens."""
+    from llamba.scheduler import Engine
+    cpu = Llama(str(tiny[arch]), n_ctx=256, verbose=False, seed=1)
+    n_vocab = cpu.n_vocab()
+    prompts, temps, seeds, maxt = _engine_cases(min(n_vocab, 300))
+
+    def params(llm, t, sd):
+        return llm._make_sampler(t, 40, 0.95, 0.05, 1.0, 1.0, 0.0, 0.0, sd, None).params
+
+    def alone(llm):
+        out = []
+        for p, t, sd, m in zip(prompts, temps, seeds, maxt):
+            out.append(list(llm.generate(p, temp=t, seed=sd, max_tokens=m)))
+            llm.reset()
+        return out
+
+    ref = alone(cpu) if kernels == "host" else None
+    n_all = cpu.model.config.n_layer_all + 1
+    for ngl, ndev in ((n_all // 2 + 1, 1), (n_all, 2)):
+        llm = Llama(str(tiny[arch]), n_ctx=256, verbose=False, seed=1)
+        devs = B.fake_devices(ndev, kernels)
+        info = offload_model(llm.model, ngl, devices=devs, tensor_split=[1] * ndev)
+        assert info.n_offloaded == ngl
+        solo = alone(llm)
+        if ref is not None:
+            assert solo == ref
+        eng = Engine(llm.model, n_ctx=1024, n_parallel=len(prompts), block_size=16, step_tokens=48, spec=spec,
+                     draft_max=3, spec_rows=32, lock=llm.session.lock)
+        il = max(il for il, p in enumerate(info.placement[:-1]) if p is not None)
+        if il in eng.pool.k:  # an offloaded layer's paged KV lives on its device (fp16), a CPU layer's on the CPU
+            assert eng.pool.k[il].dtype == devs[-1].kernels.kv_dtype
+        reqs = [eng.submit(p, params(llm, t, sd), m) for p, t, sd, m in zip(prompts, temps, seeds, maxt)]
+        eng.run_until_done()
+        assert [r.tokens() for r in reqs] == solo, (ngl, ndev)
+        assert eng.stats["steps"] < sum(maxt)  # several sequences per step
+        if spec == "mtp":
+            assert eng.stats["drafted"] > 0
+        for sq in list(eng.idle.values()):
+            sq.release()
+        assert eng.pool.n_free == eng.pool.n_blocks
+
+
+def test_offloaded_llama_serves_n_parallel(tiny, monkeypatch):
+    """Llama(n_parallel=4) with -ngl on stand-in devices starts the batching engine (no one-sequence fallback)
+    and generate_batch gives each prompt its own tokens."""
+    monkeypatch.setenv("LLAMBA_FAKE_DEVICES", "2")
+    monkeypatch.setenv("LLAMBA_FAKE_KERNELS", "host")
+    prompts = [PROMPT[:5], PROMPT[3:20], PROMPT[10:12], PROMPT[:30]]
+    cpu = Llama(str(tiny["qwen35"]), n_ctx=256, verbose=False)
+    ref = []
+    for p in prompts:
+        ref.append(list(cpu.generate(p, temp=0, max_tokens=8)))
+        cpu.reset()
+    llm = Llama(str(tiny["qwen35"]), n_ctx=256, verbose=False, n_gpu_layers=-1, n_parallel=4, spec="mtp")
+    assert llm.model.offload.n_offloaded == 6 and llm.engine is not None and llm.concurrent
+    assert llm.generate_batch(prompts, max_tokens=8, temperature=0) == ref
 
 
 @pytest.mark.parametrize("arch", ["qwen35", "qwen35moe"])
@@ -775,6 +891,30 @@ def test_emulated_cuda_ops(emu):
         o2, sn2 = xk.delta_rule(q, k, v, gg, be, s2, ns)
         assert _rel(o1, o2) < 1e-5 and _rel(s1, s2) < 1e-5
         assert (sn1 is None) == (ns == 0) and (ns == 0 or _rel(sn1, sn2) < 1e-5)
+
+
+def test_emulated_cuda_paged_kv_and_attention(emu):
+    """The CUDA paged-KV kernels (store_kv_f16, attn_f16kv_paged) against the xp reference: interleaved block
+    tables, several sequences per call, GQA, > 128 keys (several online-softmax chunks), head size 256, a
+    sliding window."""
+    rng = np.random.default_rng(6)
+    xk = XpKernels(np)
+    for Hq, Hkv, d, dv, bs, lens, swa in [(4, 2, 16, 16, 8, (5, 23, 40), 0), (2, 1, 64, 32, 16, (150, 3), 0),
+                                          (2, 2, 256, 256, 32, (20, 70), 8)]:
+        nb = sum(-(-n // bs) for n in lens) + 2
+        kv, slots, tables, n_kv = _paged_case(rng, Hkv, d, dv, bs, lens, nb)
+        caches = [(np.zeros((Hkv, nb * bs, d), np.float16), np.zeros((Hkv, nb * bs, dv), np.float16)) for _ in (0, 1)]
+        for (k, v), sl in zip(kv, slots):
+            emu.store_kv_slots(k, v, *caches[0], sl)
+            xk.store_kv_slots(k, v, *caches[1], sl)
+        np.testing.assert_array_equal(caches[0][0], caches[1][0])
+        np.testing.assert_array_equal(caches[0][1], caches[1][1])
+        pos = np.concatenate([np.arange(n - min(n, 3), n) for n in n_kv]).astype(np.int64)
+        row_seq = np.repeat(np.arange(len(lens)), [min(n, 3) for n in n_kv]).astype(np.int64)
+        q = rng.standard_normal((pos.shape[0], Hq, d)).astype(F32)
+        want = xk.attention_paged(q, *caches[1], pos, row_seq, tables, bs, n_kv, 0.125, swa)
+        got = emu.attention_paged(q, *caches[0], pos, row_seq, tables, bs, n_kv, 0.125, swa)
+        assert _rel(got, want) < 1e-5
 
 
 def test_emulated_cuda_model_forward(emu, tiny):

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from llamba.compute import CPU
 from llamba.errors import LlambaError
 from llamba.kernels import ops as K
 from llamba.kv_cache import Batch, KVPool, SeqCache
@@ -57,13 +58,66 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
+class Head:
+    """Output projection (+ final logit soft-capping): post-norm rows (R, n_embd) -> host logits (R, n_vocab)."""
+
+    GROUPS = ("g",)
+    be = CPU
+
+    def __init__(self, lin: Linear, n_vocab: int, cap: float):
+        self.lin = lin
+        self.n_vocab = n_vocab
+        self.cap = cap
+        self.g = None  # LinearGroup([lin]), built on first use
+
+    def __call__(self, hN, gemm: bool) -> np.ndarray:
+        if hN.shape[0] == 0:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        if self.g is None:
+            self.g = LinearGroup([self.lin])
+        out = self.g(hN, gemm=gemm)[0]
+        if self.cap > 0:
+            out = self.be.softcap(out, self.cap)
+        return self.be.to_host(out)
+
+
+class OutputLayer:
+    """output_norm + Head: `(x, rows, keep_hidden, gemm) -> (hidden, logits)`, host arrays; hidden is the
+    post-norm rows of x (all of them) when kept, logits those of the rows asked for."""
+
+    PARAMS = ("norm",)
+    PARTS = ("head",)
+    be = CPU
+
+    def __init__(self, norm: np.ndarray, head: Head, eps: float):
+        self.norm = norm
+        self.head = head
+        self.eps = eps
+
+    def __call__(self, x, rows: np.ndarray, keep_hidden: bool, gemm: bool):
+        be = self.be
+        xp = be.xp
+        ri = be.index(rows)
+        hN = be.rms_norm(x if keep_hidden else xp.ascontiguousarray(x[ri]), self.norm, self.eps)
+        hidden = be.to_host(hN) if keep_hidden else None
+        out = self.head(xp.ascontiguousarray(hN[ri]) if keep_hidden else hN, gemm and rows.shape[0] > 1)
+        return hidden, out
+
+
 class BaseModel:
     """Sequence handling and the generation-facing API shared by all architectures."""
 
     config = None
-    out_dev = None  # GPU offload (llamba.offload): the output layer on its device, set by offload_model
+    out_layer = None  # OutputLayer (on the CPU, or on a device after llamba.offload)
+    state_be: dict = {}  # GPU offload: il -> backend holding that layer's KV / recurrent state (llamba.compute)
     seq = None  # the default sequence (single-caller API)
     hidden = None
+
+    @property
+    def out_dev(self):
+        """The output layer when it runs on a device (llamba.offload), else None."""
+        ol = self.out_layer
+        return ol if ol is not None and ol.be is not CPU else None
 
     # ---- sequences
     def kv_layers(self) -> dict[int, tuple[int, int, int]]:
@@ -79,13 +133,22 @@ class BaseModel:
         return [il for il in self.kv_layers() if il < self.config.n_layer]
 
     def new_pool(self, n_slots: int, block_size: int) -> KVPool:
-        return KVPool(self.kv_layers(), n_slots, block_size)
+        pool = KVPool(self.kv_layers(), n_slots, block_size)
+        for il, be in self.state_be.items():  # offloaded layers: their KV arrays on their device
+            if il in pool.k:
+                pool.k[il] = be.zeros(pool.k[il].shape, be.kv_dtype)
+                pool.v[il] = be.zeros(pool.v[il].shape, be.kv_dtype)
+        return pool
 
     def new_seq(self, pool: KVPool, n_ctx: int | None = None) -> SeqCache:
-        return SeqCache(pool, n_ctx or pool.n_slots, self.rec_shapes(), mtp=getattr(self, "mtp", None) is not None)
+        seq = SeqCache(pool, n_ctx or pool.n_slots, self.rec_shapes(), mtp=getattr(self, "mtp", None) is not None)
+        for il, be in self.state_be.items():  # offloaded recurrent layers: their state on their device
+            if il in seq.rec:
+                seq.rec[il] = tuple(be.zeros(a.shape, np.float32) for a in seq.rec[il])
+        return seq
 
     def _init_cache(self, n_ctx: int):
-        """The default sequence: one block of n_ctx slots (the contiguous layout GPU offload works on)."""
+        """The default sequence: one block of n_ctx slots (the contiguous layout)."""
         self.n_ctx = n_ctx
         self.pool = self.new_pool(n_ctx, n_ctx)
         self.seq = self.new_seq(self.pool, n_ctx)
@@ -127,14 +190,6 @@ class BaseModel:
         self.hidden = self.seq.hidden
         return out
 
-    def _is_batched(self, blk) -> bool:
-        return getattr(blk, "batched", False)
-
-    def _legacy_ok(self, b: Batch):
-        """GPU-offloaded blocks (llamba.offload) run one sequence over the contiguous default pool."""
-        if len(b.seqs) != 1 or b.kv is not self.pool or self.pool.n_blocks != 1:
-            raise LlambaError("a model with GPU-offloaded layers runs one sequence at a time")
-
     def _rows_of(self, b: Batch, modes) -> tuple[np.ndarray, list]:
         """Global row indices of the logits asked for, and per sequence its (start, stop) among them."""
         if isinstance(modes, str):
@@ -149,15 +204,24 @@ class BaseModel:
             n += rr.shape[0]
         return (np.concatenate(idx) if idx else np.empty(0, np.int64)), spans
 
-    def _tail(self, x, b: Batch, logits, gemm: bool, keep_hidden: bool) -> list:
+    def _blocks(self, x, b: Batch, gemm: bool, run):
+        """x through every block, `run(blk, x)` calling it; activations move into a block's backend (the CPU or a
+        device) where it changes. Returns x and the backend it is on."""
+        be = CPU
+        for blk in self.blocks:
+            if blk.be is not be:
+                be = blk.be
+                x = be.take(x)
+            x = run(blk, x)
+        return x, be
+
+    def _tail(self, x, be, b: Batch, logits, gemm: bool, keep_hidden: bool) -> list:
         """Output norm + head of the rows asked for; per sequence its logits (and hidden rows if kept)."""
         rows, spans = self._rows_of(b, logits)
-        if self.out_dev is not None:  # offload: norm + head on the output device; host hidden/logits back
-            hidden, out = self.out_dev(x, rows, keep_hidden, gemm)
-        else:
-            hN = rms_norm(x if keep_hidden else np.ascontiguousarray(x[rows]), self.output_norm, self.config.eps)
-            hidden = hN if keep_hidden else None
-            out = self.head(np.ascontiguousarray(hN[rows]) if keep_hidden else hN, gemm and rows.shape[0] > 1)
+        ol = self.out_layer
+        if ol.be is not be:
+            x = ol.be.take(x)
+        hidden, out = ol(x, rows, keep_hidden, gemm)
         res = []
         for s, (r0, r1), (a, c) in zip(b.seqs, b.ranges, spans):
             s.hidden = hidden[r0:r1] if keep_hidden else None
@@ -167,7 +231,7 @@ class BaseModel:
     def get_state(self) -> dict:
         """A copy of what the default sequence's cache holds (KV rows of the cached positions, recurrent
         states): `set_state` puts it back, in this model or another instance of the same model."""
-        if getattr(self, "offload", None) is not None or self.out_dev is not None:
+        if getattr(self, "offload", None) is not None:
             raise LlambaError("saving the cache state of a GPU-offloaded model is not supported")
         n = self.n_past
         c = self.config
@@ -178,7 +242,7 @@ class BaseModel:
         return st
 
     def set_state(self, st: dict):
-        if getattr(self, "offload", None) is not None or self.out_dev is not None:
+        if getattr(self, "offload", None) is not None:
             raise LlambaError("restoring a cache state into a GPU-offloaded model is not supported")
         n = int(st["n_past"])
         if n > self.n_ctx:
@@ -216,18 +280,17 @@ class BaseModel:
             return slice(T, T)
         raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}")
 
+    def _init_output(self, gf, cfg):
+        """output_norm, output (tied to token_embd when the file has no output.weight) and the output layer."""
+        self.output_norm = norm_weight(gf, "output_norm.weight", cfg.n_embd)
+        self.output = Linear(gf, "output.weight" if gf.has("output.weight") else "token_embd.weight",
+                             shape=(cfg.n_vocab, cfg.n_embd))
+        self.out_layer = OutputLayer(self.output_norm, Head(self.output, cfg.n_vocab, cfg.final_logit_softcap),
+                                     cfg.eps)
+
     def head(self, hN: np.ndarray, gemm: bool) -> np.ndarray:
-        """Output projection (+ soft-capping) of post-norm hidden rows (R, n_embd) -> (R, n_vocab)."""
-        if hN.shape[0] == 0:
-            return np.empty((0, self.config.n_vocab), dtype=np.float32)
-        if getattr(self, "_out_g", None) is None or self._out_g.lins[0] is not self.output:
-            self._out_g = LinearGroup([self.output])
-        out = self._out_g(hN, gemm=gemm)[0]
-        cap = self.config.final_logit_softcap
-        if cap > 0:
-            np.tanh(out / cap, out=out)
-            out *= cap
-        return out
+        """Output projection (+ soft-capping) of post-norm hidden rows (R, n_embd) -> host logits (R, n_vocab)."""
+        return self.out_layer.head(hN, gemm)
 
 
 def proj(lin: Linear, x: np.ndarray, gemm: bool) -> np.ndarray:
@@ -237,6 +300,9 @@ def proj(lin: Linear, x: np.ndarray, gemm: bool) -> np.ndarray:
 
 class FFN:
     """Gated FFN: down(act(gate(x)) * up(x)), act = SiLU (SwiGLU) or GELU-tanh (GeGLU)."""
+
+    GROUPS = ("up", "down")
+    be = CPU
 
     def __init__(self, gf, p: str, n_embd: int, n_ff: int, activation: str = "silu"):
         self.n_ff = n_ff
@@ -261,16 +327,17 @@ class FFN:
 
     def _down(self, gu: list, gemm: bool) -> np.ndarray:
         """down(act(gate) * up) from the list [gate, up] (which it empties); a fused [gate | up] is split."""
+        be = self.be
         if self.w_gate is None:
             gup = gu.pop()
-            gu += [np.ascontiguousarray(gup[:, :self.n_ff]), np.ascontiguousarray(gup[:, self.n_ff:])]
+            gu += [be.xp.ascontiguousarray(gup[:, :self.n_ff]), be.xp.ascontiguousarray(gup[:, self.n_ff:])]
             del gup
         g = gu[0]
         if gemm or g.shape[0] > self.down.max_t or not self.down.fused:
             # prompt batches: act(g) * u written over g, and u let go (the list held the last reference) before
             # the down projection: the same kernel and numbers as LinearGroup's transform, with two (T, n_ff)
             # buffers fewer at the memory peak of a prefill
-            (K.swiglu if self.glu == SWIGLU else K.geglu_tanh)(g, gu[1], g)
+            (be.swiglu if self.glu == SWIGLU else be.geglu_tanh)(g, gu[1], g)
             gu.clear()
             return self.down(g, gemm=gemm)[0]
         u = gu[1]
@@ -280,7 +347,13 @@ class FFN:
 
 class AttentionBlock:
     """Pre-norm transformer block: [norm -> attention (+q/k norm, rope) -> (post norm) -> residual] then
-    [norm -> gated FFN -> (post norm) -> residual]. Which optional pieces exist is read from the file."""
+    [norm -> gated FFN -> (post norm) -> residual]. Which optional pieces exist is read from the file.
+    Computes through its backend `be` (llamba.compute: the CPU, or a device after llamba.offload)."""
+
+    GROUPS = ("qkv", "o")
+    PARAMS = ("attn_norm", "q_norm", "k_norm", "post_attn_norm", "ffn_norm", "post_ffw_norm")
+    PARTS = ("ffn",)
+    be = CPU
 
     def __init__(self, gf, cfg, il: int, *, activation: str, post_norms: bool, ffn=None):
         p = f"blk.{il}."
@@ -320,11 +393,11 @@ class AttentionBlock:
         self.q_scale = cfg.attn_scale  # > 0: scale Q, attend with scale 1 (gemma3)
         self.softcap = cfg.attn_softcap  # > 0: attention logit soft-capping (gemma2)
 
-    batched = True  # called as blk(x, batch, rope, gemm) (GPU-offload twins keep the one-sequence call)
-
     def attention(self, h, b: Batch, rope: RopeTable, gemm: bool, normed: bool = False):
         """Attention of the rows h (or of rms_norm(h, attn_norm) with normed=True) -> (R, n_head*hd_v); each row
         attends over its own sequence's cache (b: the batch's positions, slots and block tables)."""
+        be = self.be
+        xp = be.xp
         T = h.shape[0]
         if normed:
             qkv = self.qkv(h, RMS_NORM, None, self.attn_norm, self.eps, gemm=gemm)
@@ -335,39 +408,41 @@ class AttentionBlock:
             q, k, v = qkv[0][:, :a], qkv[0][:, a:c], qkv[0][:, c:]
         else:
             q, k, v = qkv
-        q = np.ascontiguousarray(q).reshape(T, self.n_head, self.hd)
-        k = np.ascontiguousarray(k).reshape(T, self.n_head_kv, self.hd)
-        v = np.ascontiguousarray(v).reshape(T, self.n_head_kv, self.hd_v)
+        q = xp.ascontiguousarray(q).reshape(T, self.n_head, self.hd)
+        k = xp.ascontiguousarray(k).reshape(T, self.n_head_kv, self.hd)
+        v = xp.ascontiguousarray(v).reshape(T, self.n_head_kv, self.hd_v)
         if self.q_norm is not None:
-            q = rms_norm(q.reshape(-1, self.hd), self.q_norm, self.eps).reshape(q.shape)
+            q = be.rms_norm(q.reshape(-1, self.hd), self.q_norm, self.eps).reshape(q.shape)
         if self.k_norm is not None:
-            k = rms_norm(k.reshape(-1, self.hd), self.k_norm, self.eps).reshape(k.shape)
+            k = be.rms_norm(k.reshape(-1, self.hd), self.k_norm, self.eps).reshape(k.shape)
         cos, sin = rope.get(b.pos, self.rope_base, self.freq_scale)
-        K.rope_apply(q, cos, sin, self.n_rot, self.neox)
-        K.rope_apply(k, cos, sin, self.n_rot, self.neox)
+        be.rope(q, cos, sin, self.n_rot, self.neox)
+        be.rope(k, cos, sin, self.n_rot, self.neox)
         if self.q_scale > 0:
             q *= np.float32(self.q_scale)
             scale = 1.0
         else:
             scale = 1.0 / np.sqrt(self.hd)
         kc, vc = b.kv.k[self.il], b.kv.v[self.il]
-        K.store_kv_slots(k, v, kc, vc, b.slots)
-        o = np.empty((T, self.n_head, self.hd_v), dtype=np.float32)
+        be.store_kv_slots(k, v, kc, vc, b.slots)
+        o = be.empty((T, self.n_head, self.hd_v))
         args = (q, kc, vc, b.pos, b.row_seq, b.tables, b.bs, b.n_kv, scale, self.n_swa, o)
         if self.softcap > 0:  # (left out, softcap is a compile-time 0 in the kernel: no cost for other models)
-            K.attention_paged(*args, self.softcap)
+            be.attention_paged(*args, self.softcap)
         else:
-            K.attention_paged(*args)
+            be.attention_paged(*args)
         return o.reshape(T, -1)
 
     def __call__(self, x, b: Batch, rope, gemm: bool):
+        """x (R, n_embd) on this block's backend -> x after the block (updated in place)."""
+        be = self.be
         a = self.o(self.attention(x, b, rope, gemm, normed=True), gemm=gemm)[0]
         if self.post_attn_norm is not None:
-            a = rms_norm(a, self.post_attn_norm, self.eps)
+            a = be.rms_norm(a, self.post_attn_norm, self.eps)
         x += a
         f = self.ffn.normed(x, self.ffn_norm, self.eps, gemm)
         if self.post_ffw_norm is not None:
-            f = rms_norm(f, self.post_ffw_norm, self.eps)
+            f = be.rms_norm(f, self.post_ffw_norm, self.eps)
         x += f
         return x
 
@@ -386,9 +461,7 @@ class Transformer(BaseModel):
         self.blocks = [AttentionBlock(gf, cfg, il, activation=self.activation, post_norms=self.post_norms,
                                       ffn=self.make_ffn(gf, cfg, il))
                        for il in range(cfg.n_layer)]
-        self.output_norm = norm_weight(gf, "output_norm.weight", cfg.n_embd)
-        self.output = Linear(gf, "output.weight" if gf.has("output.weight") else "token_embd.weight",
-                             shape=(cfg.n_vocab, cfg.n_embd))
+        self._init_output(gf, cfg)
         ff = gf.tensor("rope_freqs.weight").astype(np.float32) if gf.has("rope_freqs.weight") else None
         self.rope = RopeTable(cfg, cfg.n_rot, ff)
         self._init_cache(n_ctx)
@@ -421,12 +494,8 @@ class Transformer(BaseModel):
         if gemm is None:  # (one sequence only: the BLAS path is not row-exact, so batches of several never take it)
             gemm = len(seqs) == 1 and R >= GEMM_MIN_BATCH
         x = self.embed(b.tokens)
-        for blk in self.blocks:
-            if self._is_batched(blk):
-                x = blk(x, b, self.rope, gemm)
-            else:  # a GPU-offloaded block: one sequence, contiguous cache
-                self._legacy_ok(b)
-                x = blk(x, b.pos, int(b.n_kv[0]), self.pool, self.rope, gemm)
-        out = self._tail(x, b, logits, gemm, keep_hidden)
+        rope = self.rope
+        x, be = self._blocks(x, b, gemm, lambda blk, x: blk(x, b, rope, gemm))
+        out = self._tail(x, be, b, logits, gemm, keep_hidden)
         b.commit()
         return out

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from llamba.compute import CPU
 from llamba.config import ModelConfig, base_config
 from llamba.errors import GGUFError, UnsupportedError
-from llamba.kernels import deltanet as D
-from llamba.kernels import ops as K
 from llamba.layers import Embedding, Linear, LinearGroup, norm_weight
 from llamba.kv_cache import Batch
-from llamba.models.base import FFN, GEMM_MIN_BATCH, BaseModel, RopeTable, proj, rms_norm
+from llamba.models.base import FFN, GEMM_MIN_BATCH, BaseModel, Head, RopeTable
 from llamba.models.moe import MoEFFN
 
 
@@ -61,6 +60,10 @@ class GatedAttention:
     """Qwen3.5 full attention: Q and an output gate interleaved per head in attn_q, QK-norm, partial NEOX rope
     (IMROPE for text), out = attn_output(attn * sigmoid(gate))."""
 
+    GROUPS = ("qkv", "o")
+    PARAMS = ("q_norm", "k_norm")
+    be = CPU
+
     def __init__(self, gf, cfg: ModelConfig, il: int):
         p = f"blk.{il}."
         E = cfg.n_embd
@@ -85,6 +88,8 @@ class GatedAttention:
         self.o = LinearGroup([self.wo])
 
     def __call__(self, h, b: Batch, rope: RopeTable, gemm: bool):
+        be = self.be
+        xp = be.xp
         T = h.shape[0]
         H, Hkv, hd = self.H, self.Hkv, self.hd
         if self.wqkv is not None:
@@ -95,19 +100,19 @@ class GatedAttention:
         else:
             qg, k, v = self.qkv(h, gemm=gemm)
         qg = qg.reshape(T, H, 2, hd)
-        q = rms_norm(np.ascontiguousarray(qg[:, :, 0]).reshape(-1, hd), self.q_norm, self.eps).reshape(T, H, hd)
-        gate = np.ascontiguousarray(qg[:, :, 1]).reshape(T, H * hd)
-        k = rms_norm(np.ascontiguousarray(k).reshape(-1, hd), self.k_norm, self.eps).reshape(T, Hkv, hd)
-        v = np.ascontiguousarray(v).reshape(T, Hkv, hd)
+        q = be.rms_norm(xp.ascontiguousarray(qg[:, :, 0]).reshape(-1, hd), self.q_norm, self.eps).reshape(T, H, hd)
+        gate = xp.ascontiguousarray(qg[:, :, 1]).reshape(T, H * hd)
+        k = be.rms_norm(xp.ascontiguousarray(k).reshape(-1, hd), self.k_norm, self.eps).reshape(T, Hkv, hd)
+        v = xp.ascontiguousarray(v).reshape(T, Hkv, hd)
         cos, sin = rope.get(b.pos, self.base, self.freq_scale)
-        K.rope_apply(q, cos, sin, self.n_rot, True)
-        K.rope_apply(k, cos, sin, self.n_rot, True)
+        be.rope(q, cos, sin, self.n_rot, True)
+        be.rope(k, cos, sin, self.n_rot, True)
         kc, vc = b.kv.k[self.il], b.kv.v[self.il]
-        K.store_kv_slots(k, v, kc, vc, b.slots)
-        o = np.empty((T, H, hd), dtype=np.float32)
-        K.attention_paged(q, kc, vc, b.pos, b.row_seq, b.tables, b.bs, b.n_kv, 1.0 / np.sqrt(hd), 0, o)
-        sg = np.empty_like(gate)
-        K.sigmoid(gate, sg)
+        be.store_kv_slots(k, v, kc, vc, b.slots)
+        o = be.empty((T, H, hd))
+        be.attention_paged(q, kc, vc, b.pos, b.row_seq, b.tables, b.bs, b.n_kv, 1.0 / np.sqrt(hd), 0, o)
+        sg = be.empty(gate.shape)
+        be.sigmoid(gate, sg)
         o = o.reshape(T, H * hd)
         o *= sg
         return self.o(o, gemm=gemm)[0]
@@ -116,6 +121,10 @@ class GatedAttention:
 class GatedDeltaNet:
     """Qwen3.5 linear-attention layer (ENGINE_BRIEF §3.4): conv1d+SiLU over q|k|v channels, L2-normed q/k,
     gated delta rule with tiled v-head -> k-head mapping, gated RMSNorm, ssm_out."""
+
+    GROUPS = ("proj_in", "out")
+    PARAMS = ("conv_w", "dt_bias", "ssm_a", "ssm_norm")
+    be = CPU
 
     def __init__(self, gf, cfg: ModelConfig, il: int):
         p = f"blk.{il}."
@@ -149,42 +158,50 @@ class GatedDeltaNet:
         """Rows of b's sequences -> (R, n_embd); each sequence's rows run its own conv/ssm state (seq.rec[il]).
         snaps: None, or a dict to which seq index -> (conv_snapshots (T,C,D-1), ssm_snapshots (T,Hv,S,S)) is
         added."""
+        be = self.be
+        xp = be.xp
         R = h.shape[0]
         S, Hk, Hv = self.S, self.Hk, self.Hv
         m, z, bt, a = self.proj_in(h, gemm=gemm)
-        g = np.empty((R, Hv), dtype=np.float32)
-        beta = np.empty((R, Hv), dtype=np.float32)
-        D.gdn_gates(a, bt, self.dt_bias, self.ssm_a, g, beta)
-        c = np.empty((R, self.conv_dim), dtype=np.float32)
+        g = be.empty((R, Hv))
+        beta = be.empty((R, Hv))
+        be.gdn_gates(a, bt, self.dt_bias, self.ssm_a, g, beta)
+        c = be.empty((R, self.conv_dim))
         conv_snaps = []
         for i, (r0, r1) in enumerate(b.ranges):
             conv_state = b.seqs[i].rec[self.il][0]
             n_snap = r1 - r0 if snaps is not None else 0
-            cs = np.empty((n_snap, self.conv_dim, self.Dc - 1), dtype=np.float32)
-            D.conv1d_silu(m[r0:r1], conv_state, self.conv_w, c[r0:r1], cs)
+            cs = be.empty((n_snap, self.conv_dim, self.Dc - 1))
+            be.conv1d_silu(m[r0:r1], conv_state, self.conv_w, c[r0:r1], cs)
             conv_snaps.append(cs)
-        q = np.empty((R, Hk, S), dtype=np.float32)
-        k = np.empty((R, Hk, S), dtype=np.float32)
-        D.l2_norm_heads(np.ascontiguousarray(c[:, :self.key_dim]).reshape(R, Hk, S), self.eps, q)
-        D.l2_norm_heads(np.ascontiguousarray(c[:, self.key_dim:2 * self.key_dim]).reshape(R, Hk, S), self.eps, k)
-        v = np.ascontiguousarray(c[:, 2 * self.key_dim:]).reshape(R, Hv, S)
-        o = np.empty((R, Hv, S), dtype=np.float32)
+        q = be.empty((R, Hk, S))
+        k = be.empty((R, Hk, S))
+        be.l2_norm_heads(xp.ascontiguousarray(c[:, :self.key_dim]).reshape(R, Hk, S), self.eps, q)
+        be.l2_norm_heads(xp.ascontiguousarray(c[:, self.key_dim:2 * self.key_dim]).reshape(R, Hk, S), self.eps, k)
+        v = xp.ascontiguousarray(c[:, 2 * self.key_dim:]).reshape(R, Hv, S)
+        o = be.empty((R, Hv, S))
         for i, (r0, r1) in enumerate(b.ranges):
             ssm = b.seqs[i].rec[self.il][1]
             if chunked and snaps is None:
-                D.gated_delta_rule_chunked(q[r0:r1], k[r0:r1], v[r0:r1], g[r0:r1], beta[r0:r1], ssm, o[r0:r1])
+                be.gated_delta_rule_chunked(q[r0:r1], k[r0:r1], v[r0:r1], g[r0:r1], beta[r0:r1], ssm, o[r0:r1])
             else:
                 n_snap = r1 - r0 if snaps is not None else 0
-                ss = np.empty((n_snap, Hv, S, S), dtype=np.float32)
-                D.gated_delta_rule(q[r0:r1], k[r0:r1], v[r0:r1], g[r0:r1], beta[r0:r1], ssm, o[r0:r1], ss)
+                ss = be.empty((n_snap, Hv, S, S))
+                be.gated_delta_rule(q[r0:r1], k[r0:r1], v[r0:r1], g[r0:r1], beta[r0:r1], ssm, o[r0:r1], ss)
                 if snaps is not None:
                     snaps[i] = (conv_snaps[i], ss)
-        y = np.empty_like(o)
-        D.gated_rms_norm(o, z.reshape(R, Hv, S), self.ssm_norm, self.eps, y)
+        y = be.empty(o.shape)
+        be.gated_rms_norm(o, z.reshape(R, Hv, S), self.ssm_norm, self.eps, y)
         return self.out(y.reshape(R, self.value_dim), gemm=gemm)[0]
 
 
 class Qwen35Block:
+    """x += Mixer(attn_norm(x)); x += FFN(post_attention_norm(x)); Mixer: GatedDeltaNet or GatedAttention."""
+
+    PARAMS = ("attn_norm", "post_attention_norm")
+    PARTS = ("mixer", "ffn")
+    be = CPU
+
     def __init__(self, gf, cfg, il: int):
         p = f"blk.{il}."
         E = cfg.n_embd
@@ -206,12 +223,10 @@ class Qwen35Block:
         x += self.ffn.normed(x, self.post_attention_norm, self.eps, gemm)
         return x
 
-    batched = True  # called as blk(x, batch, rope, gemm, snaps) (GPU-offload twins keep the one-sequence call)
-
     def __call__(self, x, b: Batch, rope, gemm: bool, snaps=None, chunked: bool = False):
-        """x (R, n_embd) -> x after this block. Recurrent blocks run each sequence's own state and add its
-        snapshots to snaps (a dict) when given."""
-        h = rms_norm(x, self.attn_norm, self.eps)
+        """x (R, n_embd) on this block's backend -> x after this block. Recurrent blocks run each sequence's own
+        state and add its snapshots to snaps (a dict) when given."""
+        h = self.be.rms_norm(x, self.attn_norm, self.eps)
         if self.recurrent:
             x += self.mixer(h, b, snaps, gemm, chunked)
         else:
@@ -226,9 +241,7 @@ class Qwen35(BaseModel):
         self.n_ctx = n_ctx
         self.token_embd = Embedding(gf, "token_embd.weight")
         self.blocks = [Qwen35Block(gf, cfg, il) for il in range(cfg.n_layer)]
-        self.output_norm = norm_weight(gf, "output_norm.weight", cfg.n_embd)
-        self.output = Linear(gf, "output.weight" if gf.has("output.weight") else "token_embd.weight",
-                             shape=(cfg.n_vocab, cfg.n_embd))
+        self._init_output(gf, cfg)
         self.rope = RopeTable(cfg, cfg.n_rot, None)
         self.mtp = MTPHead(gf, cfg, n_ctx, self) if (load_mtp and cfg.n_nextn > 0) else None
         self._init_cache(n_ctx)
@@ -267,26 +280,19 @@ class Qwen35(BaseModel):
             before = [{il: (cs.copy(), ss.copy()) for il, (cs, ss) in s.rec.items()} for s in seqs]
             snaps = [{} for _ in seqs]
         x = self.token_embd(b.tokens)
-        for blk in self.blocks:
-            if self._is_batched(blk):
-                if blk.recurrent:
-                    got = {} if snapshots else None
-                    x = blk(x, b, self.rope, gemm, got, chunked)
-                    if snapshots:
-                        for i in range(len(seqs)):
-                            snaps[i][blk.il] = got[i]
-                else:
-                    x = blk(x, b, self.rope, gemm)
-            else:  # a GPU-offloaded block: one sequence, contiguous cache
-                self._legacy_ok(b)
-                if blk.recurrent:
-                    lst = [] if snapshots else None
-                    x = blk(x, b.pos, int(b.n_kv[0]), self.pool, self.rope, gemm, seqs[0].rec[blk.il], lst, chunked)
-                    if snapshots:
-                        snaps[0][blk.il] = lst[0]
-                else:
-                    x = blk(x, b.pos, int(b.n_kv[0]), self.pool, self.rope, gemm)
-        out = self._tail(x, b, logits, gemm, keep_hidden)
+        rope = self.rope
+
+        def run(blk, x):
+            if not blk.recurrent:
+                return blk(x, b, rope, gemm)
+            got = {} if snapshots else None
+            x = blk(x, b, rope, gemm, got, chunked)
+            if snapshots:
+                for i in range(len(seqs)):
+                    snaps[i][blk.il] = got[i]
+            return x
+        x, be = self._blocks(x, b, gemm, run)
+        out = self._tail(x, be, b, logits, gemm, keep_hidden)
         for i, (s, n) in enumerate(zip(seqs, b.lens)):
             s._snap = (s.n_past, before[i], snaps[i], n) if snapshots else None
         b.commit()
@@ -298,7 +304,13 @@ class MTPHead(BaseModel):
 
     forward(tokens, h_prev): row i pairs token i (at position n_past+i) with the post-norm hidden h_prev[i] that
     predicted it; returns logits for the token after it and keeps its own post-norm hidden (`hidden`) for
-    chained drafts."""
+    chained drafts. Offloaded (llamba.offload), the layer runs on its device and its head (the trunk's output
+    head when shared) on the output layer's."""
+
+    PARAMS = ("enorm", "hnorm", "head_norm")
+    LINEARS = ("eh_proj",)
+    PARTS = ("block",)
+    be = CPU
 
     def __init__(self, gf, cfg: ModelConfig, n_ctx: int, trunk: Qwen35):
         L = cfg.n_layer
@@ -318,6 +330,8 @@ class MTPHead(BaseModel):
                           if gf.has(p + "nextn.shared_head_norm.weight") else trunk.output_norm)
         self.output = (Linear(gf, p + "nextn.shared_head_head.weight", shape=(cfg.n_vocab, E))
                        if gf.has(p + "nextn.shared_head_head.weight") else trunk.output)
+        self.lm_head = (trunk.out_layer.head if self.output is trunk.output else
+                        Head(self.output, cfg.n_vocab, cfg.final_logit_softcap))
         self.rope = RopeTable(cfg, cfg.n_rot, None)
         self.trunk = trunk  # its KV layer lives in the trunk's pool; its position in each SeqCache's `mtp` view
 
@@ -329,18 +343,13 @@ class MTPHead(BaseModel):
     def pool(self):
         return self.trunk.pool
 
+    @property
+    def out_dev(self):
+        """This layer when it runs on a device (llamba.offload), else None."""
+        return self if self.be is not CPU else None
+
     def forward(self, tokens, h_prev, logits: str = "last", gemm: bool | None = None):
         """One sequence (the default one): see forward_batch."""
-        if self.out_dev is not None:  # offload: the whole nextn layer on its device; host hidden/logits back
-            tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
-            T = tokens.shape[0]
-            self.check_room(T)
-            if gemm is None:
-                gemm = T >= GEMM_MIN_BATCH
-            pos = np.arange(self.n_past, self.n_past + T, dtype=np.int64)
-            self.hidden, out = self.out_dev(self, tokens, h_prev, pos, self._logit_rows(T, logits), gemm)
-            self.n_past += T
-            return None if logits == "none" else out
         out = self.forward_batch([self.seq], [tokens], [h_prev], logits, gemm)[0]
         self.hidden = self.seq.hidden
         return None if logits == "none" else out
@@ -355,14 +364,22 @@ class MTPHead(BaseModel):
             return [np.empty((0, self.config.n_vocab), dtype=np.float32) for _ in views]
         if gemm is None:
             gemm = len(views) == 1 and R >= GEMM_MIN_BATCH
-        e = rms_norm(self.embed(b.tokens), self.enorm, self.eps)
-        hp = np.concatenate([np.ascontiguousarray(h, dtype=np.float32).reshape(-1, e.shape[1]) for h in h_prevs])
-        hh = rms_norm(hp, self.hnorm, self.eps)
-        x = proj(self.eh_proj, np.concatenate([e, hh], axis=1), gemm)
+        be = self.be
+        xp = be.xp
+        E = self.config.n_embd
+        e = be.rms_norm(be.take(self.embed(b.tokens)), self.enorm, self.eps)
+        hp = np.concatenate([np.ascontiguousarray(h, dtype=np.float32).reshape(-1, E) for h in h_prevs])
+        hh = be.rms_norm(be.take(hp), self.hnorm, self.eps)
+        x = be.linear(self.eh_proj, xp.concatenate([e, hh], axis=1), gemm)
         x = self.block(x, b, self.rope, gemm)
         rows, spans = self._rows_of(b, logits)
-        hM = rms_norm(np.ascontiguousarray(x[rows]), self.head_norm, self.eps)
-        out = self.head(hM, False) if rows.shape[0] else np.empty((0, self.config.n_vocab), dtype=np.float32)
+        hM = be.rms_norm(xp.ascontiguousarray(x[be.index(rows)]), self.head_norm, self.eps)
+        head = self.lm_head
+        if rows.shape[0] == 0:
+            out = np.empty((0, self.config.n_vocab), dtype=np.float32)
+        else:
+            out = head(hM if head.be is be else head.be.take(hM), False)
+        hM = be.to_host(hM)
         res = []
         for v, (a, c) in zip(views, spans):
             v.hidden = hM[a:c]
