@@ -1700,6 +1700,25 @@ def _protocol_class(head_timeout: float):
                 self._head_timer = None
             super().connection_lost(exc)
 
+        def send_400_response(self, msg: str) -> None:
+            """A request the HTTP parser refuses (e.g. Content-Length: abc) gets the same JSON error body as every
+            other 4xx, not uvicorn's plain text."""
+            try:
+                import h11
+                body = json.dumps({"error": {"message": f"malformed HTTP request: {msg}"[:200],
+                                             "type": "invalid_request_error", "param": None,
+                                             "code": None}}).encode()
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                           (b"connection", b"close")]
+                self.transport.write(self.conn.send(h11.Response(status_code=400, headers=headers,
+                                                                  reason=b"Bad Request")))
+                self.transport.write(self.conn.send(h11.Data(data=body)))
+                self.transport.write(self.conn.send(h11.EndOfMessage()))
+                self.transport.close()
+            except Exception:  # noqa: BLE001 - another uvicorn's internals: its own answer
+                if not self.transport.is_closing():
+                    super().send_400_response(msg)
+
         def _head_timeout(self):
             self._head_timer = None
             if getattr(self, "cycle", None) is self._head_cycle and not self.transport.is_closing():

@@ -362,6 +362,11 @@ def test_body_limits_and_slow_sockets(server):
     out = _raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 10000000000\r\n\r\n", timeout=10)
     assert out.startswith(b"HTTP/1.1 413") and b"request_too_large" in out
+    # a request the HTTP parser refuses: a 400 with the same JSON error body as every other 4xx
+    out = _raw(port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: abc\r\n\r\n{}", timeout=10)
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and json.loads(body)["error"]["type"] == "invalid_request_error"
     # a 2 MB body: read, dropped, 413
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     c.request("POST", "/v1/completions", body=b'{"prompt": "' + b"a" * (2 << 20) + b'"}',
