@@ -324,77 +324,11 @@ extern "C" __global__ void rope_f32(float* __restrict__ X, const float* __restri
     }
 }
 
-// ---- attention over an fp16 KV cache (Hkv, n_ctx, d), one 128-thread block per (row t, head h).
+// ---- attention over an fp16 KV cache, one 128-thread block per (row t, head h) (attn_f16kv_paged below).
 // Key j is visible iff j <= pos[t], j < n_kv and (n_swa == 0 or pos[t] - j < n_swa). Q rounded to fp16 as
 // on the CPU; keys in chunks of 128 (a warp per key for q.k), online softmax across chunks.
 #define ATT_THREADS 128
 #define ATT_MAXD 256
-extern "C" __global__ void attn_f16kv(const float* __restrict__ Q, const u16* __restrict__ Kc,
-    const u16* __restrict__ Vc, const i64* __restrict__ P, float* __restrict__ O, int H, int Hkv, int dk, int dv,
-    int n_ctx, int n_kv, float scale, int n_swa) {
-    __shared__ float qs[ATT_MAXD];
-    __shared__ float ps[ATT_THREADS];
-    __shared__ float red[ATT_THREADS / 32];
-    const int tid = threadIdx.x, lane = tid & 31, wid = tid >> 5, nw = ATT_THREADS / 32;
-    const int t = blockIdx.x / H, h = blockIdx.x % H;
-    const int g = h / (H / Hkv);
-    const i64 p = P[t];
-    const int hi = (int)(p + 1 < (i64)n_kv ? p + 1 : (i64)n_kv);
-    int lo = 0;
-    if (n_swa > 0) {
-        const i64 l = p - n_swa + 1;
-        lo = l > 0 ? (int)l : 0;
-    }
-    float* o = O + ((i64)t * H + h) * dv;
-    if (hi - lo <= 0) {
-        for (int d = tid; d < dv; d += ATT_THREADS) o[d] = 0.0f;
-        return;  // whole block
-    }
-    const float* q = Q + ((i64)t * H + h) * dk;
-    for (int d = tid; d < dk; d += ATT_THREADS) qs[d] = f16_round(q[d]);
-    __syncthreads();
-    float acc[ATT_MAXD / ATT_THREADS];
-#pragma unroll
-    for (int i = 0; i < ATT_MAXD / ATT_THREADS; ++i) acc[i] = 0.0f;
-    float M = NEG_INF, L = 0.0f;
-    const u16* kb = Kc + (i64)g * n_ctx * dk;
-    const u16* vb = Vc + (i64)g * n_ctx * dv;
-    for (int j0 = lo; j0 < hi; j0 += ATT_THREADS) {
-        const int nc = hi - j0 < ATT_THREADS ? hi - j0 : ATT_THREADS;
-        for (int jj = wid; jj < nc; jj += nw) {
-            const u16* kr = kb + (i64)(j0 + jj) * dk;
-            float s = 0.0f;
-            for (int d = lane; d < dk; d += 32) s += qs[d] * h2f(kr[d]);
-            s = warp_sum(s);
-            if (lane == 0) ps[jj] = s * scale;
-        }
-        __syncthreads();
-        const float sv = tid < nc ? ps[tid] : NEG_INF;
-        const float Mn = fmaxf(M, block_max(sv, red));
-        const float alpha = expf(M - Mn);  // 0 for the first chunk (M = -inf)
-        const float e = tid < nc ? expf(sv - Mn) : 0.0f;
-        if (tid < nc) ps[tid] = e;
-        L = L * alpha + block_sum(e, red);  // its barriers also publish ps
-#pragma unroll
-        for (int i = 0; i < ATT_MAXD / ATT_THREADS; ++i) {
-            const int d = tid + i * ATT_THREADS;
-            if (d < dv) {
-                float a = acc[i] * alpha;
-                for (int jj = 0; jj < nc; ++jj) a += ps[jj] * h2f(vb[(i64)(j0 + jj) * dv + d]);
-                acc[i] = a;
-            }
-        }
-        M = Mn;
-        __syncthreads();  // ps is rewritten by the next chunk
-    }
-    const float inv = 1.0f / L;
-#pragma unroll
-    for (int i = 0; i < ATT_MAXD / ATT_THREADS; ++i) {
-        const int d = tid + i * ATT_THREADS;
-        if (d < dv) o[d] = acc[i] * inv;
-    }
-}
-
 // ---- paged KV cache (llamba.kv_cache): the caches are (Hkv, n_slots, d); position j of the sequence with block
 // table tab is in slot tab[j / bs] * bs + j % bs. store_kv_f16 writes row t of X (T, H, d) into slot S[t], rounded to
 // fp16 (one thread per element; slots of one batch are distinct).
@@ -409,8 +343,8 @@ extern "C" __global__ void store_kv_f16(const float* __restrict__ X, u16* __rest
     }
 }
 
-// attn_f16kv over a paged cache: row t belongs to sequence Sq[t] (block table TAB[Sq[t]], n_kv NKV[Sq[t]]); the
-// same visibility rule and arithmetic as attn_f16kv, keys read from their slots (a chunk's slots in shared memory).
+// attention over a paged cache: row t belongs to sequence Sq[t] (block table TAB[Sq[t]], n_kv NKV[Sq[t]]), its keys
+// read from their slots (a chunk's slots in shared memory); a contiguous cache is the one-block case.
 extern "C" __global__ void attn_f16kv_paged(const float* __restrict__ Q, const u16* __restrict__ Kc,
     const u16* __restrict__ Vc, const i64* __restrict__ P, const i64* __restrict__ Sq, const int* __restrict__ TAB,
     int max_blocks, int bs, const i64* __restrict__ NKV, float* __restrict__ O, int H, int Hkv, int dk, int dv,
@@ -1024,19 +958,11 @@ class CudaKernels(XpKernels):
                                   np.int32(H), np.int32(hd), np.int32(n_rot), np.int32(1 if neox else 0)))
 
     def attention(self, q, kc, vc, pos, n_kv, scale, n_swa):
+        """One sequence over a contiguous cache (Hkv, n_ctx, d): the paged kernel with a one-block table."""
         xp = self.xp
-        T, H, dk = q.shape
-        Hkv, n_ctx, dv = vc.shape
-        if dk > ATT_MAXD or dv > ATT_MAXD or kc.dtype != xp.float16 or vc.dtype != xp.float16:
-            return super().attention(q, kc, vc, pos, n_kv, scale, n_swa)
-        q = xp.ascontiguousarray(q, dtype=xp.float32)
-        out = xp.empty((T, H, dv), dtype=xp.float32)
-        if T:
-            p = xp.ascontiguousarray(xp.asarray(pos), dtype=xp.int64)
-            self._fn("attn_f16kv")((T * H,), (ATT_THREADS,),
-                                   (q, kc, vc, p, out, np.int32(H), np.int32(Hkv), np.int32(dk), np.int32(dv),
-                                    np.int32(n_ctx), np.int32(n_kv), np.float32(scale), np.int32(n_swa)))
-        return out
+        T = q.shape[0]
+        return self.attention_paged(q, kc, vc, pos, xp.zeros(T, dtype=xp.int64), xp.zeros((1, 1), dtype=xp.int32),
+                                    max(1, int(kc.shape[1])), xp.asarray([n_kv], dtype=xp.int64), scale, n_swa)
 
     def store_kv_slots(self, k, v, kc, vc, slots):
         xp = self.xp

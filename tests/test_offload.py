@@ -834,7 +834,8 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ptx = (tmp_path / "k.ptx").read_text()
-    for name in [f"mmv_{n}" for n in CUDA_TYPES.values()] + ["attn_f16kv", "gdn_rule", "rms_norm_f32", "rope_f32"]:
+    for name in [f"mmv_{n}" for n in CUDA_TYPES.values()] + ["attn_f16kv_paged", "store_kv_f16", "gdn_rule",
+                                                               "rms_norm_f32", "rope_f32"]:
         assert f".entry {name}(" in ptx
 
 
