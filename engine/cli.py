@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1: until end/context)")
     run.add_argument("--no-bos", action="store_true", help="do not add the BOS token")
     run.add_argument("--special", action="store_true", help="parse special tokens in the prompt")
+    run.add_argument("-j", "--json-schema", default=None, metavar="FILE|JSON",
+                     help="constrain the output to JSON valid against this schema (a file, or inline JSON as "
+                          "llama.cpp's -j)")
+    run.add_argument("--grammar-file", default=None, metavar="FILE",
+                     help="constrain the output with a llama.cpp GBNF grammar read from FILE")
+    run.add_argument("--grammar", default=None, metavar="GBNF", help="constrain the output with this GBNF grammar")
     _add_sampling_args(run)
     _add_spec_args(run)
     chat = sub.add_parser("chat", help="interactive chat in the terminal (multi-turn, reuses the KV cache)",
@@ -158,6 +164,9 @@ def cmd_run(a) -> int:
     if not toks:
         raise LlambaError("the prompt is empty after tokenization; give some text with -p")
     n_predict = a.n_predict if a.n_predict and a.n_predict > 0 else None
+    cons = _constraint_args(a)
+    if cons:
+        llm._constraint(**cons)  # a bad schema or grammar fails here, before any output (one line)
     if len(toks) >= llm.n_ctx():
         from llamba.errors import ContextOverflowError
         raise ContextOverflowError(f"the prompt has {len(toks)} tokens but the context holds {llm.n_ctx()}; "
@@ -165,7 +174,7 @@ def cmd_run(a) -> int:
     out = sys.stdout
     for chunk in llm.create_completion(toks, max_tokens=n_predict or -1, temperature=a.temp, top_k=a.top_k,
                                        top_p=a.top_p, min_p=a.min_p, repeat_penalty=a.repeat_penalty,
-                                       stream=True):
+                                       stream=True, **cons):
         out.write(chunk["choices"][0]["text"])
         out.flush()
     out.write("\n")
@@ -176,6 +185,35 @@ def cmd_run(a) -> int:
     if st.spec:
         print(f"llamba: {st.spec.summary()}", file=sys.stderr)
     return 0
+
+
+def _read_text(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LlambaError(f"cannot read the {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _constraint_args(a) -> dict:
+    """create_completion keywords for --json-schema / --grammar-file / --grammar (checked: one at most)."""
+    import json
+    given = [x for x in (a.json_schema, a.grammar_file, a.grammar) if x is not None]
+    if len(given) > 1:
+        raise LlambaError("give one of --json-schema, --grammar-file and --grammar")
+    if a.json_schema is not None:
+        js = a.json_schema
+        text = js if js.lstrip().startswith("{") else _read_text(js, "JSON schema")
+        try:
+            schema = json.loads(text)
+        except ValueError as e:
+            raise LlambaError(f"the JSON schema is not valid JSON: {e}") from None
+        return {"response_format": {"type": "json_schema", "json_schema": {"schema": schema}}}
+    if a.grammar_file is not None:
+        return {"grammar": _read_text(a.grammar_file, "grammar file")}
+    if a.grammar is not None:
+        return {"grammar": a.grammar}
+    return {}
 
 
 def _load_for_chat(a):

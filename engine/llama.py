@@ -94,6 +94,54 @@ def _int_arg(name: str, v, *, lo: int | None = None, hi: int | None = None, none
     return v
 
 
+def constraint_spec(response_format=None, grammar=None):
+    """(kind, text) for llamba.constrain.compile_constraint from an OpenAI `response_format` and/or a llama.cpp
+    `grammar` (GBNF text or a LlamaGrammar-like object), or None (no constraint). Invalid -> GrammarError."""
+    from llamba.constrain import GrammarError, grammar_text
+    if grammar is not None and response_format is not None and _rf_type(response_format) != "text":
+        raise GrammarError("give either grammar or response_format, not both")
+    if grammar is not None:
+        return ("gbnf", grammar_text(grammar))
+    if response_format is None:
+        return None
+    rf = response_format
+    if hasattr(rf, "model_dump"):
+        rf = rf.model_dump(exclude_none=True)
+    if not isinstance(rf, dict):
+        raise GrammarError(f"response_format must be an object, not {type(rf).__name__}")
+    t = _rf_type(rf)
+    if t == "text":
+        return None
+    if t == "json_object":
+        schema = rf.get("schema")  # llama-cpp-python: {"type": "json_object", "schema": {...}}
+        return ("json_schema", schema) if schema is not None else ("json_object", "")
+    if t == "json_schema":
+        js = rf.get("json_schema")
+        if js is None:
+            js = {"schema": rf["schema"]} if "schema" in rf else None
+        if not isinstance(js, dict):
+            raise GrammarError("response_format of type json_schema needs a 'json_schema' object "
+                               "({'name': ..., 'schema': {...}})")
+        schema = js.get("schema")
+        if schema is None:
+            return ("json_object", "")
+        if not isinstance(schema, (dict, bool)):
+            raise GrammarError(f"response_format json_schema.schema must be an object, not {type(schema).__name__}")
+        if schema is True:
+            schema = {}
+        if schema is False:
+            raise GrammarError("invalid JSON schema: false admits nothing")
+        return ("json_schema", schema)
+    raise GrammarError(f"response_format type {str(t)[:40]!r} is not supported: use 'text', 'json_object' or "
+                       f"'json_schema'")
+
+
+def _rf_type(rf):
+    if hasattr(rf, "model_dump"):
+        rf = rf.model_dump(exclude_none=True)
+    return rf.get("type") if isinstance(rf, dict) else None
+
+
 def _stop_list(stop) -> list[str]:
     if stop is None:
         return []
@@ -341,7 +389,7 @@ class Llama:
     def _engine_tokens(self, toks, sampler, max_tokens, stats, on_logits, stop_at_eog: bool = True):
         """generate()'s token stream, from the batching engine (the request is cancelled if the consumer stops)."""
         req = self.engine.submit(toks, sampler.params, max_tokens, stop_at_eog=stop_at_eog,
-                                 want_rows=on_logits is not None)
+                                 want_rows=on_logits is not None, constraint=sampler.constraint)
         stats.n_prompt = len(toks)
         try:
             for t in req:
@@ -467,6 +515,15 @@ class Llama:
     @property
     def input_ids(self) -> np.ndarray:
         return self._input_ids
+
+    def _constraint(self, response_format=None, grammar=None):
+        """The compiled constraint (llamba.constrain.Constraint, cached by kind and text) for a response_format /
+        grammar, or None. Invalid -> GrammarError (a ParameterError) with a one-line message."""
+        spec = constraint_spec(response_format, grammar)
+        if spec is None:
+            return None
+        from llamba.constrain import compile_constraint
+        return compile_constraint(self.tokenizer, *spec)
 
     def _make_sampler(self, temp, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
                       presence_penalty, seed, logit_bias=None):
@@ -603,8 +660,13 @@ class Llama:
                           top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0, logprobs=None,
                           echo: bool = False, stop=None, frequency_penalty: float = 0.0,
                           presence_penalty: float = 0.0, repeat_penalty: float = 1.0, top_k: int = 40,
-                          stream: bool = False, seed: int | None = None, logit_bias=None, **kwargs):
+                          stream: bool = False, seed: int | None = None, logit_bias=None, grammar=None,
+                          response_format=None, **kwargs):
+        """A text completion, as llama-cpp-python's. `grammar` (llama.cpp GBNF text or a LlamaGrammar-like
+        object) or `response_format` ({"type": "json_object"} / {"type": "json_schema", "json_schema": {"schema":
+        {...}}}) constrain the output (llamba.constrain); an invalid one raises GrammarError (a ParameterError)."""
         self._need_model()
+        constraint = self._constraint(response_format, grammar)
         keep_scores = not kwargs.pop("_no_scores", False)  # the server: logprobs without keeping `scores` rows
         if logprobs is not None:
             if not self.logits_all and keep_scores:  # llama-cpp-python's rule and message
@@ -637,7 +699,7 @@ class Llama:
         stats = GenStats()
         it = self._completion_stream(toks, max_tokens, temperature, top_k, top_p, min_p, typical_p,
                                      repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias,
-                                     gen_toks, rec, stats)
+                                     gen_toks, rec, stats, constraint=constraint)
         if stream:
             return self._stream_chunks(it, cid, created, prompt_text if echo else None, rec, toks, len(prompt_text),
                                        stats)
@@ -775,13 +837,15 @@ class Llama:
 
     def _completion_stream(self, toks, max_tokens, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                            frequency_penalty, presence_penalty, seed, stops, logit_bias, out_tokens=None, rec=None,
-                           stats=None):
+                           stats=None, constraint=None):
         """Yield (text_piece, finish_reason|None). Text that could be the start of a stop string is held back.
         `rec` (a _LogprobRecorder): each generated token's logprobs are recorded, and after each yield
         `rec.take()` gives the tokens whose text has started to come out (tokens of a cut stop string or the
         end-of-generation token never do)."""
         sampler = self._make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                                      frequency_penalty, presence_penalty, seed, logit_bias)
+        if constraint is not None:
+            sampler.constraint = constraint.matcher()
         stats = GenStats() if stats is None else stats  # per call (several threads may generate at once)
         self.last_stats = stats
         dec = StreamDecoder(self.tokenizer)
@@ -874,7 +938,8 @@ class Llama:
                                logprobs: bool | None = None, top_logprobs: int | None = None, **kwargs):
         """OpenAI-style chat completion (a `chat.completion` dict, or `chat.completion.chunk` dicts when
         streaming), like llama-cpp-python. `tools` and `chat_template_kwargs` (e.g. {"enable_thinking": False};
-        `enable_thinking=` also works) go to the template; `tool_choice`/`response_format` are ignored.
+        `enable_thinking=` also works) go to the template; `tool_choice` is ignored; `response_format` (and
+        `grammar=`) constrain the output (see create_completion).
         `logprobs=True` (with `top_logprobs` alternatives per token, default 0) adds OpenAI's
         `logprobs.content` (token, logprob, bytes, top_logprobs) for the generated tokens, recorded from the rows
         they were sampled from (no logits_all needed)."""
@@ -884,16 +949,17 @@ class Llama:
         tkw = dict(chat_template_kwargs or {})
         if "enable_thinking" in kwargs:
             tkw["enable_thinking"] = kwargs.pop("enable_thinking")
+        constraint = self._constraint(response_format, kwargs.pop("grammar", None))
         toks = self.apply_chat_template(messages, add_generation_prompt=True, tools=tools, tokenize=True, **tkw)
         return self._chat_completion_from_tokens(
             toks, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
             stream=stream, stop=stop, seed=seed, max_tokens=max_tokens, presence_penalty=presence_penalty,
             frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, logit_bias=logit_bias,
-            logprobs=logprobs, top_logprobs=top_logprobs)
+            logprobs=logprobs, top_logprobs=top_logprobs, constraint=constraint)
 
     def _chat_stream_pieces(self, toks, temperature=0.2, top_p=0.95, top_k=40, min_p=0.05, typical_p=1.0,
                             stop=None, seed=None, max_tokens=None, presence_penalty=0.0, frequency_penalty=0.0,
-                            repeat_penalty=1.0, logit_bias=None, rec=None, stats=None):
+                            repeat_penalty=1.0, logit_bias=None, rec=None, stats=None, constraint=None):
         """Check a rendered chat prompt and return `_completion_stream`'s (piece, finish) iterator for it."""
         self._need_model()
         if not toks:
@@ -909,7 +975,7 @@ class Llama:
         stops += [s for s in self.get_chat_template().stop if s not in stops]
         return self._completion_stream(list(toks), max_tokens, temperature, top_k, top_p, min_p, typical_p,
                                        repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias,
-                                       None, rec, stats)
+                                       None, rec, stats, constraint=constraint)
 
     def _chat_completion_from_tokens(self, toks, stream: bool = False, logprobs=None, top_logprobs=None, **kw):
         rec = None

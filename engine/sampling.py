@@ -430,13 +430,21 @@ class Sampler:
         fns = {"penalties": new._st_penalties, "top_k": new._st_top_k, "typical_p": new._st_typical,
                "top_p": new._st_top_p, "min_p": new._st_min_p, "temperature": new._st_temp}
         new._fns = [fns[s] for s in new.stages]
+        if self.constraint is not None:
+            new.constraint = self.constraint.clone()
         return new
 
     # ---- sampling
 
+    # an optional grammar state (llamba.constrain.Matcher): sample() masks a copy of the row with it, and
+    # sample_and_accept() advances it; None (the default) runs no extra code
+    constraint = None
+
     def sample(self, logits) -> int:
         """Run the chain on one row of logits and draw a token (does not accept it)."""
         x = self._prepare(logits)
+        if self.constraint is not None:
+            x = self._constrained(x)
         if self._greedy_fast:
             if self._greedy_pen:
                 x = self._penalize_full(x)
@@ -447,6 +455,8 @@ class Sampler:
     def sample_and_accept(self, logits) -> int:
         t = self.sample(logits)
         self.accept(t)
+        if self.constraint is not None:
+            self.constraint.accept(t)
         return t
 
     def sample_and_accept_n(self, rows, draft) -> list[int]:
@@ -472,6 +482,8 @@ class Sampler:
         """The chain without the final draw: (token ids int64, their processed float32 logits), in chain order
         (sorted descending after top_k / top_p)."""
         x = self._prepare(logits)
+        if self.constraint is not None:
+            x = self._constrained(x)
         ids, x = self._chain(x)
         if ids is None:
             ids = np.arange(x.shape[0], dtype=np.int64)
@@ -495,6 +507,13 @@ class Sampler:
         else:
             self._x_owned = False
         return x
+
+    def _constrained(self, x: np.ndarray) -> np.ndarray:
+        """x with the tokens the grammar forbids at -inf (a copy unless x is already the sampler's own)."""
+        if not self._x_owned:
+            x = x.copy()
+            self._x_owned = True
+        return self.constraint.mask(x)
 
     def _pen_arrays(self):
         if self._pen_cache is None:

@@ -55,8 +55,9 @@ class Request:
     [(id, logprob)]))."""
 
     def __init__(self, prompt, params: SamplingParams, max_tokens: int | None, *, stop_at_eog: bool = True,
-                 want_rows: bool = False, prompt_logprobs: int | None = None, engine=None):
+                 want_rows: bool = False, prompt_logprobs: int | None = None, engine=None, constraint=None):
         self.id = next(_ids)
+        self.constraint = constraint  # a llamba.constrain.Matcher (structured output) or None
         self.prompt = [int(t) for t in prompt]
         self.params = params
         self.max_tokens = max_tokens
@@ -314,6 +315,8 @@ class Engine:
                 self.waiting.popleft()
             sampler = Sampler(req.params, n_ctx=self.n_ctx_seq)
             sampler.accept_many(req.prompt)
+            if req.constraint is not None:
+                sampler.constraint = req.constraint
             run = _Run(req, seq, sampler, keep)
             req.n_cached = keep
             self.stats["prompt_tokens"] += len(req.prompt) - keep
@@ -465,6 +468,9 @@ class Engine:
             limit = req.max_tokens if req.max_tokens is not None and req.max_tokens > 0 else self.n_ctx_seq
             nd = max(0, min(dmax, room, limit - req.n_gen - 1, len(run.drafts)))
             drafts = run.drafts[:nd]
+            if drafts and req.constraint is not None:  # a draft token the grammar forbids ends the draft there
+                drafts = drafts[:req.constraint.valid_prefix(drafts)]  # (state: after id_last)
+                nd = len(drafts)
             if not self._reserve(run, seq.n_past + 1 + nd):
                 drafts = []
                 while not self._reserve(run, seq.n_past + 1):

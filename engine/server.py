@@ -346,6 +346,8 @@ class CompletionRequest(_Sampling):
     n: Optional[Int] = Field(None, ge=1, le=MAX_N)
     best_of: Optional[Int] = Field(None, ge=0, le=MAX_N)
     suffix: Optional[str] = None
+    response_format: Optional[dict[str, Any]] = None
+    grammar: Optional[str] = None  # llama.cpp GBNF (llama-server's and llama-cpp-python's field)
 
     @model_validator(mode="after")
     def _check(self):
@@ -354,6 +356,9 @@ class CompletionRequest(_Sampling):
         if self.max_tokens == 0 and not self.echo:
             raise _err("'max_tokens' must be at least 1 (0 only with 'echo': true, to score the prompt)",
                        "max_tokens")
+        if (self.response_format is not None or self.grammar is not None) and self.echo and self.logprobs is not None:
+            raise _err("'response_format' / 'grammar' cannot be combined with 'echo' + 'logprobs' (scoring)",
+                       "response_format")
         if self.best_of not in (None, 0, 1) and self.best_of != (self.n or 1):
             raise _err("'best_of' other than 'n' is not supported (each choice is returned)", "best_of")
         return self
@@ -736,6 +741,20 @@ class LlambaService:
             kw["logit_bias"] = lb
         return kw
 
+    def constraint_kwargs(self, req) -> dict:
+        """response_format / grammar for the library, compiled once here so that an invalid one is a 400."""
+        kw = {}
+        if getattr(req, "response_format", None) is not None:
+            kw["response_format"] = req.response_format
+        if getattr(req, "grammar", None) is not None:
+            kw["grammar"] = req.grammar
+        if kw:
+            try:
+                self.llm._constraint(**kw)
+            except LlambaError as e:
+                raise _bad(_line(e), "grammar" if "grammar" in kw else "response_format") from None
+        return kw
+
     def _seeds(self, seed, n: int) -> list:
         """Per-choice seeds: choice j of a prompt uses seed + j (a random base when none is given)."""
         if n == 1:
@@ -750,6 +769,7 @@ class LlambaService:
     def prepare_chat(self, req: ChatCompletionRequest) -> tuple[list[_Job], dict]:
         llm = self.llm
         kw = self.sampling_kwargs(req)
+        kw.update(self.constraint_kwargs(req))
         mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         msgs = [m.model_dump(exclude_unset=True) for m in req.messages]
         tkw = dict(req.chat_template_kwargs or {})
@@ -775,6 +795,7 @@ class LlambaService:
     def prepare_completion(self, req: CompletionRequest) -> tuple[list[_Job], dict]:
         llm = self.llm
         kw = self.sampling_kwargs(req)
+        kw.update(self.constraint_kwargs(req))
         p = req.prompt
         if isinstance(p, str):
             prompts = [p]

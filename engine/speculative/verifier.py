@@ -90,6 +90,9 @@ def speculative_generate(session, prompt, sampler, budget, stats, is_eog, propos
         n_max = draft_limit(proposer.draft_max, room, budget, n_gen)
         td = time.perf_counter()
         draft = proposer.draft(session, id_last, n_max) if n_max > 0 else []
+        cons = getattr(sampler, "constraint", None)
+        if draft and cons is not None:  # a draft token the grammar forbids ends the draft there
+            draft = draft[:cons.valid_prefix(draft)]
         tv = time.perf_counter()
         spec.t_draft += tv - td
         batch = [id_last] + draft
