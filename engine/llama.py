@@ -373,8 +373,8 @@ class Llama:
         in order. Each output equals what the prompt gives alone (batch invariance)."""
         self._need_model()
         from llamba.scheduler import Engine
-        reqs_toks = [self.tokenize(p.encode("utf-8") if isinstance(p, str) else p, add_bos=True)
-                     if isinstance(p, (str, bytes)) else [int(t) for t in p] for p in prompts]
+        reqs_toks = [self.tokenize(p, add_bos=True) if isinstance(p, (str, bytes)) else self._ids(p, "prompts")
+                     for p in prompts]
         sampler = self._make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                                      frequency_penalty, presence_penalty, seed, logit_bias)
         if self.engine is not None and n_parallel is None:
@@ -1040,13 +1040,7 @@ class Llama:
         a following generation on the same prompt reuses."""
         import contextlib
         self._need_model()
-        from llamba.errors import TokenIdError
-        nv = self.n_vocab()
-        toks = []
-        for t in tokens:
-            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or not 0 <= int(t) < nv:
-                raise TokenIdError(f"prompt_logprobs: {t!r} is not a token id of this vocabulary ({nv} tokens)")
-            toks.append(int(t))
+        toks = self._ids(tokens, "prompt_logprobs")
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
             raise LlambaError(f"prompt_logprobs: n must be a non-negative integer, got {n!r}")
         if len(toks) < 2:

@@ -30,7 +30,7 @@ from collections import OrderedDict, deque
 
 import numpy as np
 
-from llamba.errors import ContextOverflowError, LlambaError
+from llamba.errors import ContextOverflowError, LlambaError, TokenIdError
 from llamba.kv_cache import KVExhaustedError, SeqCache
 from llamba.sampling import Sampler, SamplingParams, draft_top
 
@@ -217,6 +217,10 @@ class Engine:
         req = Request(prompt, params or SamplingParams(), max_tokens, engine=self, **kw)
         if not req.prompt:
             raise LlambaError("the prompt is empty: give at least one token")
+        nv = self.model.config.n_vocab
+        bad = next((t for t in req.prompt if not 0 <= t < nv), None)
+        if bad is not None:  # here, not in the step, where the embedding lookup would fail every running request
+            raise TokenIdError(f"token id {bad} is out of range for a vocabulary of {nv} tokens")
         if len(req.prompt) >= self.n_ctx_seq:
             raise ContextOverflowError(f"the prompt has {len(req.prompt)} tokens but a sequence holds "
                                        f"{self.n_ctx_seq}; raise n_ctx (-c) or shorten the prompt")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from llamba import Llama
+from llamba.errors import TokenIdError
 from llamba.kernels import ops as K
 from llamba.kv_cache import KVPool, SeqCache
 from llamba.scheduler import Engine
@@ -138,6 +139,16 @@ def test_cancel_prefix_reuse_and_blocks_free(tiny_llama):
     assert r3.finish_reason == "cancelled" and r3.n_cached == 50
     eng._evict(eng.pool.n_blocks)
     assert eng.pool.n_free == eng.pool.n_blocks and not eng.running
+
+
+def test_bad_token_id_is_refused_at_submit(tiny_llama):
+    llm = Llama(tiny_llama, n_ctx=512, verbose=False, seed=1)
+    eng = Engine(llm.model, n_ctx=1024, n_parallel=2, lock=llm.session.lock)
+    good = eng.submit([5, 6, 7], _params(llm, 0, None), 4)
+    with pytest.raises(TokenIdError):
+        eng.submit([5, 10**6], _params(llm, 0, None), 4)
+    eng.run_until_done()
+    assert good.finish_reason == "length" and len(good.tokens()) == 4  # the other request is unaffected
 
 
 def test_small_pool_never_stalls(tiny_llama):
