@@ -90,6 +90,11 @@ class SeqCache:
         self.hidden = None  # post-norm hidden rows of the last forward (when asked for)
         self.mtp = MTPCache(self) if mtp else None
 
+    @property
+    def owner(self) -> "SeqCache":
+        """The sequence whose blocks these positions use (itself; an MTP view answers its parent)."""
+        return self
+
     # ---- KV blocks
     def check_room(self, n_tokens: int, start: int | None = None):
         p = self.n_past if start is None else start
@@ -217,6 +222,10 @@ class MTPCache:
         return self.parent.pool
 
     @property
+    def owner(self) -> SeqCache:
+        return self.parent
+
+    @property
     def table(self):
         return self.parent.table
 
@@ -269,12 +278,12 @@ class Batch:
         taken = []
         try:
             for s, n in zip(seqs, lens):
-                before = len(s.blocks) if isinstance(s, SeqCache) else len(s.parent.blocks)
+                before = len(s.owner.blocks)
                 s.reserve(s.n_past + n)
                 taken.append((s, before))
         except BaseException:
             for s, before in taken:  # all or nothing: blocks taken for this batch go back
-                owner = s if isinstance(s, SeqCache) else s.parent
+                owner = s.owner
                 if len(owner.blocks) > before:
                     pool.release(owner.blocks[before:])
                     del owner.blocks[before:]

@@ -410,6 +410,10 @@ class Engine:
             self.stats["finished"] += 1
         run.req._finish(reason, error)
 
+    def _limit(self, req: Request) -> int:
+        """Most tokens the request may generate: max_tokens, or (none / <= 0) a whole sequence."""
+        return req.max_tokens if req.max_tokens is not None and req.max_tokens > 0 else self.n_ctx_seq
+
     def draft_len(self, n_decoding: int) -> int:
         """Draft tokens per sequence this step, with n_decoding sequences decoding."""
         if self.draft_max <= 0 or n_decoding <= 0:
@@ -469,7 +473,7 @@ class Engine:
                 self._retire(run, "length")
                 continue
             room = self.n_ctx_seq - seq.n_past - 1
-            limit = req.max_tokens if req.max_tokens is not None and req.max_tokens > 0 else self.n_ctx_seq
+            limit = self._limit(req)
             nd = max(0, min(dmax, room, limit - req.n_gen - 1, len(run.drafts)))
             drafts = run.drafts[:nd]
             if drafts and req.constraint is not None:  # a draft token the grammar forbids ends the draft there
@@ -584,7 +588,7 @@ class Engine:
                 req.t_first = time.perf_counter()
             req.output.append(int(t))
             req._put(Token(int(t), sample_rows[j] if req.want_rows else None))
-            limit = req.max_tokens if req.max_tokens is not None and req.max_tokens > 0 else self.n_ctx_seq
+            limit = self._limit(req)
             if req.stop_at_eog and self.is_eog(t):
                 self._retire(run, "stop")
                 return
