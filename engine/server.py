@@ -1619,23 +1619,22 @@ def create_app(svc: LlambaService, *, max_body: int = DEFAULT_MAX_BODY, api_key:
         if svc.gate.full():
             raise APIError(503, "the server is busy (request queue full); retry later", "server_error", "queue_full")
 
-    @app.post("/v1/chat/completions", tags=["openai"])
-    @app.post("/chat/completions", include_in_schema=False)
-    async def chat(req: ChatCompletionRequest):
+    async def _generation(req, prepare):
         svc.stats["requests"] += 1
-        jobs, info = await svc.prep(svc.prepare_chat, req)
+        jobs, info = await svc.prep(prepare, req)
         _admit()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return GenerationResponse(svc, jobs, info, bool(req.stream), include_usage)
 
+    @app.post("/v1/chat/completions", tags=["openai"])
+    @app.post("/chat/completions", include_in_schema=False)
+    async def chat(req: ChatCompletionRequest):
+        return await _generation(req, svc.prepare_chat)
+
     @app.post("/v1/completions", tags=["openai"])
     @app.post("/completions", include_in_schema=False)
     async def completions(req: CompletionRequest):
-        svc.stats["requests"] += 1
-        jobs, info = await svc.prep(svc.prepare_completion, req)
-        _admit()
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return GenerationResponse(svc, jobs, info, bool(req.stream), include_usage)
+        return await _generation(req, svc.prepare_completion)
 
     @app.post("/v1/embeddings", tags=["openai"])
     @app.post("/embeddings", include_in_schema=False)
