@@ -1,4 +1,4 @@
-"""Devices and layer placement for GPU offload (ENGINE_BRIEF §7). CuPy is imported here, lazily, and nowhere
+"""Devices and layer placement for GPU offload (docs/offload.md). CuPy is imported here, lazily, and nowhere
 else in llamba: without it (or without a working CUDA driver) `discover_devices()` returns no devices and a
 reason, and offload falls back to the CPU with one warning line.
 

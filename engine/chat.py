@@ -1,4 +1,4 @@
-"""Chat templates: render `tokenizer.chat_template` (HF Jinja) in a sandbox, then tokenize it (ENGINE_BRIEF §5.5).
+"""Chat templates: render `tokenizer.chat_template` (HF Jinja) in a sandbox, then tokenize it (docs/tokenizer.md).
 
     tmpl = ChatTemplate.for_model(metadata, tokenizer)          # or ChatTemplate.load("chatml", ...)
     text = tmpl.render(messages, add_generation_prompt=True)    # HF `apply_chat_template(tokenize=False)`

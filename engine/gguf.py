@@ -1,4 +1,4 @@
-"""GGUF reader: header, metadata, tensor infos, and zero-copy tensor views on an mmap (ENGINE_BRIEF §1).
+"""GGUF reader: header, metadata, tensor infos, and zero-copy tensor views on an mmap (docs/gguf.md).
 
 Nothing is dequantized at load. Every problem with a file becomes a one-line `GGUFError` naming the file.
 Split models (`name-00001-of-00003.gguf`) are opened as one: the tensors are the union over all parts.

@@ -1,5 +1,5 @@
 """GPU offload: `offload_model` places layers (llamba.backend) and moves the offloaded blocks, their KV cache and
-recurrent state, the output layer and the MTP layer onto their devices (ENGINE_BRIEF §7).
+recurrent state, the output layer and the MTP layer onto their devices (docs/offload.md).
 
 There are no device twins of the blocks: a block is written once (llamba.models) against a kernel backend
 (llamba.compute), and offloading a block is `place(block, DeviceCompute(dev))`, a copy of it whose weights are
@@ -198,7 +198,7 @@ class OffloadInfo:
 
 def offload_model(model, n_gpu_layers, *, tensor_split=None, main_gpu: int = 0, split_mode="layer",
                   devices: list[Device] | None = None, verbose: bool = False, what: str | None = None):
-    """Move the last `n_gpu_layers` layers of `model` to the devices (ENGINE_BRIEF §7). Returns an OffloadInfo,
+    """Move the last `n_gpu_layers` layers of `model` to the devices (docs/offload.md). Returns an OffloadInfo,
     or None when nothing was offloaded (n_gpu_layers == 0, or no usable device: one warning line, CPU).
     `devices` overrides discovery (tests pass numpy stand-ins; the same Device twice is allowed)."""
     n_gpu_layers = parse_ngl(n_gpu_layers)

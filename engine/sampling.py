@@ -1,4 +1,4 @@
-"""Token sampling: llama.cpp's default sampler chain, in numpy (ENGINE_BRIEF §6).
+"""Token sampling: llama.cpp's default sampler chain, in numpy (docs/sampling.md).
 
     params  = SamplingParams(temp=0.7, top_k=40, seed=42)      # or SamplingParams.from_gguf_defaults(gguf, temp=0.7)
     sampler = Sampler(params, n_ctx=4096)

@@ -1,4 +1,4 @@
-"""Tokenizer: llama.cpp-exact byte-level BPE (`gpt2`) and SentencePiece (`llama`) vocabularies (ENGINE_BRIEF §5).
+"""Tokenizer: llama.cpp-exact byte-level BPE (`gpt2`) and SentencePiece (`llama`) vocabularies (docs/tokenizer.md).
 
 The bar is llama.cpp's token ids, so this module ports `llama-vocab.cpp` / `unicode.cpp` rather than following
 the Hugging Face tokenizers:

@@ -137,7 +137,7 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 
 __constant__ signed char KV_IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
-// ---- element j of one GGUF block at b (ENGINE_BRIEF section 2), float operation order of gguf-py
+// ---- element j of one GGUF block at b (docs/numerics.md), float operation order of gguf-py
 __device__ __forceinline__ float deq_f32(const u8* b, int j) { return __uint_as_float(rd32(b)); }
 __device__ __forceinline__ float deq_f16(const u8* b, int j) { return h2f(rd16(b)); }
 __device__ __forceinline__ float deq_bf16(const u8* b, int j) { return __uint_as_float(rd16(b) << 16); }

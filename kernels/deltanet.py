@@ -1,10 +1,11 @@
-"""Gated DeltaNet kernels for qwen35 linear-attention layers (ENGINE_BRIEF §3.4, §4.5).
+"""Gated DeltaNet kernels for qwen35 linear-attention layers (docs/architectures.md: "Gated DeltaNet",
+"Rolling back recurrent (DeltaNet) state").
 
 All arrays are float32; outputs, state and snapshot buffers are passed in and written in place.
 Numerics follow llama.cpp's CPU ops (checked against libggml from llama-cpp-python 0.3.36):
 
 * `l2_norm_heads` is ggml_l2_norm: `x * 1/max(sqrt(sum x^2), eps)`. That is an eps *floor* on the norm,
-  not `1/sqrt(sum + eps)` as ENGINE_BRIEF §3.4 step 5 says.
+  not `1/sqrt(sum + eps)`.
 * `gated_delta_rule` is GGML_OP_GATED_DELTA_NET. The state is stored the way llama.cpp stores it,
   transposed: `state[h, b, a] = M_h[a][b]` (b = value index outer, a = key index inner, contiguous). Each
   value row b then decays, updates and reads out on its own, in one pass over S contiguous floats.

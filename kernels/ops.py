@@ -1,6 +1,6 @@
 """Non-matmul compute kernels (Numba): RMSNorm, RoPE (NORM/NEOX, partial rotary, YaRN), softmax,
 SwiGLU/GeGLU and the other activations, fp16 rounding, the KV-cache store and causal/sliding-window
-grouped-query attention (ENGINE_BRIEF §2.3 "Other numerics", §3.0, §3.2).
+grouped-query attention (docs/numerics.md: "Other numerics", "Shared building blocks").
 
 Conventions:
 

@@ -1,5 +1,5 @@
 """Dispatch over tensor types: one place that maps a ggml type id to its dequantizer, its activation
-quantizer (the type's vec_dot_type, ENGINE_BRIEF §2.3) and its quantized matmul kernel.
+quantizer (the type's vec_dot_type, docs/numerics.md) and its quantized matmul kernel.
 
 Model code never branches on a quant type; `llamba.layers.Linear` calls `ops_for(type_id)` once.
 """

@@ -1,5 +1,5 @@
 """One table of ggml tensor-type traits: block sizes, byte sizes, and the activation format
-llama.cpp's CPU backend converts activations to before a quantized dot product (ENGINE_BRIEF §2.3).
+llama.cpp's CPU backend converts activations to before a quantized dot product (docs/numerics.md).
 
 Model code never branches on a quant type; `llamba.layers.Linear` looks the type up here once.
 """

@@ -9,7 +9,7 @@ names plus attn_q/k/v.bias, no QK-norm), `Qwen3ForCausalLM` (arch `qwen3`), `Qwe
 router and experts as for qwen3moe),
 `Qwen3_5ForCausalLM` (arch `qwen35`) or `Qwen3_5MoeForCausalLM` (arch `qwen35moe`), applying the conversion
 transforms of llama.cpp's convert_hf_to_gguf.py (`Qwen3Model`, `Qwen3NextModel`, `_LinearAttentionVReorderBase`,
-`Qwen3_5TextModel`, `Qwen3_5MoeTextModel`; ENGINE_BRIEF §3.3, §3.4, §3.5):
+`Qwen3_5TextModel`, `Qwen3_5MoeTextModel`; docs/architectures.md):
 
 qwen35:
 * MTP tensors (`mtp.*`, only if the state dict holds any; transformers' Qwen3_5ForCausalLM has no MTP module

@@ -1,5 +1,5 @@
 """An independent float64 numpy forward pass for llama / gemma2 / gemma3 / phi3 / qwen2 / qwen3 / qwen3moe GGUFs,
-written from ENGINE_BRIEF §3 and read with gguf-py's own GGUFReader + dequantize (not llamba's loader or kernels).
+written from docs/architectures.md and read with gguf-py's own GGUFReader + dequantize (not llamba's loader or kernels).
 Slow; tiny models only."""
 from __future__ import annotations
 

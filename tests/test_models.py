@@ -1,5 +1,5 @@
 """Forward passes of llama / gemma3 / qwen3 on tiny random GGUFs against an independent float64 numpy
-implementation (tests/ref_forward.py: gguf-py reader + dequantize, written from ENGINE_BRIEF §3)."""
+implementation (tests/ref_forward.py: gguf-py reader + dequantize, written from docs/architectures.md)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Sampler chain (llamba.sampling) against hand-worked examples of llama.cpp's semantics (ENGINE_BRIEF §6)."""
+"""Sampler chain (llamba.sampling) against hand-worked examples of llama.cpp's semantics (docs/sampling.md)."""
 import math
 import time
 

@@ -1,4 +1,4 @@
-"""`gemma3`: ENGINE_BRIEF §3.2. NEOX RoPE with a separate base for sliding-window layers, QK-norm,
+"""`gemma3` (docs/architectures.md): NEOX RoPE with a separate base for sliding-window layers, QK-norm,
 embedding scale sqrt(n_embd), GeGLU(tanh), post-attention and post-FFN norms, Q pre-scaled.
 Norm weights already carry Gemma's +1 (baked in by the converter): used as stored."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`llama` (Llama 2/3, Mistral, SmolLM2, ...): ENGINE_BRIEF §3.1. NORM (adjacent-pair) RoPE because the
+"""`llama` (Llama 2/3, Mistral, SmolLM2, ...): docs/architectures.md. NORM (adjacent-pair) RoPE because the
 converter permuted Q/K rows; no QK-norm, no embedding scale, SwiGLU FFN, optional tied output. With
 `llama.expert_count` (Mixtral): every FFN a mixture of experts (llamba.models.moe.MoEFFN, no shared expert), as
 llama.cpp's llama graph builds it (softmax gating, top-k weights renormalized)."""

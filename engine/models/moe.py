@@ -1,4 +1,4 @@
-"""Mixture-of-experts FFN (qwen35moe, ENGINE_BRIEF §3.5; qwen3moe): softmax router, top-k experts renormalized,
+"""Mixture-of-experts FFN (qwen35moe and qwen3moe, docs/architectures.md): softmax router, top-k experts renormalized,
 SwiGLU experts stored as 3-D GGUF tensors, plus (qwen35moe) a sigmoid-gated shared expert.
 
 For the rows u (T, n_embd) after post_attention_norm:

@@ -1,4 +1,4 @@
-"""`qwen3` (dense Qwen3): ENGINE_BRIEF §3.3 — llama plus per-head Q/K RMSNorm before NEOX RoPE."""
+"""`qwen3` (dense Qwen3, docs/architectures.md): llama plus per-head Q/K RMSNorm before NEOX RoPE."""
 from __future__ import annotations
 
 from llamba.config import ModelConfig, base_config

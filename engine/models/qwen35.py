@@ -1,5 +1,5 @@
 """`qwen35` (Qwen3.5/3.6 dense): hybrid Gated DeltaNet + gated full attention, with an optional MTP (nextn)
-head. ENGINE_BRIEF §3.4 and §4. `qwen35moe` (llamba.models.qwen35moe) is the same model with a mixture-of-experts
+head (docs/architectures.md). `qwen35moe` (llamba.models.qwen35moe) is the same model with a mixture-of-experts
 FFN (llamba.models.moe.MoEFFN) in every block.
 
 Trunk layer il < n_layer: x += Mixer(attn_norm(x)); x += SwiGLU(post_attention_norm(x)), where Mixer is a
@@ -119,8 +119,8 @@ class GatedAttention:
 
 
 class GatedDeltaNet:
-    """Qwen3.5 linear-attention layer (ENGINE_BRIEF §3.4): conv1d+SiLU over q|k|v channels, L2-normed q/k,
-    gated delta rule with tiled v-head -> k-head mapping, gated RMSNorm, ssm_out."""
+    """Qwen3.5 linear-attention layer (docs/architectures.md, "Gated DeltaNet"): conv1d+SiLU over q|k|v channels,
+    L2-normed q/k, gated delta rule with tiled v-head -> k-head mapping, gated RMSNorm, ssm_out."""
 
     GROUPS = ("proj_in", "out")
     PARAMS = ("conv_w", "dt_bias", "ssm_a", "ssm_norm")
@@ -300,7 +300,7 @@ class Qwen35(BaseModel):
 
 
 class MTPHead(BaseModel):
-    """The nextn block as a drafter with its own KV cache (ENGINE_BRIEF §4.2-4.3).
+    """The nextn block as a drafter with its own KV cache (docs/architectures.md, "MTP").
 
     forward(tokens, h_prev): row i pairs token i (at position n_past+i) with the post-norm hidden h_prev[i] that
     predicted it; returns logits for the token after it and keeps its own post-norm hidden (`hidden`) for

@@ -1,4 +1,4 @@
-"""`qwen35moe` (Qwen3.5 MoE, ENGINE_BRIEF §3.5): the qwen35 model (hybrid Gated DeltaNet + gated full attention,
+"""`qwen35moe` (Qwen3.5 MoE, docs/architectures.md): the qwen35 model (hybrid Gated DeltaNet + gated full attention,
 optional MTP head) with a mixture-of-experts FFN (llamba.models.moe.MoEFFN) in every block, the MTP block's
 included. Extra keys: expert_count, expert_used_count, expert_feed_forward_length (default n_ff /
 expert_used_count), expert_shared_feed_forward_length (default n_ff)."""

@@ -1,5 +1,5 @@
 """Draft-model proposer: a smaller GGUF with the same vocabulary drafts greedily (top-k 10, take the top),
-keeping its own cache in step with the target's tokens (ENGINE_BRIEF §4.7 `draft-simple`)."""
+keeping its own cache in step with the target's tokens (llama.cpp's `draft-simple`)."""
 from __future__ import annotations
 
 from llamba.errors import LlambaError

@@ -1,4 +1,4 @@
-"""MTP proposer: the model's own nextn head drafts (ENGINE_BRIEF §4.2-4.4).
+"""MTP proposer: the model's own nextn head drafts (docs/architectures.md, "MTP").
 
 The MTP block has its own KV cache, filled for every position the trunk keeps ("catch-up"): row p pairs
 token p with the trunk's post-norm hidden of position p-1 (`pending_h` carries it between calls; zeros at 0).

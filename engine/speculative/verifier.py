@@ -1,4 +1,5 @@
-"""The one verifier every proposer shares (ENGINE_BRIEF §4.4, steps 4-8).
+"""The one verifier every proposer shares (llama.cpp's `draft-mtp` loop, steps 4-8, in
+docs/architectures.md).
 
 Per step: the proposer drafts up to n_max tokens after `id_last`; the target evaluates [id_last, d_1..d_n] in ONE
 row-exact batch (logits for every row, per-token recurrent snapshots); the target's own sampler picks row by row

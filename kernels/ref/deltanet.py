@@ -50,8 +50,9 @@ def gated_delta_rule(q, k, v, g, beta, state, out, snapshots):
 
 
 def gated_delta_rule_chunked(q, k, v, g, beta, state, out):
-    """Chunked (WY) form as ENGINE_BRIEF §3.4 states it: zero-pad to a multiple of 64, then per chunk
-    T = (I + L)^-1, U = T(beta V) - T(beta e^G K) M, O = (e^G Q^) M + A U, M <- e^G_last M + sum_j ..."""
+    """Chunked (WY) form as llama.cpp's graph fallback computes it (docs/architectures.md): zero-pad to a
+    multiple of 64, then per chunk T = (I + L)^-1, U = T(beta V) - T(beta e^G K) M, O = (e^G Q^) M + A U,
+    M <- e^G_last M + sum_j ..."""
     T, Hk, S = q.shape
     Hv = v.shape[1]
     Tp = -(-T // CHUNK) * CHUNK

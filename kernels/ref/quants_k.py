@@ -1,4 +1,4 @@
-"""Plain numpy twins of ``llamba.kernels.quants_k`` (slow, written for clarity; ENGINE_BRIEF §2.2/§2.3).
+"""Plain numpy twins of ``llamba.kernels.quants_k`` (slow, written for clarity; docs/numerics.md).
 
 * ``dequant_<t>(raw)``: ``raw`` uint8 (rows, row_bytes) -> float32 (rows, ncols), with the float
   operation order of gguf-py (``(d*scale)*q`` and, for types with mins, ``- dmin*min``).

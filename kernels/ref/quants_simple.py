@@ -1,7 +1,7 @@
 """Plain numpy twins of ``llamba.kernels.quants_simple`` (slow, obviously correct).
 
-They follow ENGINE_BRIEF §2.1 (dequantization) and §2.3 (llama.cpp activation quantization and
-block dot products) literally, with the same float32 operation order as the Numba kernels, so the
+They follow docs/numerics.md (dequantization, llama.cpp's activation quantization and block dot
+products) literally, with the same float32 operation order as the Numba kernels, so the
 kernels are expected to match them bit for bit:
 
 * quantized matmul: per 32-block an exact integer dot, then ``acc += (d_w*d_a)*isum`` (Q4_1/Q5_1:
