@@ -15,15 +15,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
-if not hasattr(transformers, "Qwen3_5ForCausalLM"):
-    pytest.skip(f"transformers {transformers.__version__} has no Qwen3_5ForCausalLM", allow_module_level=True)
+from hf_convert import convert
+from llamba import Llama
 
-from hf_convert import convert  # noqa: E402
-from llamba import Llama  # noqa: E402
+# torch and transformers take ~10 s to import: _hf() imports them on first use (in the `cases` fixture), not at
+# collection, so `pytest --collect-only` and runs that deselect these tests do not pay for them.
+torch = transformers = None
 
-transformers.logging.set_verbosity_error()  # no "falling back to the reference PyTorch kernel" notices
+
+def _hf():
+    """Import torch and transformers into this module's globals, or skip the calling test/fixture."""
+    global torch, transformers
+    if transformers is None:
+        t = pytest.importorskip("torch", reason="torch is not installed (pip install -e '.[test]')")
+        tf = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[test]')")
+        if not hasattr(tf, "Qwen3_5ForCausalLM"):
+            pytest.skip(f"transformers {tf.__version__} has no Qwen3_5ForCausalLM")
+        tf.logging.set_verbosity_error()  # no "falling back to the reference PyTorch kernel" notices
+        torch, transformers = t, tf
 
 TOL = 1e-3
 N_TOK = 72  # > 32: the batched prefill path; > 64: two delta-rule chunks (llamba and transformers use 64)
@@ -196,6 +205,7 @@ CONVERT_OPTS = {"qwen35moe-top2-split": {"split_experts": True}}
 
 @pytest.fixture(scope="module")
 def cases(tmp_path_factory):
+    _hf()
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("hf")
     toks = np.random.default_rng(5).integers(0, 320, N_TOK).tolist()
@@ -333,40 +343,43 @@ def test_moe_routing_is_exercised(cases, case, monkeypatch):
         assert rel > 50 * TOL
 
 
-class _HFMtp(torch.nn.Module):
+def _hf_mtp(cfg):
     """Qwen3.5's MTP block under the checkpoint names (`mtp.fc`, `mtp.pre_fc_norm_embedding`,
     `mtp.pre_fc_norm_hidden`, `mtp.norm`, `mtp.layers.0.*`), built from transformers' own Qwen3.5 (or Qwen3.5
     MoE) modules. transformers' Qwen3_5(Moe)ForCausalLM has no MTP module (it drops `mtp.*` at load), so only
-    the wiring is ours, as ENGINE_BRIEF §4.2 / llama.cpp: hM = norm(layer(fc([enorm(embed(x_p)) |
-    hnorm(h_{p-1})]))), where h is the trunk's post-final-norm hidden state and the layer is an ordinary
-    full-attention decoder layer (with the MoE FFN for Qwen3.5 MoE)."""
+    the wiring is ours, as llama.cpp's (docs/architectures.md, "MTP forward"):
+    hM = norm(layer(fc([enorm(embed(x_p)) | hnorm(h_{p-1})]))), where h is the trunk's post-final-norm hidden
+    state and the layer is an ordinary full-attention decoder layer (with the MoE FFN for Qwen3.5 MoE)."""
 
-    def __init__(self, cfg):
-        super().__init__()
-        import copy
+    class HFMtp(torch.nn.Module):
+        def __init__(self, cfg):
+            super().__init__()
+            import copy
 
-        if cfg.model_type == "qwen3_5_moe_text":
-            from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as M
-            Norm, Layer, Rotary = M.Qwen3_5MoeRMSNorm, M.Qwen3_5MoeDecoderLayer, M.Qwen3_5MoeTextRotaryEmbedding
-        else:
-            from transformers.models.qwen3_5 import modeling_qwen3_5 as M
-            Norm, Layer, Rotary = M.Qwen3_5RMSNorm, M.Qwen3_5DecoderLayer, M.Qwen3_5TextRotaryEmbedding
-        c = copy.deepcopy(cfg)
-        c.layer_types, c.num_hidden_layers = ["full_attention"], 1
-        E, eps = cfg.hidden_size, cfg.rms_norm_eps
-        self.fc = torch.nn.Linear(2 * E, E, bias=False)
-        self.pre_fc_norm_embedding = Norm(E, eps)
-        self.pre_fc_norm_hidden = Norm(E, eps)
-        self.norm = Norm(E, eps)
-        self.layers = torch.nn.ModuleList([Layer(c, 0)])
-        self.rotary = Rotary(c)
+            if cfg.model_type == "qwen3_5_moe_text":
+                from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as M
+                Norm, Layer, Rotary = M.Qwen3_5MoeRMSNorm, M.Qwen3_5MoeDecoderLayer, M.Qwen3_5MoeTextRotaryEmbedding
+            else:
+                from transformers.models.qwen3_5 import modeling_qwen3_5 as M
+                Norm, Layer, Rotary = M.Qwen3_5RMSNorm, M.Qwen3_5DecoderLayer, M.Qwen3_5TextRotaryEmbedding
+            c = copy.deepcopy(cfg)
+            c.layer_types, c.num_hidden_layers = ["full_attention"], 1
+            E, eps = cfg.hidden_size, cfg.rms_norm_eps
+            self.fc = torch.nn.Linear(2 * E, E, bias=False)
+            self.pre_fc_norm_embedding = Norm(E, eps)
+            self.pre_fc_norm_hidden = Norm(E, eps)
+            self.norm = Norm(E, eps)
+            self.layers = torch.nn.ModuleList([Layer(c, 0)])
+            self.rotary = Rotary(c)
 
-    def forward(self, emb, h):
-        x = self.fc(torch.cat([self.pre_fc_norm_embedding(emb), self.pre_fc_norm_hidden(h)], dim=-1))
-        T = x.shape[1]
-        mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
-        x = self.layers[0](x, position_embeddings=self.rotary(x, torch.arange(T)[None]), attention_mask=mask)
-        return self.norm(x)
+        def forward(self, emb, h):
+            x = self.fc(torch.cat([self.pre_fc_norm_embedding(emb), self.pre_fc_norm_hidden(h)], dim=-1))
+            T = x.shape[1]
+            mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
+            x = self.layers[0](x, position_embeddings=self.rotary(x, torch.arange(T)[None]), attention_mask=mask)
+            return self.norm(x)
+
+    return HFMtp(cfg)
 
 
 @pytest.mark.parametrize("case", ["qwen35-nv1x", "qwen35moe-top3"])
@@ -375,7 +388,7 @@ def test_mtp_block_matches_hf_modules(cases, tmp_path, case):
     (for qwen35moe with a MoE FFN in the MTP block)."""
     toks, _ = cases
     model = CASES[case]()  # untied: the MTP head falls back to output.weight
-    mtp = _randomize(_HFMtp(model.config), 14, zero_centred_norms=True)
+    mtp = _randomize(_hf_mtp(model.config), 14, zero_centred_norms=True)
     sd = {**model.state_dict(), **{"mtp." + k: v for k, v in mtp.state_dict().items()}}
     path = convert(model, tmp_path / "mtp.gguf", state_dict=sd)
     ids = torch.tensor([toks])
