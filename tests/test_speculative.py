@@ -2,8 +2,8 @@
 token; with temperature the token stream is identical for the same seed (the verifier samples every row with
 the target's own sampler, drawing one random number per emitted token, as plain decoding does).
 
-The qwen35 fixture (tests/data/models/tiny-qwen35-mtp-q8_0.gguf, a copy of ../shared/models/, trained with an
-MTP head) is also checked against llama.cpp's greedy ids and acceptance counts from ../shared/models/README.md."""
+The qwen35 fixture (tests/data/models/tiny-qwen35-mtp-q8_0.gguf, trained with an MTP head) is also checked against
+llama.cpp's greedy ids and acceptance counts from tests/data/models/README.md."""
 from __future__ import annotations
 
 import subprocess
@@ -21,7 +21,7 @@ from tiny_models import write_model, write_qwen35
 DATA = Path(__file__).parent / "data"
 FIXTURE = DATA / "models" / "tiny-qwen35-mtp-q8_0.gguf"
 
-# ../shared/models/README.md: llama.cpp's greedy continuation and MTP acceptance (accepted, drafted) per prompt,
+# tests/data/models/README.md: llama.cpp's greedy continuation and MTP acceptance (accepted, drafted) per prompt,
 # `llama-speculative-simple --spec-type draft-mtp --spec-draft-n-max N -n 64 --temp 0` (llama-cpp-python 0.3.36)
 PROMPTS = [
     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
