@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import sys
 import time
 import uuid
@@ -42,6 +43,7 @@ def set_threads(n_threads: int | None):
 # TypeError), what does not fit memory -> ResourceLimitError with the numbers.
 
 MAX_STOPS, MAX_STOP_CHARS = 64, 1024  # stop strings are matched against the text on every token
+MAX_CHAT_N = 128  # chat choices per call (each its own generation)
 MAX_LOGPROBS = 1000  # alternatives per token (OpenAI allows 20): each costs a detokenize per generated token
 
 
@@ -837,8 +839,9 @@ class Llama:
 
     def _completion_stream(self, toks, max_tokens, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                            frequency_penalty, presence_penalty, seed, stops, logit_bias, out_tokens=None, rec=None,
-                           stats=None, constraint=None):
+                           stats=None, constraint=None, keep_special=None):
         """Yield (text_piece, finish_reason|None). Text that could be the start of a stop string is held back.
+        `keep_special`: ids of special tokens whose text is kept (tool-call markers such as [TOOL_CALLS]).
         `rec` (a _LogprobRecorder): each generated token's logprobs are recorded, and after each yield
         `rec.take()` gives the tokens whose text has started to come out (tokens of a cut stop string or the
         end-of-generation token never do)."""
@@ -876,6 +879,8 @@ class Llama:
             if rec is not None:
                 rec.token(tok, total, gen)
             gen.append(tok)
+            if keep_special:
+                dec.special = tok in keep_special
             piece = dec.feed(tok)
             total += len(piece)
             pending += piece
@@ -935,11 +940,17 @@ class Llama:
                                presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                                repeat_penalty: float = 1.0, logit_bias=None, tools=None, tool_choice=None,
                                response_format=None, chat_template_kwargs: dict | None = None,
-                               logprobs: bool | None = None, top_logprobs: int | None = None, **kwargs):
+                               logprobs: bool | None = None, top_logprobs: int | None = None,
+                               parallel_tool_calls: bool | None = None, n: int | None = None, **kwargs):
         """OpenAI-style chat completion (a `chat.completion` dict, or `chat.completion.chunk` dicts when
-        streaming), like llama-cpp-python. `tools` and `chat_template_kwargs` (e.g. {"enable_thinking": False};
-        `enable_thinking=` also works) go to the template; `tool_choice` is ignored; `response_format` (and
-        `grammar=`) constrain the output (see create_completion).
+        streaming), like llama-cpp-python. `chat_template_kwargs` (e.g. {"enable_thinking": False};
+        `enable_thinking=` also works) go to the template; `response_format` (and `grammar=`) constrain the output
+        (see create_completion).
+        `tools` / `tool_choice` ("auto", "none", "required", {"type": "function", "function": {"name": N}}) /
+        `parallel_tool_calls` (llamba.tools): the tools are rendered for the chat template's tool-call format and
+        the answer is parsed into `message.tool_calls` (streamed: `delta.tool_calls`) with finish_reason
+        "tool_calls"; "required" or a named function constrain the answer to valid calls. Invalid -> ToolError.
+        `n`: that many choices, each its own generation (choice j samples with seed + j, as completions do).
         `logprobs=True` (with `top_logprobs` alternatives per token, default 0) adds OpenAI's
         `logprobs.content` (token, logprob, bytes, top_logprobs) for the generated tokens, recorded from the rows
         they were sampled from (no logits_all needed)."""
@@ -949,17 +960,72 @@ class Llama:
         tkw = dict(chat_template_kwargs or {})
         if "enable_thinking" in kwargs:
             tkw["enable_thinking"] = kwargs.pop("enable_thinking")
-        constraint = self._constraint(response_format, kwargs.pop("grammar", None))
-        toks = self.apply_chat_template(messages, add_generation_prompt=True, tools=tools, tokenize=True, **tkw)
-        return self._chat_completion_from_tokens(
-            toks, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
-            stream=stream, stop=stop, seed=seed, max_tokens=max_tokens, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, logit_bias=logit_bias,
-            logprobs=logprobs, top_logprobs=top_logprobs, constraint=constraint)
+        n = _int_arg("n", n, lo=1, hi=MAX_CHAT_N)
+        n = 1 if n is None else n
+        grammar = kwargs.pop("grammar", None)
+        toks, plan = self._chat_prompt(messages, tools, tool_choice, parallel_tool_calls, tkw)
+        constraint = self._chat_constraint(plan, response_format, grammar)
+        kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
+                  stop=stop, max_tokens=max_tokens, presence_penalty=presence_penalty,
+                  frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, logit_bias=logit_bias,
+                  constraint=constraint)
+        if n == 1:
+            return self._chat_completion_from_tokens(toks, stream=stream, logprobs=logprobs,
+                                                     top_logprobs=top_logprobs, plan=plan, seed=seed, **kw)
+        seeds = self._choice_seeds(seed, n)
+        if stream:
+            return self._chat_n_stream(toks, seeds, logprobs, top_logprobs, plan, kw)
+        outs = [self._chat_completion_from_tokens(toks, logprobs=logprobs, top_logprobs=top_logprobs, plan=plan,
+                                                  seed=sd, index=j, **kw) for j, sd in enumerate(seeds)]
+        first = outs[0]
+        usage = dict(first["usage"])
+        usage["completion_tokens"] = sum(o["usage"]["completion_tokens"] for o in outs)
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return dict(first, choices=[o["choices"][0] for o in outs], usage=usage)
+
+    def _choice_seeds(self, seed, n: int) -> list:
+        """Per-choice seeds: choice j uses seed + j (the Llama's seed, or a random base, when none is given)."""
+        if seed is None or seed == -1:
+            s = self.seed
+            seed = s if isinstance(s, int) and 0 <= s < 0xFFFFFFFF else secrets.randbelow(1 << 31)
+        return [int(seed) + j for j in range(n)]
+
+    def _chat_n_stream(self, toks, seeds, logprobs, top_logprobs, plan, kw):
+        """n streamed choices, one after the other (chunk `index` j)."""
+        for j, sd in enumerate(seeds):
+            yield from self._chat_completion_from_tokens(toks, stream=True, logprobs=logprobs,
+                                                         top_logprobs=top_logprobs, plan=plan, seed=sd, index=j,
+                                                         **kw)
+
+    def _chat_prompt(self, messages, tools=None, tool_choice=None, parallel_tool_calls=None, tkw=None):
+        """(prompt token ids, llamba.tools.ToolPlan) of a chat request: tools checked and rendered for the
+        template's tool-call format, tool-call messages adapted (arguments as dicts for the template)."""
+        from llamba.tools import plan_tools
+        tmpl = self.get_chat_template()
+        plan = plan_tools(tmpl.source, tools, tool_choice, parallel_tool_calls)
+        msgs = plan.messages(messages)
+        toks = self.apply_chat_template(msgs, add_generation_prompt=True, tools=plan.template_tools(),
+                                        tokenize=True, **(tkw or {}))
+        return toks, plan
+
+    def _chat_constraint(self, plan, response_format=None, grammar=None):
+        """The constraint of a chat request: tool_choice required / named -> the tool-call grammar, else
+        response_format / grammar."""
+        if plan is not None and plan.constrained:
+            if grammar is not None or (response_format is not None and
+                                       (not isinstance(response_format, dict) or
+                                        response_format.get("type") != "text")):
+                from llamba.tools import ToolError
+                raise ToolError("tool_choice 'required' or a named function cannot be combined with "
+                                "response_format / grammar")
+            from llamba.constrain import compile_constraint
+            return compile_constraint(self.tokenizer, "lark", plan.grammar(self.tokenizer))
+        return self._constraint(response_format, grammar)
 
     def _chat_stream_pieces(self, toks, temperature=0.2, top_p=0.95, top_k=40, min_p=0.05, typical_p=1.0,
                             stop=None, seed=None, max_tokens=None, presence_penalty=0.0, frequency_penalty=0.0,
-                            repeat_penalty=1.0, logit_bias=None, rec=None, stats=None, constraint=None):
+                            repeat_penalty=1.0, logit_bias=None, rec=None, stats=None, constraint=None,
+                            keep_special=None):
         """Check a rendered chat prompt and return `_completion_stream`'s (piece, finish) iterator for it."""
         self._need_model()
         if not toks:
@@ -975,45 +1041,68 @@ class Llama:
         stops += [s for s in self.get_chat_template().stop if s not in stops]
         return self._completion_stream(list(toks), max_tokens, temperature, top_k, top_p, min_p, typical_p,
                                        repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias,
-                                       None, rec, stats, constraint=constraint)
+                                       None, rec, stats, constraint=constraint, keep_special=keep_special)
 
-    def _chat_completion_from_tokens(self, toks, stream: bool = False, logprobs=None, top_logprobs=None, **kw):
+    def _chat_completion_from_tokens(self, toks, stream: bool = False, logprobs=None, top_logprobs=None, plan=None,
+                                     index: int = 0, **kw):
         rec = None
         if logprobs:
             n = _int_arg("top_logprobs", 0 if top_logprobs is None else top_logprobs, lo=0, hi=MAX_LOGPROBS)
             rec = _LogprobRecorder(n)
         stats = GenStats()
+        tools_on = plan is not None and plan.active
+        if tools_on:
+            from llamba.tools import marker_ids
+            kw["keep_special"] = marker_ids(plan.fmt, self.tokenizer) or None
         it = self._chat_stream_pieces(toks, rec=rec, stats=stats, **kw)
         cid = f"chatcmpl-{uuid.uuid4()}"
         created = int(time.time())
         if stream:
-            return self._chat_chunks(it, cid, created, rec, stats, len(toks))
+            return self._chat_chunks(it, cid, created, rec, stats, len(toks), plan if tools_on else None, index)
         pieces, finish = [], "length"
         for piece, fin in it:
             pieces.append(piece)
             if fin:
                 finish = fin
         lp = {"content": self._chat_logprobs_content(rec.take()), "refusal": None} if rec else None
+        message = {"role": "assistant", "content": "".join(pieces)}
+        if tools_on:
+            content, calls = plan.parse(message["content"])
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                finish = "tool_calls"
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": self.model_path,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                         "logprobs": lp, "finish_reason": finish}],
+            "choices": [{"index": index, "message": message, "logprobs": lp, "finish_reason": finish}],
             "usage": _usage(len(toks), stats, self.engine is not None),
         }
 
-    def _chat_chunks(self, it, cid, created, rec=None, stats=None, n_prompt=0):
+    def _chat_chunks(self, it, cid, created, rec=None, stats=None, n_prompt=0, plan=None, index: int = 0):
         def chunk(delta, finish, lp=None):
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_path,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+                    "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
+        parser = plan.stream_parser() if plan is not None else None
         try:
             yield chunk({"role": "assistant"}, None)
             finish = "length"
             for piece, fin in it:
                 if piece:
                     lp = {"content": self._chat_logprobs_content(rec.take()), "refusal": None} if rec else None
-                    yield chunk({"content": piece}, None, lp)
+                    if parser is None:
+                        yield chunk({"content": piece}, None, lp)
+                    else:
+                        deltas = parser.feed(piece)
+                        for k, d in enumerate(deltas):
+                            yield chunk(d, None, lp if k == 0 else None)
+                        if not deltas and lp is not None and lp["content"]:
+                            yield chunk({}, None, lp)
                 if fin:
                     finish = fin
+            if parser is not None:
+                for d in parser.finish():
+                    yield chunk(d, None)
+                if parser.has_calls:
+                    finish = "tool_calls"
             last = chunk({}, finish)
             if self.stream_usage and stats is not None:  # serving: usage on the last chunk
                 last["usage"] = _usage(n_prompt, stats, True)

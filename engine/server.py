@@ -313,19 +313,12 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Optional[Int] = Field(None, ge=1)
     logprobs: Optional[bool] = None
     top_logprobs: Optional[Int] = Field(None, ge=0, le=MAX_LOGPROBS)
-    n: Optional[Int] = None
-    tools: Optional[list[dict[str, Any]]] = None
+    n: Optional[Int] = Field(None, ge=1, le=MAX_N)
+    tools: Optional[list[Any]] = None  # checked by llamba.tools (one message per mistake)
     tool_choice: Any = None
-    parallel_tool_calls: Any = None
+    parallel_tool_calls: Optional[bool] = None
     response_format: Optional[dict[str, Any]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v):
-        if v is not None and v != 1:
-            raise _err("must be 1: chat completions return one choice per request on this server")
-        return v
 
     @model_validator(mode="after")
     def _check(self):
@@ -769,14 +762,29 @@ class LlambaService:
     def prepare_chat(self, req: ChatCompletionRequest) -> tuple[list[_Job], dict]:
         llm = self.llm
         kw = self.sampling_kwargs(req)
-        kw.update(self.constraint_kwargs(req))
         mt = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         msgs = [m.model_dump(exclude_unset=True) for m in req.messages]
         tkw = dict(req.chat_template_kwargs or {})
+        from llamba.tools import ToolError
         try:
-            toks = llm.apply_chat_template(msgs, add_generation_prompt=True, tools=req.tools, tokenize=True, **tkw)
+            toks, plan = llm._chat_prompt(msgs, req.tools, req.tool_choice, req.parallel_tool_calls, tkw)
+        except ToolError as e:
+            msg = _line(e)
+            param = next((p for p in ("tool_choice", "parallel_tool_calls", "tools") if msg.startswith(p)),
+                         "messages" if msg.startswith("messages") else "tools")
+            raise _bad(msg, param) from None
         except LlambaError as e:
             raise _bad(_line(e), "messages") from None
+        if plan.constrained:  # the tool-call grammar, compiled once here so that a bad schema is a 400
+            try:
+                llm._chat_constraint(plan, req.response_format)
+            except LlambaError as e:
+                raise _bad(_line(e), "tools" if req.response_format is None else "response_format") from None
+        else:
+            kw.update(self.constraint_kwargs(req))
+        for k in ("tools", "tool_choice", "parallel_tool_calls", "response_format"):
+            if getattr(req, k) is not None:
+                kw[k] = getattr(req, k)
         self._check_fit(toks, mt, "messages")
         if mt is not None:
             kw["max_tokens"] = mt
@@ -786,11 +794,20 @@ class LlambaService:
 
         whole = not req.stream and self.whole_calls
 
-        def open_fn(cancelled):
-            out = llm.create_chat_completion(msgs, stream=not whole, tools=req.tools, chat_template_kwargs=tkw, **kw)
-            return iter([out]) if whole else out
+        def job(index, jkw):
+            def open_fn(cancelled):
+                out = llm.create_chat_completion(msgs, stream=not whole, chat_template_kwargs=tkw, **jkw)
+                return iter([out]) if whole else out
+            return _Job(index, "chat", len(toks), open_fn)
 
-        return [_Job(0, "chat", len(toks), open_fn)], {"n_prompt": len(toks)}
+        n = req.n or 1
+        jobs = []
+        for j, seed in enumerate(self._seeds(kw.get("seed"), n)):
+            jkw = dict(kw)
+            if seed is not None:
+                jkw["seed"] = seed
+            jobs.append(job(j, jkw))
+        return jobs, {"n_prompt": len(toks)}
 
     def prepare_completion(self, req: CompletionRequest) -> tuple[list[_Job], dict]:
         llm = self.llm
@@ -1364,17 +1381,35 @@ class GenerationResponse(Response):
 
 def _chat_choice(index: int, chunks: list[dict]) -> dict:
     text, finish, lps, want_lp = [], None, [], False
+    calls: dict[int, dict] = {}
     for c in chunks:
         ch = c["choices"][0]
         d = ch.get("delta") or ch.get("message") or {}
         if d.get("content"):
             text.append(d["content"])
+        for k, tc in enumerate(d.get("tool_calls") or ()):  # a whole message's calls, or streamed fragments
+            i = tc.get("index", k)
+            f = tc.get("function") or {}
+            if "delta" not in ch:
+                calls[i] = {"id": tc.get("id"), "type": "function",
+                            "function": {"name": f.get("name"), "arguments": f.get("arguments") or ""}}
+                continue
+            call = calls.setdefault(i, {"id": None, "type": "function", "function": {"name": None, "arguments": ""}})
+            if tc.get("id"):
+                call["id"] = tc["id"]
+            if f.get("name"):
+                call["function"]["name"] = f["name"]
+            call["function"]["arguments"] += f.get("arguments") or ""
         if ch.get("logprobs") is not None:
             want_lp = True
             lps += ch["logprobs"].get("content") or []
         if ch.get("finish_reason"):
             finish = ch["finish_reason"]
-    return {"index": index, "message": {"role": "assistant", "content": "".join(text)},
+    message = {"role": "assistant", "content": "".join(text)}
+    if calls:
+        message = {"role": "assistant", "content": "".join(text) or None, "tool_calls": [calls[i] for i in
+                                                                                     sorted(calls)]}
+    return {"index": index, "message": message,
             "logprobs": {"content": lps, "refusal": None} if want_lp else None, "finish_reason": finish or "length"}
 
 
