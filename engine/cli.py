@@ -49,6 +49,8 @@ def _add_spec_args(p: argparse.ArgumentParser):
     p.add_argument("--draft-max", type=int, default=3, help="tokens drafted per step (default 3)")
     p.add_argument("--draft-p-min", type=float, default=0.0, help="stop drafting below this probability")
     p.add_argument("--draft-model", default=None, help="a smaller GGUF with the same vocabulary (--spec draft)")
+    p.add_argument("--mtp-head", default=None, metavar="HEAD.gguf",
+                   help="a sidecar MTP head trained for this model (llamba mtp-train); --spec auto drafts with it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pooling", choices=["none", "mean", "cls", "last"], default=None,
                        help="pooling of /v1/embeddings (default: the model's pooling_type)")
     _add_spec_args(serve)
+    from llamba.perplexity import add_parser as _perplexity_parser
+    _perplexity_parser(sub, _add_model_args)
+    from llamba.train.cli import add_parser as _mtp_train_parser
+    _mtp_train_parser(sub, _add_model_args)
     info = sub.add_parser("info", help="describe a GGUF model")
     info.add_argument("model", nargs="?", help="GGUF model file")
     info.add_argument("--devices", action="store_true", help="list GPU devices")
@@ -157,7 +163,7 @@ def cmd_run(a) -> int:
     t0 = time.perf_counter()
     llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, seed=RANDOM_SEED if a.seed < 0 else a.seed,
                 n_batch=a.batch_size, verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
-                draft_model=a.draft_model, **_gpu_kwargs(a))
+                draft_model=a.draft_model, mtp_head=a.mtp_head, **_gpu_kwargs(a))
     llm._proposer()  # a bad --spec choice fails here, before any output
     t_load = time.perf_counter() - t0
     toks = llm.tokenize(prompt.encode("utf-8"), add_bos=not a.no_bos, special=a.special)
@@ -227,7 +233,7 @@ def _load_for_chat(a):
     pt = {v: k for k, v in POOLING_NAMES.items()}[pooling] if pooling else POOLING_UNSPECIFIED
     llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, seed=RANDOM_SEED if a.seed < 0 else a.seed,
                 n_batch=a.batch_size, verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
-                draft_model=a.draft_model, chat_template=a.chat_template, embedding=True, pooling_type=pt,
+                draft_model=a.draft_model, mtp_head=a.mtp_head, chat_template=a.chat_template, embedding=True, pooling_type=pt,
                 **_gpu_kwargs(a))
     llm._proposer()  # a bad --spec choice fails here
     if not a.chat_template and not llm.metadata.get("tokenizer.chat_template"):
@@ -429,6 +435,14 @@ def main(argv=None) -> int:
             return cmd_chat(a)
         if a.cmd == "serve":
             return cmd_serve(a)
+        if a.cmd == "perplexity":
+            from llamba.perplexity import main as perplexity_main
+            a.model = _model_path(a.model)
+            return perplexity_main(a)
+        if a.cmd == "mtp-train":
+            from llamba.train.cli import main as mtp_train_main
+            a.model = _model_path(a.model)
+            return mtp_train_main(a)
     except LlambaError as e:
         print(f"llamba: error: {e}", file=sys.stderr)
         return 1
