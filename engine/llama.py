@@ -277,7 +277,8 @@ class Llama:
                  spec: str = "none", draft_max: int = 3, draft_p_min: float = 0.0,
                  draft_model: str | None = None, chat_format: str | None = None,
                  chat_template: str | None = None, embedding: bool = False,
-                 pooling_type: int = POOLING_UNSPECIFIED, n_parallel: int = 1, **kwargs):
+                 pooling_type: int = POOLING_UNSPECIFIED, n_parallel: int = 1, mtp_head: str | None = None,
+                 **kwargs):
         t0 = time.perf_counter()
         _check_init_args(n_ctx, n_batch, n_threads, seed)
         self.model_path = str(model_path)
@@ -306,6 +307,9 @@ class Llama:
                 from llamba.offload import offload_model
                 offload_model(self.model, n_gpu_layers, tensor_split=tensor_split, main_gpu=main_gpu,
                               split_mode=split_mode, verbose=verbose)
+            if mtp_head:  # a sidecar MTP head (llamba mtp-train): becomes model.mtp, so --spec auto/mtp use it
+                from llamba.mtp_head import attach_head
+                attach_head(self.model, self.gguf, mtp_head)
             self.session = Session(self.model, n_batch)
         self._n_ctx = n_ctx
         self.engine = None  # the continuous-batching scheduler (llamba.scheduler), with n_parallel > 1

@@ -467,7 +467,11 @@ class Transformer(BaseModel):
         self._init_cache(n_ctx)
 
     def kv_layers(self):
-        return {b.il: (b.n_head_kv, b.hd, b.hd_v) for b in self.blocks}
+        out = {b.il: (b.n_head_kv, b.hd, b.hd_v) for b in self.blocks}
+        mtp = getattr(self, "mtp", None)
+        if mtp is not None:  # a sidecar MTP head (llamba.mtp_head): its KV layer in the same pool
+            out.update(mtp.head_kv_layer())
+        return out
 
     def make_ffn(self, gf, cfg, il: int):
         """The FFN of layer il when it is not the dense gated FFN (None: that one): with experts in the config
