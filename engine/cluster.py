@@ -44,6 +44,7 @@ log = logging.getLogger("llamba.cluster")
 
 APP_NAME = "llamba"
 REPLICA_HEADER = b"x-llamba-replica"  # response header: the Ray actor name of the replica that answered
+RETRY_HEADER = b"x-llamba-retried-from"  # response header: the replica that failed before this answer (retried)
 SESSION_HEADER = b"x-session-id"  # request header: an explicit affinity key (overrides the one from the body)
 PROMPT_KEY_CHARS = 256  # a completions prompt is keyed on its first this many characters
 PROMPT_KEY_IDS = 64  # ... or its first this many token ids
@@ -293,6 +294,9 @@ class LlambaIngress:
                         t = msg.get("type")
                         if t == "http.response.start":
                             start = msg
+                            if avoid:  # say which replica failed before this answer
+                                start = dict(msg, headers=list(msg.get("headers") or []) + [(RETRY_HEADER,
+                                                                                          avoid.encode())])
                             ctype = dict((bytes(k).lower(), bytes(v)) for k, v in msg.get("headers") or [])
                             sse = ctype.get(b"content-type", b"").startswith(b"text/event-stream")
                         elif t == "http.response.body":
@@ -343,7 +347,7 @@ class LlambaIngress:
                         500, f"the replica failed on this request ({why})", "internal_error"))
                 if attempt < self.retries:
                     self.counts["retried"] += 1
-                    avoid = failed
+                    avoid = failed or "unknown"
                     continue
                 self.counts["failed"] += 1
                 return await _send_whole(send, _start(503), _json_error(
