@@ -8,7 +8,7 @@ A block holds `be`, its backend, and calls only through it:
   `attention_paged(q, kc, vc, pos, row_seq, tables, bs, n_kv, scale, n_swa, out[, softcap])`,
   `sigmoid(x, out)`, `swiglu(g, u, out)`, `geglu_tanh(g, u, out)`, `gdn_gates(a, b, dt_bias, ssm_a, g, beta)`,
   `conv1d_silu(m, conv_state, w, out, snaps)`, `l2_norm_heads(x, eps, out)`,
-  `gated_delta_rule(q, k, v, g, beta, state, out, snaps)`, `gated_delta_rule_chunked(...)`,
+  `gated_delta_rule(q, k, v, g, beta, state, out, snaps)`,
   `gated_rms_norm(o, z, w, eps, out)`; `rms_norm(x, w, eps)` and `softcap(y, cap)` return their result;
 * `xp` (the array module of the activations), `empty(shape)`, `zeros(shape, dtype)`;
 * weights: `group(lins)` (a LinearGroup: [lin(f(x)) for lin in lins] with an optional fused norm/activation),
@@ -71,14 +71,7 @@ class CPUCompute:
     gdn_gates = staticmethod(D.gdn_gates)
     conv1d_silu = staticmethod(D.conv1d_silu)
     l2_norm_heads = staticmethod(D.l2_norm_heads)
-    # (looked up at call time: tests route the token loop to the chunked form by patching the kernels module)
-    @staticmethod
-    def gated_delta_rule(q, k, v, g, beta, state, out, snaps):
-        return D.gated_delta_rule(q, k, v, g, beta, state, out, snaps)
-
-    @staticmethod
-    def gated_delta_rule_chunked(q, k, v, g, beta, state, out):
-        return D.gated_delta_rule_chunked(q, k, v, g, beta, state, out)
+    gated_delta_rule = staticmethod(D.gated_delta_rule)
     gated_rms_norm = staticmethod(D.gated_rms_norm)
     softcap = staticmethod(_softcap)
     linear = staticmethod(_proj)
@@ -247,9 +240,6 @@ class DeviceCompute:
         out[...] = o
         if snaps.shape[0]:
             snaps[...] = s
-
-    def gated_delta_rule_chunked(self, q, k, v, g, beta, state, out):
-        out[...] = self.k.delta_rule(q, k, v, g, beta, state, 0)[0]
 
     def gated_rms_norm(self, o, z, w, eps, out):
         out[...] = self.k.gated_rms_norm(o, z, w, eps)

@@ -24,7 +24,6 @@ from numba import njit, prange
 # Reassociation lets LLVM vectorize the dot products. Each value depends only on the compiled code,
 # never on T, so splitting a batch into T=1 calls gives bit-identical results.
 _FM = {"reassoc", "contract"}
-CHUNK = 64  # chunk length of the chunked (WY) form, as llama.cpp's graph fallback uses
 
 
 @njit(cache=True, nogil=True)
@@ -133,89 +132,6 @@ def gated_delta_rule(q, k, v, g, beta, state, out, snapshots):
                 out[t, h, b] = sq * scale
             if t < n_snap:
                 snapshots[t, h] = st
-
-
-@njit(cache=True, nogil=True, parallel=True, fastmath=_FM)
-def gated_delta_rule_chunked(q, k, v, g, beta, state, out):
-    """Chunked (WY) form of `gated_delta_rule`, chunks of 64 tokens; same math, different rounding.
-
-    Same arrays and state layout as `gated_delta_rule`, no snapshots. Per chunk (n <= 64 rows, G = cumsum g,
-    M = state at chunk start): U = (I + L)^-1 (beta*V - beta*e^G*(K M)) by forward substitution, with
-    L[i,j] = beta_i e^(G_i-G_j) k_i.k_j for j < i; O = ((e^G*Q) M + A U) / sqrt(S), A[i,j] = e^(G_i-G_j) q_i.k_j
-    for j <= i; M <- e^(G_last) M + sum_j e^(G_last-G_j) k_j (x) u_j. Allocates ~(3*64*S + 2*64*64) floats per head.
-    """
-    T, Hk, S = q.shape
-    Hv = v.shape[1]
-    scale = np.float32(1.0 / np.sqrt(S))
-    for h in prange(Hv):
-        kh = h % Hk
-        st = state[h]                                   # (S value, S key)
-        K = np.empty((CHUNK, S), np.float32)
-        Q = np.empty((CHUNK, S), np.float32)
-        U = np.empty((CHUNK, S), np.float32)            # first K M, then U
-        QM = np.empty((CHUNK, S), np.float32)
-        KK = np.empty((CHUNK, CHUNK), np.float32)       # KK[i, j] = k_i.k_j, j < i
-        QK = np.empty((CHUNK, CHUNK), np.float32)       # QK[i, j] = q_i.k_j, j <= i
-        G = np.empty(CHUNK, np.float32)
-        for t0 in range(0, T, CHUNK):
-            n = min(CHUNK, T - t0)
-            acc = np.float32(0.0)
-            for i in range(n):
-                acc += g[t0 + i, h]
-                G[i] = acc
-                for a in range(S):
-                    K[i, a] = k[t0 + i, kh, a]
-                    Q[i, a] = q[t0 + i, kh, a]
-            for i in range(n):
-                for j in range(i + 1):
-                    sk = np.float32(0.0)
-                    sq = np.float32(0.0)
-                    for a in range(S):
-                        sk += K[i, a] * K[j, a]
-                        sq += Q[i, a] * K[j, a]
-                    KK[i, j] = sk
-                    QK[i, j] = sq
-            for b in range(S):                          # K M and Q M against the chunk-start state
-                for i in range(n):
-                    sk = np.float32(0.0)
-                    sq = np.float32(0.0)
-                    for a in range(S):
-                        sk += K[i, a] * st[b, a]
-                        sq += Q[i, a] * st[b, a]
-                    U[i, b] = sk
-                    QM[i, b] = sq
-            for i in range(n):                          # forward substitution: (I + L) U = RHS
-                bi = beta[t0 + i, h]
-                egi = np.float32(np.exp(G[i]))
-                for b in range(S):
-                    U[i, b] = bi * (v[t0 + i, h, b] - egi * U[i, b])
-                for j in range(i):
-                    c = bi * np.float32(np.exp(G[i] - G[j])) * KK[i, j]
-                    for b in range(S):
-                        U[i, b] -= c * U[j, b]
-            for i in range(n):                          # outputs
-                egi = np.float32(np.exp(G[i]))
-                for b in range(S):
-                    QM[i, b] *= egi
-                for j in range(i + 1):
-                    c = np.float32(np.exp(G[i] - G[j])) * QK[i, j]
-                    for b in range(S):
-                        QM[i, b] += c * U[j, b]
-                for b in range(S):
-                    out[t0 + i, h, b] = QM[i, b] * scale
-            gl = G[n - 1]
-            egl = np.float32(np.exp(gl))
-            for j in range(n):                          # fold the decay weight into U's rows
-                wj = np.float32(np.exp(gl - G[j]))
-                for b in range(S):
-                    U[j, b] *= wj
-            for b in range(S):                          # state update, one value row at a time
-                for a in range(S):
-                    st[b, a] *= egl
-                for j in range(n):
-                    c = U[j, b]
-                    for a in range(S):
-                        st[b, a] += c * K[j, a]
 
 
 @njit(cache=True, nogil=True, parallel=True)

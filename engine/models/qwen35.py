@@ -150,11 +150,7 @@ class GatedDeltaNet:
         self.proj_in = LinearGroup([self.w_qkv, self.w_gate, self.w_beta, self.w_alpha])
         self.out = LinearGroup([self.w_out])
 
-    def new_state(self):
-        return (np.zeros((self.conv_dim, self.Dc - 1), dtype=np.float32),
-                np.zeros((self.Hv, self.S, self.S), dtype=np.float32))
-
-    def __call__(self, h, b: Batch, snaps, gemm: bool, chunked: bool):
+    def __call__(self, h, b: Batch, snaps, gemm: bool):
         """Rows of b's sequences -> (R, n_embd); each sequence's rows run its own conv/ssm state (seq.rec[il]).
         snaps: None, or a dict to which seq index -> (conv_snapshots (T,C,D-1), ssm_snapshots (T,Hv,S,S)) is
         added."""
@@ -182,14 +178,11 @@ class GatedDeltaNet:
         o = be.empty((R, Hv, S))
         for i, (r0, r1) in enumerate(b.ranges):
             ssm = b.seqs[i].rec[self.il][1]
-            if chunked and snaps is None:
-                be.gated_delta_rule_chunked(q[r0:r1], k[r0:r1], v[r0:r1], g[r0:r1], beta[r0:r1], ssm, o[r0:r1])
-            else:
-                n_snap = r1 - r0 if snaps is not None else 0
-                ss = be.empty((n_snap, Hv, S, S))
-                be.gated_delta_rule(q[r0:r1], k[r0:r1], v[r0:r1], g[r0:r1], beta[r0:r1], ssm, o[r0:r1], ss)
-                if snaps is not None:
-                    snaps[i] = (conv_snaps[i], ss)
+            n_snap = r1 - r0 if snaps is not None else 0
+            ss = be.empty((n_snap, Hv, S, S))
+            be.gated_delta_rule(q[r0:r1], k[r0:r1], v[r0:r1], g[r0:r1], beta[r0:r1], ssm, o[r0:r1], ss)
+            if snaps is not None:
+                snaps[i] = (conv_snaps[i], ss)
         y = be.empty(o.shape)
         be.gated_rms_norm(o, z.reshape(R, Hv, S), self.ssm_norm, self.eps, y)
         return self.out(y.reshape(R, self.value_dim), gemm=gemm)[0]
@@ -223,12 +216,12 @@ class Qwen35Block:
         x += self.ffn.normed(x, self.post_attention_norm, self.eps, gemm)
         return x
 
-    def __call__(self, x, b: Batch, rope, gemm: bool, snaps=None, chunked: bool = False):
+    def __call__(self, x, b: Batch, rope, gemm: bool, snaps=None):
         """x (R, n_embd) on this block's backend -> x after this block. Recurrent blocks run each sequence's own
         state and add its snapshots to snaps (a dict) when given."""
         h = self.be.rms_norm(x, self.attn_norm, self.eps)
         if self.recurrent:
-            x += self.mixer(h, b, snaps, gemm, chunked)
+            x += self.mixer(h, b, snaps, gemm)
         else:
             x += self.mixer(h, b, rope, gemm)
         return self.ffn_part(x, gemm)
@@ -275,7 +268,6 @@ class Qwen35(BaseModel):
             return [np.empty((0, self.config.n_vocab), dtype=np.float32) for _ in seqs]
         if gemm is None:  # (one sequence only: the BLAS path is not row-exact)
             gemm = len(seqs) == 1 and R >= GEMM_MIN_BATCH
-        chunked = False  # the token loop measured faster than the chunked (WY) form on the CPU at every T
         if snapshots:
             before = [{il: (cs.copy(), ss.copy()) for il, (cs, ss) in s.rec.items()} for s in seqs]
             snaps = [{} for _ in seqs]
@@ -286,7 +278,7 @@ class Qwen35(BaseModel):
             if not blk.recurrent:
                 return blk(x, b, rope, gemm)
             got = {} if snapshots else None
-            x = blk(x, b, rope, gemm, got, chunked)
+            x = blk(x, b, rope, gemm, got)
             if snapshots:
                 for i in range(len(seqs)):
                     snaps[i][blk.il] = got[i]

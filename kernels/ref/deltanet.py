@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-CHUNK = 64
-
 
 def _silu(x):
     return x / (1.0 + np.exp(-x))
@@ -47,38 +45,6 @@ def gated_delta_rule(q, k, v, g, beta, state, out, snapshots):
         if t < snapshots.shape[0]:
             snapshots[t] = Mt
     state[:] = Mt
-
-
-def gated_delta_rule_chunked(q, k, v, g, beta, state, out):
-    """Chunked (WY) form as llama.cpp's graph fallback computes it (docs/architectures.md): zero-pad to a
-    multiple of 64, then per chunk T = (I + L)^-1, U = T(beta V) - T(beta e^G K) M, O = (e^G Q^) M + A U,
-    M <- e^G_last M + sum_j ..."""
-    T, Hk, S = q.shape
-    Hv = v.shape[1]
-    Tp = -(-T // CHUNK) * CHUNK
-    for h in range(Hv):
-        kh = h % Hk
-        Kp, Qp, Vp = np.zeros((Tp, S)), np.zeros((Tp, S)), np.zeros((Tp, S))
-        gp, bp = np.zeros(Tp), np.zeros(Tp)
-        Kp[:T], Qp[:T], Vp[:T] = k[:, kh], q[:, kh] / np.sqrt(S), v[:, h]
-        gp[:T], bp[:T] = g[:, h], beta[:, h]
-        M = state[h].astype(np.float64).T  # (key, value)
-        for c0 in range(0, Tp, CHUNK):
-            K, Q, V = Kp[c0:c0 + CHUNK], Qp[c0:c0 + CHUNK], Vp[c0:c0 + CHUNK]
-            G = np.cumsum(gp[c0:c0 + CHUNK])
-            b = bp[c0:c0 + CHUNK, None]
-            decay = np.exp(np.minimum(G[:, None] - G[None, :], 0.0))  # only j <= i is used
-            L = np.tril(b * decay * (K @ K.T), -1)
-            Tinv = np.eye(CHUNK)
-            for i in range(1, CHUNK):  # forward substitution for (I + L)^-1
-                Tinv[i] -= L[i, :i] @ Tinv[:i]
-            U = Tinv @ (b * V) - Tinv @ (b * np.exp(G)[:, None] * K) @ M
-            A = np.tril(decay * (Q @ K.T))
-            O = (np.exp(G)[:, None] * Q) @ M + A @ U
-            M = np.exp(G[-1]) * M + (np.exp(G[-1] - G)[:, None] * K).T @ U
-            n = min(CHUNK, T - c0)
-            out[c0:c0 + n, h] = O[:n]
-        state[h] = M.T
 
 
 def gated_rms_norm(o, z, w, eps, out):

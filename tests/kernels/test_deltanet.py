@@ -42,10 +42,7 @@ def _no_snap(Hv, S):
 def _run(fn, q, k, v, g, beta, st, snaps=None):
     st = st.copy()
     out = np.full(v.shape, np.nan, f32)
-    if fn in (nb.gated_delta_rule_chunked, ref.gated_delta_rule_chunked):
-        fn(q, k, v, g, beta, st, out)
-    else:
-        fn(q, k, v, g, beta, st, out, _no_snap(v.shape[1], v.shape[2]) if snaps is None else snaps)
+    fn(q, k, v, g, beta, st, out, _no_snap(v.shape[1], v.shape[2]) if snaps is None else snaps)
     return out, st
 
 
@@ -172,8 +169,6 @@ def test_gated_delta_rule_tiled_head_mapping():
     og, _ = _run(ref.gated_delta_rule, q[:, grouped], k[:, grouped], v, g, beta, st)
     assert _rel(o, ot) < 1e-5 and _rel(s, stt) < 1e-5
     assert _rel(o[:, 1:3], og[:, 1:3]) > 1e-2  # heads 1 and 2 are where the two mappings differ
-    oc, _ = _run(nb.gated_delta_rule_chunked, q, k, v, g, beta, st)
-    assert _rel(oc, ot) < 1e-5
 
 
 def test_gated_delta_rule_one_token_calls_equal_batch_bitwise():
@@ -216,53 +211,19 @@ def test_gated_delta_rule_accepts_strided_views():
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 Numba threads")
-@pytest.mark.parametrize("fn", [nb.gated_delta_rule, nb.gated_delta_rule_chunked])
-def test_thread_count_does_not_change_bits(fn):
+def test_thread_count_does_not_change_bits():
     """Each head is one prange iteration, so results do not depend on how many threads run them."""
     args = _inputs(T=70, Hk=2, Hv=4, S=32, seed=13)
     n = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
-        o1, s1 = _run(fn, *args)
+        o1, s1 = _run(nb.gated_delta_rule, *args)
         numba.set_num_threads(2)
-        o2, s2 = _run(fn, *args)
+        o2, s2 = _run(nb.gated_delta_rule, *args)
     finally:
         numba.set_num_threads(n)
     np.testing.assert_array_equal(o1, o2)
     np.testing.assert_array_equal(s1, s2)
-
-
-# ---------------------------------------------------------------- chunked form
-
-CHUNKED_RTOL = 1e-4  # max |chunked - token loop| / max |token loop|, for outputs and final state
-
-
-@pytest.mark.parametrize("T", [1, 63, 64, 65, 300])
-def test_chunked_equals_token_loop(T):
-    args = _inputs(T=T, Hk=2, Hv=4, S=32, seed=T)
-    o_tok, s_tok = _run(nb.gated_delta_rule, *args)
-    o_ch, s_ch = _run(nb.gated_delta_rule_chunked, *args)
-    assert _rel(o_ch, o_tok) < CHUNKED_RTOL and _rel(s_ch, s_tok) < CHUNKED_RTOL
-
-
-def test_chunked_strong_decay():
-    """Cumulative gates reach ~-100 inside a chunk: e^G underflows, e^(G_i - G_j) never overflows."""
-    args = _inputs(T=130, Hk=2, Hv=4, S=32, seed=9, strong_decay=True)
-    o_tok, s_tok = _run(nb.gated_delta_rule, *args)
-    o_ch, s_ch = _run(nb.gated_delta_rule_chunked, *args)
-    assert np.isfinite(o_ch).all()
-    assert _rel(o_ch, o_tok) < CHUNKED_RTOL and _rel(s_ch, s_tok) < CHUNKED_RTOL
-
-
-@pytest.mark.parametrize("T", [1, 65, 130])
-def test_chunked_twin_equals_token_twin(T):
-    args = _inputs(T=T, Hk=2, Hv=4, S=16, seed=10 + T)
-    # float64 inside, float32 at the boundary: the twins agree to float32 rounding
-    o1, s1 = _run(ref.gated_delta_rule, *args)
-    o2, s2 = _run(ref.gated_delta_rule_chunked, *args)
-    assert _rel(o2, o1) < 1e-6 and _rel(s2, s1) < 1e-6
-    o3, s3 = _run(nb.gated_delta_rule_chunked, *args)
-    assert _rel(o3, o2) < CHUNKED_RTOL and _rel(s3, s2) < CHUNKED_RTOL
 
 
 # ---------------------------------------------------------------- optional: llama.cpp's own ops
