@@ -5,6 +5,8 @@
     llamba info MODEL
     llamba chat [-m MODEL] [--system TEXT] [--chat-template NAME|FILE] [sampling flags]   (interactive REPL)
     llamba serve [-m MODEL] [--host 127.0.0.1] [--port 8080] [-np N] [--api-key KEY]   (OpenAI-compatible HTTP server)
+    llamba cluster serve -m MODEL --replicas N [--threads-per-replica T] [--port 8000] [--address ADDR]
+               [--min-replicas A --max-replicas B]   (replicas behind Ray Serve; needs llamba[cluster])
 
 Errors print one line to stderr and exit with status 1 (no traceback).
 """
@@ -118,10 +120,49 @@ def build_parser() -> argparse.ArgumentParser:
     _perplexity_parser(sub, _add_model_args)
     from llamba.train.cli import add_parser as _mtp_train_parser
     _mtp_train_parser(sub, _add_model_args)
+    _add_cluster_parser(sub)
     info = sub.add_parser("info", help="describe a GGUF model")
     info.add_argument("model", nargs="?", help="GGUF model file")
     info.add_argument("--devices", action="store_true", help="list GPU devices")
     return ap
+
+
+def _add_cluster_parser(sub):
+    cl = sub.add_parser("cluster", help="llamba replicas behind Ray Serve (needs llamba[cluster])")
+    csub = cl.add_subparsers(dest="cluster_cmd", required=True)
+    cs = csub.add_parser("serve", help="one OpenAI-compatible endpoint in front of N llamba engine replicas",
+                         description="Starts (or joins, --address) a Ray cluster and deploys N llamba replicas, each "
+                                     "its own batching engine, behind one OpenAI-compatible HTTP ingress (Ray "
+                                     "Serve). Requests of one conversation go to the replica that holds its prefix, "
+                                     "others to the least-loaded one. The model file must be readable at the same "
+                                     "path on every node.")
+    cs.add_argument("-m", "--model", required=True, help="GGUF model file (same path on every node)")
+    cs.add_argument("--replicas", type=int, default=2, help="engine replicas (default 2; with autoscaling the "
+                                                            "initial number)")
+    cs.add_argument("--threads-per-replica", type=int, default=1,
+                    help="CPU threads per engine, also the CPUs Ray reserves for it (default 1)")
+    cs.add_argument("-np", "--parallel", "--n-parallel", dest="n_parallel", type=int, default=4,
+                    help="requests each engine decodes at once (default 4)")
+    cs.add_argument("--min-replicas", type=int, default=None, help="autoscale down to this many replicas")
+    cs.add_argument("--max-replicas", type=int, default=None,
+                    help="autoscale up to this many replicas (by requests in flight and queued per replica)")
+    cs.add_argument("--host", default="127.0.0.1", help="address of the HTTP ingress (default: loopback only)")
+    cs.add_argument("--port", type=int, default=8000, help="port of the HTTP ingress (default 8000)")
+    cs.add_argument("--address", default=None,
+                    help="join this Ray cluster (e.g. auto, or HEAD_IP:6379 after `ray start --head`); "
+                         "default: start a local one")
+    cs.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster (default: all)")
+    cs.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens per replica")
+    cs.add_argument("-b", "--batch-size", type=int, default=512, help="most prompt tokens processed in one step")
+    cs.add_argument("--max-queue", type=int, default=64, help="requests that may wait in a replica before 503")
+    cs.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (default 1 MiB)")
+    cs.add_argument("--alias", default=None, help="model name reported by the API (default: the file name)")
+    cs.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    cs.add_argument("--chat-template", default=None, metavar="NAME|FILE",
+                    help="chat template instead of the model's (built-in name or Jinja file)")
+    cs.add_argument("--seed", type=int, default=-1, help="RNG seed for requests without one (-1: random)")
+    cs.add_argument("--spec", choices=["auto", "mtp", "draft", "ngram", "none"], default="auto",
+                    help="speculative decoding in each replica (auto = the model's MTP head when it has one)")
 
 
 def _model_path(arg: str | None) -> str:
@@ -385,6 +426,75 @@ def cmd_serve(a) -> int:
     return 0
 
 
+def cmd_cluster(a) -> int:
+    try:
+        import ray
+        from llamba import cluster
+        if not cluster.HAVE_RAY:
+            raise ImportError
+    except ImportError:
+        raise LlambaError('llamba cluster needs Ray Serve: pip install "llamba[cluster]"') from None
+    from ray import serve
+    from llamba.sampling import RANDOM_SEED
+    path = os.path.abspath(a.model)
+    if not os.path.isfile(path):
+        raise LlambaError(f"no model file {path}")
+    if a.replicas < 1 or a.threads_per_replica < 1 or a.n_parallel < 1:
+        raise LlambaError("--replicas, --threads-per-replica and -np must be at least 1")
+    autoscaling = None
+    if a.min_replicas is not None or a.max_replicas is not None:
+        lo = a.min_replicas if a.min_replicas is not None else 1
+        hi = a.max_replicas if a.max_replicas is not None else max(lo, a.replicas)
+        if not 0 <= lo <= hi or hi < 1:
+            raise LlambaError(f"need 0 <= --min-replicas <= --max-replicas, >= 1 (got {lo}, {hi})")
+        autoscaling = {"min_replicas": lo, "max_replicas": hi,
+                       "initial_replicas": min(max(a.replicas, lo), hi)}
+    llama_kw = dict(n_ctx=a.ctx_size, n_batch=a.batch_size, seed=RANDOM_SEED if a.seed < 0 else a.seed,
+                    spec=a.spec, chat_template=a.chat_template)
+    server_kw = {"api_key": a.api_key} if a.api_key else {}
+    app = cluster.deployment(path, replicas=a.replicas, threads_per_replica=a.threads_per_replica,
+                             n_parallel=a.n_parallel, autoscaling=autoscaling, max_queue=a.max_queue,
+                             llama_kwargs=llama_kw, server_kwargs=server_kw, alias=a.alias, max_body=a.max_body)
+    started = not (a.address or os.environ.get("RAY_ADDRESS"))
+    cpus = a.num_cpus or os.cpu_count() or 1
+    if started and a.replicas * a.threads_per_replica > cpus:
+        print(f"llamba: warning: {a.replicas} replicas x {a.threads_per_replica} threads need more than the "
+              f"{cpus} CPUs of this machine: Ray starts only the replicas that fit", file=sys.stderr)
+    ray.init(address=a.address, num_cpus=a.num_cpus if started else None, include_dashboard=False,
+             log_to_driver=True)
+    if a.host not in ("127.0.0.1", "::1", "localhost") and not a.api_key:
+        print(f"llamba: warning: listening on {a.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+    import signal
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)  # a service manager's stop: the same clean shutdown as Ctrl-C
+    try:
+        cluster.run(app, host=a.host, port=a.port)
+        scale = (f"autoscaling {autoscaling['min_replicas']}-{autoscaling['max_replicas']} replicas"
+                 if autoscaling else f"{a.replicas} replica{'s' if a.replicas != 1 else ''}")
+        url_host = f"[{a.host}]" if ":" in a.host else a.host
+        print(f"llamba: serving {a.alias or os.path.basename(path)} on http://{url_host}:{a.port} ({scale} x "
+              f"{a.threads_per_replica} thread{'s' if a.threads_per_replica != 1 else ''}, -np {a.n_parallel} "
+              f"each; Ray cluster {'started here' if started else 'at ' + str(a.address or 'RAY_ADDRESS')}; "
+              f"Ctrl-C stops)", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+    finally:
+        try:
+            if started:
+                serve.shutdown()
+            else:
+                serve.delete(cluster.APP_NAME)  # leave the shared cluster's other apps (and Serve) running
+        finally:
+            ray.shutdown()
+    return 0
+
+
 def cmd_info(a) -> int:
     if a.devices:
         from llamba.backend import describe_devices
@@ -435,6 +545,8 @@ def main(argv=None) -> int:
             return cmd_chat(a)
         if a.cmd == "serve":
             return cmd_serve(a)
+        if a.cmd == "cluster":
+            return cmd_cluster(a)
         if a.cmd == "perplexity":
             from llamba.perplexity import main as perplexity_main
             a.model = _model_path(a.model)

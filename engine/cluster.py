@@ -269,6 +269,10 @@ class LlambaIngress:
         body = bytes(body[: self.max_body + 1])
         fwd = {k: scope[k] for k in _FWD_SCOPE if k in scope}
         fwd["headers"] = [(bytes(k), bytes(v)) for k, v in scope.get("headers", [])]
+        root = scope.get("root_path") or ""
+        if root and fwd.get("path", "").startswith(root):  # deployed under a route prefix: llamba's own paths
+            fwd["path"] = fwd["path"][len(root):] or "/"
+            fwd["raw_path"] = fwd["path"].encode()
         fwd["root_path"] = ""
         fwd.setdefault("query_string", b"")
         fwd.setdefault("raw_path", fwd.get("path", "/").encode())
@@ -446,11 +450,13 @@ def deployment(model_path: str, replicas: int = 2, threads_per_replica: int = 1,
     return ingress.bind(replica, max_body=max_body, request_timeout=request_timeout)
 
 
-def run(app, *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME, blocking: bool = False):
-    """Start Serve's HTTP proxy on host:port (when Serve is not running yet) and deploy `app` at "/"."""
+def run(app, *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME, route_prefix: str = "/",
+        blocking: bool = False):
+    """Start Serve's HTTP proxy on host:port (when Serve is not running yet) and deploy `app` at `route_prefix`
+    (its endpoints are then http://host:port/PREFIX/v1/...)."""
     _need_ray()
     serve.start(http_options={"host": host, "port": int(port)})
-    return serve.run(app, name=name, route_prefix="/", blocking=blocking)
+    return serve.run(app, name=name, route_prefix=route_prefix, blocking=blocking)
 
 
 def wait_replicas(n: int, timeout: float = 120.0, name: str = APP_NAME, deployment_name: str = "LlambaReplica"):
