@@ -39,7 +39,6 @@ _HALF = np.float32(0.5)
 _TENTH = np.float32(0.1)
 _TWO = np.float32(2.0)
 _TEN = np.float32(10.0)
-_TWENTY = np.float32(20.0)
 _EPS_RAMP = np.float32(0.001)
 _PI_F32 = np.float32(np.pi)  # (float)M_PI
 _NEG_INF = np.float32(-np.inf)
@@ -200,24 +199,6 @@ def rms_norm(x, w, eps, out):
         sc = _rms_scale(x, r, n, e)
         for i in range(n):
             out[r, i] = (x[r, i] * sc) * w[i]
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def rms_norm_noweight(x, eps, out):
-    """out = x * 1/sqrt(mean(x^2) + eps) (ggml_rms_norm without the weight multiply). out may be x."""
-    # x (R, n), out (R, n)
-    R, n = x.shape
-    e = np.float32(eps)
-    if R * n < _PAR_MIN:
-        for r in range(R):
-            sc = _rms_scale(x, r, n, e)
-            for i in range(n):
-                out[r, i] = x[r, i] * sc
-        return
-    for r in prange(R):
-        sc = _rms_scale(x, r, n, e)
-        for i in range(n):
-            out[r, i] = x[r, i] * sc
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -455,13 +436,6 @@ def _sigmoid1(g):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _softplus1(g):
-    if g > _TWENTY:
-        return g
-    return np.log(_ONE + np.exp(g))
-
-
-@njit(cache=True, nogil=True, inline="always")
 def _gelu1(g):
     if g <= -_TEN:
         return _ZERO
@@ -544,12 +518,6 @@ def silu(x, out):
 def sigmoid(x, out):
     """out = 1/(1+expf(-x)). out may be x."""
     _map1(x, out, _sigmoid1)
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def softplus(x, out):
-    """out = x if x > 20 else logf(1 + expf(x)) (ggml's op_softplus). out may be x."""
-    _map1(x, out, _softplus1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -77,11 +77,6 @@ def sigmoid(x):
     return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
 
 
-def softplus(x):
-    x = np.asarray(x, np.float64)
-    return np.where(x > 20.0, x, np.log1p(np.exp(np.minimum(x, 20.0)))).astype(np.float32)
-
-
 def gelu_tanh(x):
     x = np.asarray(x, np.float64)
     return (0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))).astype(np.float32)

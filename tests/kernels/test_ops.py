@@ -87,9 +87,6 @@ def test_rms_norm(R, n):
     ops.rms_norm(x, w, 1e-6, out)
     np.testing.assert_allclose(out, ref.rms_norm(x, w, 1e-6), rtol=1e-6, atol=1e-6 * np.abs(out).max())
     np.testing.assert_array_equal(out, _rms_llamacpp(x, w, 1e-6))  # llama.cpp's order, bit for bit
-    nw = np.empty_like(x)
-    ops.rms_norm_noweight(x, 1e-6, nw)
-    np.testing.assert_array_equal(nw, _rms_llamacpp(x, None, 1e-6))
     y = x.copy()
     ops.rms_norm(y, w, 1e-6, y)  # in place
     np.testing.assert_array_equal(y, out)
@@ -281,7 +278,7 @@ def _swiglu_f32(g, u):
 
 
 @pytest.mark.parametrize("shape", [(1, 2048), (7, 1536), (16, 6144)])
-def test_swiglu_silu_sigmoid_softplus(shape):
+def test_swiglu_silu_sigmoid(shape):
     r = rng(11)
     g = (r.standard_normal(shape) * 4).astype(f32)
     u = r.standard_normal(shape).astype(f32)
@@ -293,12 +290,6 @@ def test_swiglu_silu_sigmoid_softplus(shape):
     np.testing.assert_allclose(out, ref.silu(g), rtol=1e-6, atol=1e-30)
     ops.sigmoid(g, out)
     np.testing.assert_allclose(out, ref.sigmoid(g), rtol=1e-6, atol=1e-30)
-    x = np.concatenate([g.ravel(), np.array([-30, -17, -5, 0, 19.9, 20, 20.001, 40, 90], f32)])
-    o2 = np.empty_like(x)
-    ops.softplus(x, o2)
-    # logf(1 + expf(x)) loses the tiny tail for very negative x (as llama.cpp's does): absolute 6e-8
-    np.testing.assert_allclose(o2, ref.softplus(x), rtol=2e-6, atol=6e-8)
-    assert o2[-1] == 90 and o2[-3] == f32(20.001) and abs(o2[-4] - 20) < 1e-5
     y = g.copy()
     ops.swiglu(y, u, y)  # in place
     ops.swiglu(g, u, out)
