@@ -1022,7 +1022,15 @@ class Llama:
                 from llamba.tools import ToolError
                 raise ToolError("tool_choice 'required' or a named function cannot be combined with "
                                 "response_format / grammar")
-            from llamba.constrain import compile_constraint
+            from llamba.constrain import GrammarError, compile_constraint
+            from llamba.tools import ToolError
+            for i, t in enumerate(plan.tools):  # each schema on its own first: an error names the function
+                f = t["function"]
+                if plan.name is None or f["name"] == plan.name:
+                    try:
+                        compile_constraint(self.tokenizer, "json_schema", f["parameters"])
+                    except GrammarError as e:
+                        raise ToolError(f"tools[{i}] ({f['name']}): parameters: {e}") from None
             return compile_constraint(self.tokenizer, "lark", plan.grammar(self.tokenizer))
         return self._constraint(response_format, grammar)
 
