@@ -459,15 +459,29 @@ def run(app, *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
     return serve.run(app, name=name, route_prefix=route_prefix, blocking=blocking)
 
 
-def wait_replicas(n: int, timeout: float = 120.0, name: str = APP_NAME, deployment_name: str = "LlambaReplica"):
-    """Block until `deployment_name` of app `name` has `n` running replicas (True) or `timeout` passes (False)."""
+def replica_names(name: str = APP_NAME, deployment_name: str = "LlambaReplica") -> list[str]:
+    """Ray actor names of the replicas of `deployment_name` in app `name` (what x-llamba-replica reports)."""
     _need_ray()
+    import ray
+    prefix = f"SERVE_REPLICA::{name}#{deployment_name}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if isinstance(a, dict) and a.get("name", "").startswith(prefix))
+
+
+def wait_replicas(n: int, timeout: float = 120.0, name: str = APP_NAME, deployment_name: str = "LlambaReplica",
+                  gone=()) -> bool:
+    """Block until `deployment_name` of app `name` has `n` running replicas, none of them named in `gone` (e.g. one
+    just killed), and is healthy (True), or `timeout` passes (False)."""
+    _need_ray()
+    gone = set(gone)
     t_end = time.monotonic() + timeout
     while time.monotonic() < t_end:
         try:
             st = serve.status().applications[name].deployments[deployment_name]
             if st.replica_states.get("RUNNING", 0) >= n and st.status == "HEALTHY":
-                return True
+                names = replica_names(name, deployment_name)
+                if not gone & set(names) and len(names) >= n:
+                    return True
         except (KeyError, AttributeError):
             pass
         time.sleep(0.5)

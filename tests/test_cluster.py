@@ -210,7 +210,8 @@ def test_replica_killed_mid_stream(ingress):
         assert rep != victim and r.usage.completion_tokens == 300 and r.choices[0].finish_reason == "length"
         assert retried == victim.rsplit("#", 1)[1]  # it was on the victim, and answered by the other replica
 
-    assert cluster.wait_replicas(2, timeout=120), "the deployment did not come back to 2 replicas"
+    assert cluster.wait_replicas(2, timeout=120, gone=[victim]), "the deployment is not back to 2 replicas"
+    assert len(cluster.replica_names()) == 2 and victim not in cluster.replica_names()
     names = set()
     for i in range(6):
         r = c.chat.completions.with_raw_response.create(
@@ -247,3 +248,14 @@ def test_affinity_keys():
     assert k("/v1/chat/completions", other, [(b"x-session-id", b"abc")]) == \
         k("/v1/completions", {"prompt": "z"}, [(b"x-session-id", b"abc")])
     assert cluster.affinity_key("/v1/completions", b"{not json", ()) is None
+
+
+def test_cli_cluster_serve_checks_before_starting_ray(tmp_path, capsys):
+    from llamba.cli import main
+    assert main(["cluster", "serve", "-m", str(tmp_path / "missing.gguf")]) == 1
+    assert "no model file" in capsys.readouterr().err
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert main(["cluster", "serve", "-m", str(tmp_path / "m.gguf"), "--min-replicas", "3",
+                 "--max-replicas", "2"]) == 1
+    assert "--min-replicas" in capsys.readouterr().err
+    assert not ray.is_initialized()
