@@ -51,7 +51,7 @@ def ingress(tmp_path_factory):
                                  llama_kwargs={"n_ctx": N_CTX})
         cluster.run(app, port=port)
         assert cluster.wait_replicas(2, timeout=120)
-        yield {"url": f"http://127.0.0.1:{port}", "port": port, "state": state}
+        yield {"url": f"http://127.0.0.1:{port}", "port": port, "state": state, "model": str(path)}
     finally:
         if state["up"]:
             serve.shutdown()
@@ -219,6 +219,42 @@ def test_replica_killed_mid_stream(ingress):
         assert r.parse().usage.completion_tokens >= 1
         names.add(r.headers[REPLICA])
     assert victim not in names
+
+
+def test_autoscaling_by_queue(ingress):
+    """Autoscaling (Ray Serve's autoscaling_config): a queue beyond one replica's slots adds a replica, idleness
+    removes it. A second application of the same cluster, under a route prefix (its replicas reserve no CPU)."""
+    app = cluster.deployment(ingress["model"], n_parallel=2, llama_kwargs={"n_ctx": N_CTX},
+                             ray_actor_options={"num_cpus": 0},
+                             autoscaling={"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1,
+                                          "downscale_delay_s": 2,
+                                          "look_back_period_s": 2})
+    serve.run(app, name="auto", route_prefix="/auto")
+    try:
+        assert len(cluster.replica_names("auto")) == 1
+        statuses = []
+
+        def long_request():
+            st, _, _ = _post(ingress["url"] + "/auto/v1/completions",
+                             {"prompt": "x", "max_tokens": 1200, "logit_bias": EOG})
+            statuses.append(st)
+
+        ths = [threading.Thread(target=long_request) for _ in range(6)]
+        for th in ths:
+            th.start()
+        t_end = time.monotonic() + 60
+        while len(cluster.replica_names("auto")) < 2 and time.monotonic() < t_end:
+            time.sleep(0.5)
+        assert len(cluster.replica_names("auto")) == 2, "no replica added for a queue of 6 on 2 slots"
+        for th in ths:
+            th.join(300)
+        assert statuses == [200] * 6
+        t_end = time.monotonic() + 60
+        while len(cluster.replica_names("auto")) > 1 and time.monotonic() < t_end:
+            time.sleep(0.5)
+        assert len(cluster.replica_names("auto")) == 1, "the idle deployment did not scale back down"
+    finally:
+        serve.delete("auto")
 
 
 def test_clean_shutdown(ingress):
