@@ -116,10 +116,6 @@ def _one_line(msg) -> str:
 _ADDR = re.compile(r" (?:object )?at 0x[0-9a-fA-F]{4,}(?=>)")
 
 
-class _SandboxError(Exception):
-    pass
-
-
 class _TemplateRaised(Exception):
     """`raise_exception(...)` from inside a template (a user-facing message such as 'roles must alternate')."""
 

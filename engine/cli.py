@@ -179,13 +179,6 @@ def _gpu_kwargs(a) -> dict:
                 main_gpu=a.main_gpu)
 
 
-def _warn_gpu(ngl):
-    """For a command that does not offload: one warning line when -ngl asks for GPU layers."""
-    from llamba.backend import parse_ngl, warn_once
-    if parse_ngl(ngl) != 0:
-        warn_once(f"-ngl {ngl} ignored: this command runs on the CPU")
-
-
 def _compile_notice():
     """Numba compiles the kernels on the first run and caches them; say so when the cache is empty."""
     import glob

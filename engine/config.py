@@ -1,7 +1,6 @@
 """A frozen model config built from GGUF metadata (`{arch}.*` keys); derived fields computed once."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -129,5 +128,3 @@ def base_config(gf, arch: str, **overrides) -> dict:
     return cfg
 
 
-def default_attn_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

@@ -50,9 +50,6 @@ class KVPool:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.k.values()) + sum(a.nbytes for a in self.v.values())
 
-    def bytes_per_block(self) -> int:
-        return self.nbytes // max(1, self.n_blocks)
-
     def alloc(self, n: int) -> list[int]:
         if n > len(self._free):
             raise KVExhaustedError(f"the KV cache is full: {n} more blocks of {self.bs} tokens needed, "
@@ -62,11 +59,6 @@ class KVPool:
 
     def release(self, blocks: list[int]):
         self._free.extend(reversed(blocks))
-
-    @staticmethod
-    def bytes_for(layers: dict[int, tuple[int, int, int]], n_slots: int) -> int:
-        item = np.dtype(K.KV_DTYPE).itemsize
-        return int(n_slots) * item * sum(h * (dk + dv) for h, dk, dv in layers.values())
 
 
 class SeqCache:
@@ -192,20 +184,6 @@ class SeqCache:
         s = self.slots(0, k.shape[1])
         self.pool.k[il][:, s] = k
         self.pool.v[il][:, s] = v
-
-    def copy_prefix_from(self, other: "SeqCache", n: int, layers):
-        """Positions 0..n-1 of `other` (same pool) into this empty sequence: KV rows copied block by block
-        (attention layers only; a recurrent state is only copied whole, i.e. when n == other.n_past)."""
-        self.reserve(n)
-        so, sd = other.slots(0, n), self.slots(0, n)
-        for il in layers:
-            self.pool.k[il][:, sd] = self.pool.k[il][:, so]
-            self.pool.v[il][:, sd] = self.pool.v[il][:, so]
-        for il, (cs, ss) in other.rec.items():
-            self.rec[il][0][...] = cs
-            self.rec[il][1][...] = ss
-        self.n_past = n
-        self.tokens = list(other.tokens[:n])
 
 
 class MTPCache:

@@ -293,11 +293,6 @@ class BaseModel:
         return self.out_layer.head(hN, gemm)
 
 
-def proj(lin: Linear, x: np.ndarray, gemm: bool) -> np.ndarray:
-    """Linear through the BLAS prefill path (gemm) or the row-exact quantized path."""
-    return lin.gemm(x) if gemm else lin(x)
-
-
 class FFN:
     """Gated FFN: down(act(gate(x)) * up(x)), act = SiLU (SwiGLU) or GELU-tanh (GeGLU)."""
 
