@@ -53,13 +53,6 @@ def ops_for(type_id: int, what: str = "tensor") -> QuantOps:
     return ops
 
 
-def supported_type_ids() -> set[int]:
-    global _REGISTRY
-    if _REGISTRY is None:
-        _REGISTRY = _build()
-    return set(_REGISTRY)
-
-
 def dequantize(w: np.ndarray, type_id: int) -> np.ndarray:
     """Dequantize a whole (rows, row_bytes) view to float32 (rows, ncols). For tests and small tensors."""
     ops = ops_for(type_id)

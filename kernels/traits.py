@@ -57,8 +57,3 @@ TYPES: dict[int, TypeTraits] = {t.type_id: t for t in [
 ]}
 
 BY_NAME: dict[str, TypeTraits] = {t.name: t for t in TYPES.values()}
-
-
-def row_bytes(type_id: int, n_cols: int) -> int:
-    t = TYPES[type_id]
-    return (n_cols // t.block_elems) * t.block_bytes
