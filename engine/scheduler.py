@@ -494,12 +494,17 @@ class Engine:
             toks = [run.id_last] + drafts
             items.append((run, toks, "all" if drafts else "last", len(drafts)))
             budget -= len(toks)
-        # prompts in order of what is left of them: a short request's prefill goes before a long one's chunk
+        # prompts in order of what is left of them: a short request's prefill goes before a long one's chunk, and
+        # a step that finishes some prompt gives no rows to prompts it does not finish, so the short request's
+        # first token costs what its own prefill costs, not that plus a slice of someone else's long prompt
+        finishing = False
         for run in sorted(self.running, key=lambda r: len(r.req.prompt) - r.n_fed):
             if run.decoding or budget <= 0:
                 continue
             req = run.req
             n = min(len(req.prompt) - run.n_fed, budget)
+            if finishing and run.n_fed + n < len(req.prompt):
+                break  # (sorted: every later prompt is at least as long)
             while n > 0 and not self._reserve(run, run.n_fed + n):
                 n = min(n - 1, (len(run.seq.blocks) * self.pool.bs + self.pool.n_free * self.pool.bs) - run.n_fed)
             if n <= 0:
@@ -509,6 +514,7 @@ class Engine:
             mode = "all" if req.n_prompt_logprobs is not None else ("last" if final else "none")
             items.append((run, chunk, mode, -1))
             budget -= n
+            finishing = finishing or final
         if not items:
             if len(self.running) > 1 and self._preempt():
                 return True

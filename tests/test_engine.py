@@ -195,3 +195,39 @@ def test_draft_length_adapts_to_load():
     assert [eng.draft_len(n) for n in (1, 2, 3, 4, 8)] == [3, 1, 0, 0, 0]
     eng = Engine(llm.model, n_ctx=1024, n_parallel=8, spec="none")
     assert eng.draft_len(1) == 0
+
+
+def test_short_prompt_step_carries_no_slice_of_a_long_prefill(tiny_llama):
+    """A request arriving while a long prompt is being prefilled gets a step of its own prompt only: its first
+    token does not wait on rows of the long prompt (which resumes at the next step), and both outputs are still
+    exactly what they are alone."""
+    llm = Llama(tiny_llama, n_ctx=512, verbose=False, seed=1)
+    long_p, short_p = [int(t) for t in np.arange(300) % 250 + 3], [9, 10, 11, 12, 13]
+    want_long = list(llm.generate(long_p, temp=0, max_tokens=4))
+    llm.reset()
+    want_short = list(llm.generate(short_p, temp=0, max_tokens=4))
+    llm.reset()
+    eng = Engine(llm.model, n_ctx=1024, n_parallel=2, block_size=16, step_tokens=32, busy_step_tokens=16,
+                 lock=llm.session.lock)
+    rows = []
+    fb = llm.model.forward_batch
+
+    def spy(seqs, toks, *a, **kw):
+        rows.append([len(t) for t in toks])
+        return fb(seqs, toks, *a, **kw)
+
+    llm.model.forward_batch = spy
+    try:
+        r_long = eng.submit(long_p, _params(llm, 0, None), 4)
+        eng.step()
+        eng.step()
+        assert rows == [[32], [32]]
+        r_short = eng.submit(short_p, _params(llm, 0, None), 4)
+        eng.step()
+        assert rows[-1] == [len(short_p)]  # the short prompt alone, though 11 more rows of budget were left
+        eng.step()
+        assert sorted(rows[-1]) == [1, 15]  # then its decode row beside the long prompt's next chunk
+        eng.run_until_done()
+    finally:
+        del llm.model.forward_batch
+    assert r_long.tokens() == want_long and r_short.tokens() == want_short
