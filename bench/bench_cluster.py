@@ -1,14 +1,14 @@
 """llamba replicas behind Ray Serve (llamba.cluster): throughput of N replicas vs one, and a replica killed under load.
 
     python bench/bench_cluster.py compare -m MODEL [--replicas 2] [--threads-per-replica 1] [-np 4]
-        [--clients 8,8] [--duration 30] [--max-tokens 64] [--json FILE]
+        [--one-parallel NP] [--clients 8,8] [--duration 30] [--max-tokens 64] [--json FILE]
     python bench/bench_cluster.py kill -m MODEL [--replicas 2] [--clients 8] [--duration 40] [--kill-at 12]
 
 compare: one local Ray cluster, two applications behind one HTTP proxy: /many (--replicas replicas) and /one (one
 replica), each replica --threads-per-replica threads and -np slots; then bench/bench_serve.py with --url .../many
 --compare-url .../one (the two measured alternately, level by level, so background load hits both alike; idle
 replicas wait without using a CPU). Ray is told the machine has replicas+1 CPUs x threads so both applications fit;
-only one of them runs at a time.
+only one of them runs at a time. Also printed: the CPU seconds each Ray process used during the run.
 
 kill: one application of --replicas replicas; --clients clients send requests back to back (even clients streaming
 chat, odd ones non-streamed chat, --max-tokens each, 4 conversations per client so prefix affinity is used), and
@@ -45,6 +45,39 @@ def _uptime() -> str:
         return "?"
 
 
+def _ray_cpu() -> dict:
+    """CPU seconds used so far by this machine's Ray processes, by process title (ray::ProxyActor,
+    ray::ServeReplica:APP:DEPLOYMENT, raylet, gcs_server, ...)."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    out: dict = {}
+    for p in psutil.process_iter(["cmdline", "name"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            title = cmd[0] if cmd else (p.info["name"] or "")
+            if title.startswith("ray::"):
+                key = title.split()[0].split(".")[0]
+            elif "ray" in " ".join(cmd[:2]) and ("raylet" in title or "gcs_server" in title):
+                key = os.path.basename(title)
+            else:
+                continue
+            t = p.cpu_times()
+            out[key] = out.get(key, 0.0) + t.user + t.system
+        except (psutil.Error, IndexError):
+            continue
+    return out
+
+
+def _cpu_report(before: dict, after: dict, wall: float):
+    rows = sorted(((after.get(k, 0.0) - before.get(k, 0.0), k) for k in after), reverse=True)
+    print(f"CPU used by Ray processes over {wall:.0f} s (seconds, % of one core):", file=sys.stderr)
+    for dt, k in rows:
+        if dt >= 0.05:
+            print(f"  {dt:8.1f} s {100 * dt / wall:6.1f}%  {k}", file=sys.stderr)
+
+
 def _start(a, n_cpus: int):
     import ray
     ray.init(num_cpus=n_cpus, include_dashboard=False, log_to_driver=False)
@@ -64,20 +97,22 @@ def cmd_compare(a) -> int:
     _start(a, (a.replicas + 1) * t)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        for name, n in (("many", a.replicas), ("one", 1)):
-            app = cluster.deployment(a.model, replicas=n, threads_per_replica=t, n_parallel=a.parallel,
+        for name, n, np_ in (("many", a.replicas, a.parallel), ("one", 1, a.one_parallel or a.parallel)):
+            app = cluster.deployment(a.model, replicas=n, threads_per_replica=t, n_parallel=np_,
                                      llama_kwargs=_llama_kw(a))
             serve.run(app, name=name, route_prefix=f"/{name}")
             if not cluster.wait_replicas(n, timeout=300, name=name):
                 raise SystemExit(f"{name}: the replicas did not start")
         base = f"http://127.0.0.1:{port}"
         print(f"load before: {_uptime()}", file=sys.stderr)
-        argv = ["--url", f"{base}/many", "--label", f"{a.replicas}x{t}t", "--compare-url", f"{base}/one",
-                "--compare-label", f"1x{t}t", "--clients", a.clients, "--duration", str(a.duration),
+        argv = ["--url", f"{base}/many", "--label", f"{a.replicas}x{t}t-np{a.parallel}", "--compare-url", f"{base}/one",
+                "--compare-label", f"1x{t}t-np{a.one_parallel or a.parallel}", "--clients", a.clients, "--duration", str(a.duration),
                 "--max-tokens", str(a.max_tokens)]
         if a.json:
             argv += ["--json", a.json]
+        c0, t0 = _ray_cpu(), time.monotonic()
         rc = bench_serve.main(argv)
+        _cpu_report(c0, _ray_cpu(), time.monotonic() - t0)
         print(f"load after: {_uptime()}", file=sys.stderr)
         return rc
     finally:
@@ -231,6 +266,8 @@ def main(argv=None) -> int:
         p.add_argument("--json")
         if name == "compare":
             p.add_argument("--clients", default="8,8")
+            p.add_argument("--one-parallel", type=int, default=0,
+                           help="-np of the single replica (default: the same as -np)")
             p.add_argument("--duration", type=float, default=30.0)
         else:
             p.add_argument("--clients", type=int, default=8)

@@ -411,9 +411,10 @@ def deployment(model_path: str, replicas: int = 2, threads_per_replica: int = 1,
 
     model_path: a GGUF file every node can read at this path (each replica loads it itself).
     threads_per_replica: CPU threads of each engine; also the replica's `num_cpus` reservation.
-    n_parallel: requests each engine decodes at once; `max_ongoing_requests` (default n_parallel) is how many
-        Ray Serve sends a replica at once; the others wait in the ingress's router (at most `max_queued_requests`,
-        then 503), so that a waiting request goes to whichever replica frees a slot first.
+    n_parallel: requests each engine decodes at once; `max_ongoing_requests` (default 2 x n_parallel) is how
+        many Ray Serve sends a replica at once (the ones beyond its slots wait in the replica's own queue, which
+        costs nothing while waiting); beyond that they wait in the ingress's router (at most
+        `max_queued_requests`, then 503), which probes the replicas until one has room.
     autoscaling: None for a fixed `replicas`; else Ray Serve's autoscaling_config (min_replicas, max_replicas,
         target_ongoing_requests, ...), defaults min 1, max `replicas`, target n_parallel (the queue beyond the
         slots of every replica makes it scale up).
@@ -428,7 +429,7 @@ def deployment(model_path: str, replicas: int = 2, threads_per_replica: int = 1,
     actor_opts = {"num_cpus": threads}
     actor_opts.update(ray_actor_options or {})
     opts = dict(name=name, ray_actor_options=actor_opts,
-                max_ongoing_requests=int(max_ongoing_requests or n_parallel),
+                max_ongoing_requests=int(max_ongoing_requests or 2 * n_parallel),
                 request_router_config=RequestRouterConfig(request_router_class="llamba.cluster_router.LlambaRouter",
                                                           request_router_kwargs={"imbalance": int(imbalance)}),
                 health_check_period_s=5, graceful_shutdown_timeout_s=5)
