@@ -21,6 +21,8 @@ tokenizer calls /tokenize with add_special_tokens=false, so no BOS even on Gemma
               log-softmax of t over the raw logits (llama-server computes n_probs from the logits before the
               samplers, logit_bias included) — one request per continuation token, prompt cache on. llama-server
               has no prompt log-probabilities (`echo` is refused: "Only no echo is supported"), hence this.
+              With --llama-server-bin it is scored once per --flash-attn mode (default: -fa on and -fa off),
+              so llama.cpp's own spread between its two attention paths is printed beside the others.
 
 Prints the four accuracies and how many of the 160 choices differ by more than 1e-3 between each pair.
 The lm-eval task (YAML + JSONL) is written under --workdir/tasks; the exact lm_eval command is printed.
@@ -307,6 +309,8 @@ def main():
     ap.add_argument("--lm-eval", default="/work/lmeval/venv/bin/lm_eval", help="lm_eval executable ('' to skip)")
     ap.add_argument("--llama-server", help="URL of a llama-server already serving this model")
     ap.add_argument("--llama-server-bin", help="start this llama-server on the model (when no --llama-server)")
+    ap.add_argument("--flash-attn", default="on,off",
+                    help="llama-server -fa modes to score with --llama-server-bin, comma-separated (default on,off)")
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args()
     tdir = write_task(a.workdir)
@@ -345,21 +349,35 @@ def main():
         t0 = time.time()
         scores["library"] = score_library(a.model, pairs, a.threads)
         out["library_seconds"] = round(time.time() - t0, 1)
-        lbase = a.llama_server
-        if not lbase and a.llama_server_bin:
-            port = free_port()
-            lbase = f"http://127.0.0.1:{port}"
-            cmd = [a.llama_server_bin, "-m", a.model, "-t", str(a.threads), "-c", "2048", "-np", "1",
-                   "--port", str(port), "--host", "127.0.0.1"]
-            procs.append(start(cmd, lbase, os.path.join(a.workdir, f"llama_server_{name}.log")))
-            out["llama_server"] = shlex.join(cmd)
-        if lbase:
+        # llama.cpp's reference: a running llama-server (--llama-server), or one started per flash-attention mode
+        # (--llama-server-bin): its two attention paths round differently, and the gap between them is the
+        # spread within which two correct engines' log-likelihoods can be expected to agree.
+        targets = []
+        if a.llama_server:
+            targets.append(("llama.cpp", a.llama_server, None))
+        elif a.llama_server_bin:
+            for fa in a.flash_attn.split(","):
+                targets.append(("llama.cpp" if fa == "auto" else f"llama.cpp-fa-{fa}", None, fa))
+        for label, lbase, fa in targets:
+            if lbase is None:
+                port = free_port()
+                lbase = f"http://127.0.0.1:{port}"
+                cmd = [a.llama_server_bin, "-m", a.model, "-t", str(a.threads), "-c", "2048", "-np", "1",
+                       "-fa", fa, "--port", str(port), "--host", "127.0.0.1"]
+                proc = start(cmd, lbase, os.path.join(a.workdir, f"llama_server_{name}_fa-{fa}.log"))
+                procs.append(proc)
+                out.setdefault("llama_server", {})[label] = shlex.join(cmd)
+            else:
+                proc = None
             t0 = time.time()
             try:
-                scores["llama.cpp"] = score_llamacpp(lbase, pairs)
+                scores[label] = score_llamacpp(lbase, pairs)
             except (RuntimeError, OSError, KeyError, http.client.HTTPException) as e:
-                out["llama_cpp_error"] = f"{type(e).__name__}: {e}"
-            out["llama_cpp_seconds"] = round(time.time() - t0, 1)
+                out.setdefault("llama_cpp_error", {})[label] = f"{type(e).__name__}: {e}"
+            out.setdefault("llama_cpp_seconds", {})[label] = round(time.time() - t0, 1)
+            if proc is not None:
+                stop(proc)
+                procs.remove(proc)
     finally:
         for p in procs:
             stop(p)
@@ -387,7 +405,7 @@ def main():
         print(f"  {k:<24} |diff| > 1e-3: {v['over_1e-3']:>3} of {len(pairs)}   max |diff| {v['max_abs']:.2e}   "
               f"same prediction {v['same_prediction']}/{len(QUESTIONS)}")
     if out.get("llama_cpp_error"):
-        print(f"  llama.cpp: {out['llama_cpp_error']}")
+        print(f"  llama.cpp errors: {out['llama_cpp_error']}")
     print(f"  context/continuation token boundary mismatches (tok(ctx) not a prefix of tok(ctx+cont)): "
           f"{out['boundary_mismatches']}")
     if a.json:
