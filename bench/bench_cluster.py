@@ -99,7 +99,7 @@ def cmd_compare(a) -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         for name, n, np_ in (("many", a.replicas, a.parallel), ("one", 1, a.one_parallel or a.parallel)):
             app = cluster.deployment(a.model, replicas=n, threads_per_replica=t, n_parallel=np_,
-                                     llama_kwargs=_llama_kw(a))
+                                     llama_kwargs=_llama_kw(a), stream_interval=a.stream_interval)
             serve.run(app, name=name, route_prefix=f"/{name}")
             if not cluster.wait_replicas(n, timeout=300, name=name):
                 raise SystemExit(f"{name}: the replicas did not start")
@@ -264,6 +264,8 @@ def main(argv=None) -> int:
         p.add_argument("--max-tokens", type=int, default=64)
         p.add_argument("--port", type=int, default=0)
         p.add_argument("--json")
+        p.add_argument("--stream-interval", type=float, default=0.05,
+                       help="seconds a replica gathers a stream's events into one Ray object (default 0.05)")
         if name == "compare":
             p.add_argument("--clients", default="8,8")
             p.add_argument("--one-parallel", type=int, default=0,

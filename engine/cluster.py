@@ -129,7 +129,8 @@ class LlambaReplica:
     """One llamba engine and llamba's FastAPI app; `handle` runs one buffered HTTP request through the app."""
 
     def __init__(self, model_path: str, threads: int = 1, n_parallel: int = 4, llama_kwargs: dict | None = None,
-                 server_kwargs: dict | None = None, alias: str | None = None):
+                 server_kwargs: dict | None = None, alias: str | None = None, stream_interval: float = 0.0):
+        self.stream_interval = float(stream_interval or 0.0)
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(var, str(threads))
         from llamba.llama import Llama
@@ -183,13 +184,27 @@ class LlambaReplica:
         task = asyncio.ensure_future(run())
         try:
             finished = False
+            bodies = 0
             while not finished:
                 batch = [await q.get()]
-                while not q.empty():
+                if (self.stream_interval > 0 and bodies and batch[0] is not done
+                        and batch[0].get("more_body")):  # (the first event goes at once: time to first token)
+                    # a stream's events: gather what comes within stream_interval into one Ray object
+                    t_end = time.monotonic() + self.stream_interval
+                    while batch[-1] is not done and batch[-1].get("more_body"):
+                        left = t_end - time.monotonic()
+                        if left <= 0:
+                            break
+                        try:
+                            batch.append(await asyncio.wait_for(q.get(), left))
+                        except asyncio.TimeoutError:
+                            break
+                while not q.empty() and batch[-1] is not done:
                     batch.append(q.get_nowait())
                 if batch[-1] is done:
                     batch.pop()
                     finished = True
+                bodies += sum(1 for m in batch if m.get("type") == "http.response.body")
                 if batch:
                     yield batch
             task.result()  # an exception from the app (after its response) surfaces here
@@ -406,7 +421,8 @@ def deployment(model_path: str, replicas: int = 2, threads_per_replica: int = 1,
                autoscaling: dict | None = None, max_queue: int = 64, max_ongoing_requests: int | None = None,
                max_queued_requests: int | None = None, imbalance: int = 4, llama_kwargs: dict | None = None,
                server_kwargs: dict | None = None, alias: str | None = None, max_body: int = DEFAULT_MAX_BODY,
-               request_timeout: float = 600.0, ray_actor_options: dict | None = None, name: str = "LlambaReplica"):
+               request_timeout: float = 600.0, ray_actor_options: dict | None = None, name: str = "LlambaReplica",
+               stream_interval: float = 0.05):
     """A Ray Serve application: `LlambaIngress` in front of `replicas` `LlambaReplica`s of `model_path`.
 
     model_path: a GGUF file every node can read at this path (each replica loads it itself).
@@ -420,6 +436,10 @@ def deployment(model_path: str, replicas: int = 2, threads_per_replica: int = 1,
         slots of every replica makes it scale up).
     imbalance: a conversation stays on its replica unless that replica has this many more requests in flight
         than the least-loaded one.
+    stream_interval: after a stream's first event, a replica sends the events that come within this many
+        seconds as one Ray object (fewer objects through the handle and the proxy: measured 3.3 -> 1 ms of
+        ingress + proxy CPU per token with 0.05, at up to this much added latency per event); 0 sends what is
+        ready at once.
     llama_kwargs / server_kwargs: passed to `Llama(...)` / `LlambaService(...)` (+ create_app's api_key,
         read_timeout) in each replica. Returns the bound application for `serve.run(app, route_prefix="/")`."""
     _need_ray()
@@ -445,7 +465,7 @@ def deployment(model_path: str, replicas: int = 2, threads_per_replica: int = 1,
     skw.update(server_kwargs or {})
     replica = serve.deployment(LlambaReplica).options(**opts).bind(
         model_path, threads=threads, n_parallel=n_parallel, llama_kwargs=llama_kwargs, server_kwargs=skw,
-        alias=alias)
+        alias=alias, stream_interval=stream_interval)
     ingress = serve.deployment(serve.ingress()(LlambaIngress)).options(
         name="LlambaIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000)
     return ingress.bind(replica, max_body=max_body, request_timeout=request_timeout)

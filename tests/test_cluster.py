@@ -221,6 +221,7 @@ def test_replica_killed_mid_stream(ingress):
     assert victim not in names
 
 
+@pytest.mark.filterwarnings("ignore:.*look_back_period_s:FutureWarning")
 def test_autoscaling_by_queue(ingress):
     """Autoscaling (Ray Serve's autoscaling_config): a queue beyond one replica's slots adds a replica, idleness
     removes it. A second application of the same cluster, under a route prefix (its replicas reserve no CPU)."""
