@@ -166,6 +166,35 @@ def test_busy_replica_sends_new_conversations_elsewhere(ingress):
         stream.close()
 
 
+def test_client_disconnect_cancels_the_generation(ingress):
+    """A client that goes away mid-stream: the replica's llamba app sees the disconnect and stops generating."""
+    import http.client
+    sid = {"X-Session-ID": "goes-away"}  # the same replica for the stream and the /stats requests
+    before = json.loads(_get_h(ingress["url"] + "/stats", sid))
+    c = http.client.HTTPConnection("127.0.0.1", ingress["port"], timeout=60)
+    c.request("POST", "/v1/completions", body=json.dumps({"prompt": "go", "max_tokens": 1500, "stream": True,
+                                                            "logit_bias": EOG}),
+              headers={"content-type": "application/json", **sid})
+    r = c.getresponse()
+    assert r.status == 200 and r.readline().startswith(b"data:")
+    c.sock.shutdown(socket.SHUT_RDWR)
+    c.close()
+    t_end = time.monotonic() + 30
+    after = before
+    while time.monotonic() < t_end:
+        after = json.loads(_get_h(ingress["url"] + "/stats", sid))
+        if after["cancelled"] > before["cancelled"]:
+            break
+        time.sleep(0.3)
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["tokens_generated"] - before["tokens_generated"] < 1500
+
+
+def _get_h(url, headers):
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as r:
+        return r.read()
+
+
 def _actor(name):
     return ray.get_actor(name, namespace="serve")
 
