@@ -19,7 +19,15 @@ from llamba import Llama
 from llamba.chat import BUILTIN_TEMPLATES
 from tiny_models import write_model
 
-openai = pytest.importorskip("openai")
+
+class _OpenAI:
+    """The `openai` module, imported on first use (it costs ~1 s at collection); a test skips without it."""
+
+    def __getattr__(self, name):
+        return getattr(pytest.importorskip("openai"), name)
+
+
+openai = _OpenAI()
 
 N_CTX = 4096
 MAX_BODY = 65536

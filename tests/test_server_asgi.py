@@ -17,10 +17,9 @@ import pytest
 
 from llamba import Llama
 from llamba.chat import BUILTIN_TEMPLATES
-from test_server import N_CTX, Server
+from test_server import N_CTX, Server, openai  # (openai: imported on first use)
 from tiny_models import write_model
 
-openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 

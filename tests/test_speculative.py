@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from llamba import Llama
 from tiny_models import write_model, write_qwen35
@@ -108,24 +106,32 @@ def _pair(path, **spec):
     return Llama(path, n_ctx=256, verbose=False), Llama(path, n_ctx=256, verbose=False, **spec)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(prompt=st.lists(st.integers(0, 300), min_size=1, max_size=24), n=st.integers(1, 40),
-       draft_max=st.integers(1, 5), kind=st.sampled_from(["mtp", "ngram", "draft"]),
-       arch=st.sampled_from(["qwen35", "llama", "gemma3"]))
-def test_greedy_lossless_random_models(tiny, prompt, n, draft_max, kind, arch):
-    if kind == "mtp" and arch != "qwen35":
-        kind = "ngram"
-    path = tiny[arch]
-    opts = dict(spec=kind, draft_max=draft_max)
-    if kind == "draft":
-        opts["draft_model"] = path  # draft = target: every draft is accepted
-    plain, spec = _cached_pair(path, opts)
-    a = list(plain.generate(prompt, temp=0, max_tokens=n))
-    b = list(spec.generate(prompt, temp=0, max_tokens=n))
-    assert a == b
-    if kind == "draft":
-        st_ = spec.spec_stats
-        assert st_.n_accepted == st_.n_drafted  # STYLE habit 9: draft = target accepts everything
+def test_greedy_lossless_random_models(tiny):
+    """Random prompts, lengths, draft sizes, proposers and architectures (hypothesis, imported here rather than at
+    collection: it costs ~2 s)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=25, deadline=None)
+    @given(prompt=st.lists(st.integers(0, 300), min_size=1, max_size=24), n=st.integers(1, 40),
+           draft_max=st.integers(1, 5), kind=st.sampled_from(["mtp", "ngram", "draft"]),
+           arch=st.sampled_from(["qwen35", "llama", "gemma3"]))
+    def check(prompt, n, draft_max, kind, arch):
+        if kind == "mtp" and arch != "qwen35":
+            kind = "ngram"
+        path = tiny[arch]
+        opts = dict(spec=kind, draft_max=draft_max)
+        if kind == "draft":
+            opts["draft_model"] = path  # draft = target: every draft is accepted
+        plain, spec = _cached_pair(path, opts)
+        a = list(plain.generate(prompt, temp=0, max_tokens=n))
+        b = list(spec.generate(prompt, temp=0, max_tokens=n))
+        assert a == b
+        if kind == "draft":
+            stats = spec.spec_stats
+            assert stats.n_accepted == stats.n_drafted  # draft = target accepts everything
+
+    check()
 
 
 _PAIRS: dict = {}
