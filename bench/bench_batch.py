@@ -39,8 +39,10 @@ PROMPTS = [
 
 def run_level(llm, n_par, spec, draft_max, n_gen, spec_rows):
     from llamba.scheduler import Engine
+    spec, _, busy_p = spec.partition("@")  # "mtp@0.8": under load, one draft when the head is >= 0.8 sure
     eng = Engine(llm.model, n_ctx=max(4096, n_par * 512), n_parallel=n_par, spec=spec, draft_max=draft_max,
-                 spec_rows=spec_rows, lock=llm.session.lock, is_eog=lambda t: False)
+                 spec_rows=spec_rows, busy_draft_p=float(busy_p) if busy_p else None, lock=llm.session.lock,
+                 is_eog=lambda t: False)
     sp = llm._make_sampler(0.0, 40, 0.95, 0.05, 1.0, 1.0, 0.0, 0.0, None, None).params
     toks = [llm.tokenize(PROMPTS[i % len(PROMPTS)].encode(), add_bos=True) for i in range(n_par)]
     t0 = time.perf_counter()
@@ -56,7 +58,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-m", "--model", required=True)
     ap.add_argument("--parallel", default="1,2,4,8")
-    ap.add_argument("--spec", default="none", help="comma list of none, mtp, ngram")
+    ap.add_argument("--spec", default="none",
+                    help="comma list of none, mtp, ngram; mtp@P: with the engine's busy_draft_p=P (under load, one "
+                         "draft for a sequence whose MTP head gives it probability >= P)")
     ap.add_argument("--draft-max", type=int, default=3)
     ap.add_argument("--spec-rows", type=int, default=4,
                     help="verify rows per step for all sequences together (the engine's load adaptation; 4 is "

@@ -166,7 +166,8 @@ class Engine:
     def __init__(self, model, *, n_ctx: int, n_ctx_seq: int | None = None, n_parallel: int = 4,
                  block_size: int = 32, step_tokens: int = 128, busy_step_tokens: int = 32, spec: str = "none",
                  draft_max: int = 3,
-                 draft_p_min: float = 0.0, spec_rows: int = 4, spec_max_seqs: int | None = None, is_eog=None,
+                 draft_p_min: float = 0.0, spec_rows: int = 4, spec_max_seqs: int | None = None,
+                 busy_draft_p: float | None = None, busy_draft_seqs: int = 8, is_eog=None,
                  lock=None, n_threads: int | None = None, spare_core_rows: int = 0):
         if n_parallel < 1:
             raise LlambaError(f"n_parallel must be at least 1, got {n_parallel}")
@@ -187,6 +188,10 @@ class Engine:
         self.draft_p_min = float(draft_p_min)
         self.spec_rows = int(spec_rows)
         self.spec_max_seqs = spec_max_seqs
+        # under load (no drafts by spec_rows), still one MTP draft for a sequence whose head is at least this sure
+        # of it, up to busy_draft_seqs decoding sequences (None: off)
+        self.busy_draft_p = busy_draft_p
+        self.busy_draft_seqs = int(busy_draft_seqs)
         self._ngram = None
         if self.spec == "ngram":
             from llamba.speculative.ngram import NgramProposer
@@ -422,6 +427,18 @@ class Engine:
             return 0
         return max(0, min(self.draft_max, self.spec_rows // n_decoding - 1))
 
+    def draft_plan(self, n_decoding: int) -> tuple[int, float]:
+        """(draft tokens per sequence, least head probability of a draft token) this step: draft_len, or under
+        load one confident MTP draft (busy_draft_p)."""
+        n = self.draft_len(n_decoding)
+        if n > 0:
+            return n, self.draft_p_min
+        if self.spec == "mtp" and self.busy_draft_p is not None and self.draft_max > 0 and \
+                0 < n_decoding <= self.busy_draft_seqs and \
+                (self.spec_max_seqs is None or n_decoding <= self.spec_max_seqs):
+            return 1, max(self.draft_p_min, float(self.busy_draft_p))
+        return 0, self.draft_p_min
+
     def _try_step(self) -> bool:
         """One step, unless another thread is stepping (then False at once)."""
         if not self.lock.acquire(blocking=False):
@@ -464,7 +481,7 @@ class Engine:
         budget = self.busy_step_tokens if busy else self.step_tokens
         items = []  # (run, tokens, logits mode, n_draft)
         n_dec = sum(1 for r in self.running if r.decoding)
-        dmax = self.draft_len(n_dec)
+        dmax = self.draft_plan(n_dec)[0]
         for run in list(self.running):
             if not run.decoding:
                 continue
@@ -538,7 +555,7 @@ class Engine:
             except BaseException as e:  # noqa: BLE001 - a sampling error fails that request only
                 self._retire(run, "error", e, keep=False)
         if mtp:
-            if self.draft_len(sum(1 for r in self.running if r.decoding)) > 0 or \
+            if self.draft_plan(sum(1 for r in self.running if r.decoding))[0] > 0 or \
                     any(not r.decoding for r in self.running):
                 self._mtp_draft()
             else:  # no drafts under this load: the head's catch-up is skipped too (it restarts from zeros)
@@ -625,7 +642,7 @@ class Engine:
     # ---- MTP drafting, batched over the sequences
     def _mtp_draft(self):
         mtp = self.model.mtp
-        dl = self.draft_len(sum(1 for r in self.running if r.decoding))
+        dl, p_min = self.draft_plan(sum(1 for r in self.running if r.decoding))
         cat = []  # (run, tokens, hiddens, wants a draft)
         for run in self.running:
             if not run.committed or run.hidden is None:
@@ -665,7 +682,7 @@ class Engine:
             if not d:
                 continue
             t, p = draft_top(lg[-1], 10)
-            if p < self.draft_p_min:
+            if p < p_min:
                 continue
             run.drafts = [t]
             active.append(run)
@@ -678,7 +695,7 @@ class Engine:
             nxt = []
             for r, lg in zip(active, outs):
                 t, p = draft_top(lg[-1], 10)
-                if p < self.draft_p_min:
+                if p < p_min:
                     continue
                 r.drafts.append(t)
                 nxt.append(r)

@@ -66,7 +66,7 @@ def test_batch_invariance_16_requests(tmp_path, arch, qtype):
     assert eng.pool.n_free == eng.pool.n_blocks
 
 
-@pytest.mark.parametrize("spec", ["none", "mtp", "ngram"])
+@pytest.mark.parametrize("spec", ["none", "mtp", "ngram", "mtp@0.5"])
 def test_batch_invariance_qwen35_with_speculation(spec):
     llm = Llama(FIXTURE, n_ctx=1024, verbose=False, seed=1)
     texts = ["def main():", "import numpy as np\n", "class Foo:\n    def __init__(self", "for i in range(10):",
@@ -76,8 +76,9 @@ def test_batch_invariance_qwen35_with_speculation(spec):
     seeds = [None if i % 2 == 0 else 100 + i for i in range(16)]
     maxt = [20 + (i * 7) % 30 for i in range(16)]
     alone = _alone(llm, prompts, temps, seeds, maxt)
-    eng = Engine(llm.model, n_ctx=8192, n_parallel=16, spec=spec, draft_max=3, spec_rows=64,
-                 lock=llm.session.lock)
+    spec, _, busy_p = spec.partition("@")  # mtp@P: spec_rows 4 (no drafts beyond 3 sequences) + busy drafts >= P
+    eng = Engine(llm.model, n_ctx=8192, n_parallel=16, spec=spec, draft_max=3, spec_rows=4 if busy_p else 64,
+                 busy_draft_p=float(busy_p) if busy_p else None, lock=llm.session.lock)
     reqs = [eng.submit(p, _params(llm, t, s), m) for p, t, s, m in zip(prompts, temps, seeds, maxt)]
     eng.run_until_done()
     assert [r.tokens() for r in reqs] == alone
@@ -193,8 +194,12 @@ def test_draft_length_adapts_to_load():
     llm = Llama(FIXTURE, n_ctx=256, verbose=False)
     eng = Engine(llm.model, n_ctx=1024, n_parallel=8, spec="mtp", draft_max=3, spec_rows=4, lock=llm.session.lock)
     assert [eng.draft_len(n) for n in (1, 2, 3, 4, 8)] == [3, 1, 0, 0, 0]
-    eng = Engine(llm.model, n_ctx=1024, n_parallel=8, spec="none")
-    assert eng.draft_len(1) == 0
+    assert [eng.draft_plan(n) for n in (1, 2, 4)] == [(3, 0.0), (1, 0.0), (0, 0.0)]
+    eng = Engine(llm.model, n_ctx=1024, n_parallel=8, spec="mtp", draft_max=3, spec_rows=4, busy_draft_p=0.7,
+                 busy_draft_seqs=6, lock=llm.session.lock)
+    assert [eng.draft_plan(n) for n in (1, 2, 4, 6, 7)] == [(3, 0.0), (1, 0.0), (1, 0.7), (1, 0.7), (0, 0.0)]
+    eng = Engine(llm.model, n_ctx=1024, n_parallel=8, spec="none", busy_draft_p=0.7)
+    assert eng.draft_len(1) == 0 and eng.draft_plan(4) == (0, 0.0)
 
 
 def test_short_prompt_step_carries_no_slice_of_a_long_prefill(tiny_llama):
