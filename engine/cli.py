@@ -457,8 +457,18 @@ def cmd_cluster(a) -> int:
     if started and a.replicas * a.threads_per_replica > cpus:
         print(f"llamba: warning: {a.replicas} replicas x {a.threads_per_replica} threads need more than the "
               f"{cpus} CPUs of this machine: Ray starts only the replicas that fit", file=sys.stderr)
-    ray.init(address=a.address, num_cpus=a.num_cpus if started else None, include_dashboard=False,
-             log_to_driver=True)
+    try:
+        ray.init(address=a.address, num_cpus=a.num_cpus if started else None, include_dashboard=False,
+                 log_to_driver=True)
+    except Exception as e:  # noqa: BLE001 - Ray's errors: one line
+        lines = [x for x in str(e).splitlines() if x.strip()]
+        hint = ""
+        if "auth" in str(e).lower():
+            hint = (" (the cluster uses Ray's token authentication: run with RAY_AUTH_MODE=token and its token in "
+                    "~/.ray/auth_token or RAY_AUTH_TOKEN)")
+        where = "join the Ray cluster at " + str(a.address or os.environ.get("RAY_ADDRESS")) if not started \
+            else "start a local Ray cluster"
+        raise LlambaError(f"cannot {where}: {type(e).__name__}: {lines[-1][:300] if lines else ''}{hint}") from None
     if a.host not in ("127.0.0.1", "::1", "localhost") and not a.api_key:
         print(f"llamba: warning: listening on {a.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
