@@ -430,7 +430,7 @@ def deployment(model_path: str, replicas: int = 2, threads_per_replica: int = 1,
     n_parallel: requests each engine decodes at once; `max_ongoing_requests` (default 2 x n_parallel) is how
         many Ray Serve sends a replica at once (the ones beyond its slots wait in the replica's own queue, which
         costs nothing while waiting); beyond that they wait in the ingress's router (at most
-        `max_queued_requests`, then 503), which probes the replicas until one has room.
+        `max_queued_requests`, default `max_queue`, then 503), which probes the replicas until one has room.
     autoscaling: None for a fixed `replicas`; else Ray Serve's autoscaling_config (min_replicas, max_replicas,
         target_ongoing_requests, ...), defaults min 1, max `replicas`, target n_parallel (the queue beyond the
         slots of every replica makes it scale up).
@@ -453,8 +453,9 @@ def deployment(model_path: str, replicas: int = 2, threads_per_replica: int = 1,
                 request_router_config=RequestRouterConfig(request_router_class="llamba.cluster_router.LlambaRouter",
                                                           request_router_kwargs={"imbalance": int(imbalance)}),
                 health_check_period_s=5, graceful_shutdown_timeout_s=5)
-    if max_queued_requests is not None:
-        opts["max_queued_requests"] = int(max_queued_requests)
+    # requests waiting in the router beyond every replica's max_ongoing_requests: 503 past this (as llamba serve's
+    # --max-queue), -1 = no limit
+    opts["max_queued_requests"] = int(max_queue if max_queued_requests is None else max_queued_requests)
     if autoscaling is not None:
         cfg = {"min_replicas": 1, "max_replicas": max(1, int(replicas)), "target_ongoing_requests": n_parallel}
         cfg.update(autoscaling)

@@ -287,6 +287,34 @@ def test_autoscaling_by_queue(ingress):
         serve.delete("auto")
 
 
+def test_full_queue_is_503(ingress):
+    """Beyond every replica's max_ongoing_requests and the router's max_queued_requests: 503 queue_full at once,
+    as llamba serve's --max-queue; the admitted requests are answered."""
+    app = cluster.deployment(ingress["model"], replicas=1, n_parallel=1, max_ongoing_requests=1,
+                             max_queued_requests=1, llama_kwargs={"n_ctx": N_CTX},
+                             ray_actor_options={"num_cpus": 0})
+    serve.run(app, name="bp", route_prefix="/bp")
+    try:
+        out = []
+
+        def req():
+            st, _, body = _post(ingress["url"] + "/bp/v1/completions",
+                                {"prompt": "x", "max_tokens": 300, "logit_bias": EOG})
+            out.append((st, json.loads(body)))
+
+        ths = [threading.Thread(target=req) for _ in range(4)]
+        for th in ths:
+            th.start()
+            time.sleep(0.2)
+        for th in ths:
+            th.join(120)
+        codes = sorted(st for st, _ in out)
+        assert codes[:2] == [200, 200] and codes[2:] == [503, 503], codes
+        assert all(b["error"]["code"] == "queue_full" for st, b in out if st == 503)
+    finally:
+        serve.delete("bp")
+
+
 def test_clean_shutdown(ingress):
     port = ingress["port"]
     serve.shutdown()
