@@ -17,9 +17,10 @@ or `llamba cluster serve -m MODEL --replicas N`. The pieces (docs/cluster.md):
   forwards it with a streaming deployment handle, and relays the messages. A replica that dies before anything
   reached the client: the request is sent once more, to another replica; one that dies mid-stream: the stream ends
   with an SSE error event. No replica / a full queue: 503 with llamba's JSON error body.
-- `LlambaRouter` (a Ray Serve `RequestRouter`, runs inside the ingress process): sends a request whose key it has
-  seen to the replica that served the key (its KV cache holds that prefix) unless that replica has `imbalance`
-  more requests in flight than the least-loaded one; other requests go to the replica with the fewest in flight.
+- `LlambaRouter` (llamba.cluster_router, a Ray Serve `RequestRouter` running inside the ingress process): sends a
+  request whose key it has seen to the replica that served the key (its KV cache holds that prefix) while that
+  replica has a free decode slot (or is at most `imbalance` requests busier than the least-loaded one); other
+  requests go to the replica with the fewest in flight.
 """
 from __future__ import annotations
 
@@ -419,7 +420,7 @@ async def _send_whole(send, start: dict, body: bytes):
 
 def deployment(model_path: str, replicas: int = 2, threads_per_replica: int = 1, n_parallel: int = 4, *,
                autoscaling: dict | None = None, max_queue: int = 64, max_ongoing_requests: int | None = None,
-               max_queued_requests: int | None = None, imbalance: int = 4, llama_kwargs: dict | None = None,
+               max_queued_requests: int | None = None, imbalance: int = 0, llama_kwargs: dict | None = None,
                server_kwargs: dict | None = None, alias: str | None = None, max_body: int = DEFAULT_MAX_BODY,
                request_timeout: float = 600.0, ray_actor_options: dict | None = None, name: str = "LlambaReplica",
                stream_interval: float = 0.05):
@@ -434,8 +435,9 @@ def deployment(model_path: str, replicas: int = 2, threads_per_replica: int = 1,
     autoscaling: None for a fixed `replicas`; else Ray Serve's autoscaling_config (min_replicas, max_replicas,
         target_ongoing_requests, ...), defaults min 1, max `replicas`, target n_parallel (the queue beyond the
         slots of every replica makes it scale up).
-    imbalance: a conversation stays on its replica unless that replica has this many more requests in flight
-        than the least-loaded one.
+    imbalance: a conversation stays on its replica while that replica has a free decode slot, or has at most
+        this many more requests in flight than the least-loaded one (default 0: a busy replica's conversation
+        moves rather than waits; more favours cache reuse over waiting).
     stream_interval: after a stream's first event, a replica sends the events that come within this many
         seconds as one Ray object (fewer objects through the handle and the proxy: measured 3.3 -> 1 ms of
         ingress + proxy CPU per token with 0.05, at up to this much added latency per event); 0 sends what is
@@ -451,7 +453,8 @@ def deployment(model_path: str, replicas: int = 2, threads_per_replica: int = 1,
     opts = dict(name=name, ray_actor_options=actor_opts,
                 max_ongoing_requests=int(max_ongoing_requests or 2 * n_parallel),
                 request_router_config=RequestRouterConfig(request_router_class="llamba.cluster_router.LlambaRouter",
-                                                          request_router_kwargs={"imbalance": int(imbalance)}),
+                                                          request_router_kwargs={"imbalance": int(imbalance),
+                                                                                 "slots": n_parallel}),
                 health_check_period_s=5, graceful_shutdown_timeout_s=5)
     # requests waiting in the router beyond every replica's max_ongoing_requests: 503 past this (as llamba serve's
     # --max-queue), -1 = no limit

@@ -11,10 +11,15 @@ from ray.serve.request_router import RequestRouter
 
 
 class LlambaRouter(RequestRouter):
-    """Prefix affinity, else the fewest requests in flight (counted here, from routing to completion)."""
+    """Prefix affinity, else the fewest requests in flight (counted here, from routing to completion).
 
-    def initialize_state(self, imbalance: int = 4, max_keys: int = 100_000, **kwargs):
+    A request whose affinity key was seen goes to the replica that served it while that replica has a free decode
+    slot (`slots` = its n_parallel), or is at most `imbalance` requests busier than the least-loaded one; otherwise,
+    and for requests without a key, replicas are ranked by requests in flight, fewest first."""
+
+    def initialize_state(self, imbalance: int = 0, slots: int = 4, max_keys: int = 100_000, **kwargs):
         self.imbalance = int(imbalance)
+        self.slots = int(slots)
         self.max_keys = int(max_keys)
         self._owner: collections.OrderedDict = collections.OrderedDict()  # affinity key -> replica unique id
         self._inflight: dict[str, int] = collections.defaultdict(int)
@@ -37,7 +42,10 @@ class LlambaRouter(RequestRouter):
             least = self._inflight.get(order[0].replica_id.unique_id, 0)
             for r in order:
                 if r.replica_id.unique_id == owner:
-                    if self._inflight.get(owner, 0) - least <= self.imbalance:
+                    load = self._inflight.get(owner, 0)
+                    # the owner has a free decode slot (joining its batch costs little), or is not busier than
+                    # the least-loaded replica by more than `imbalance`
+                    if load < self.slots or load - least <= self.imbalance:
                         self._owner.move_to_end(key)
                         self.hits += 1
                         return [[r]] + [[x] for x in order if x is not r]
