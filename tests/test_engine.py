@@ -66,7 +66,7 @@ def test_batch_invariance_16_requests(tmp_path, arch, qtype):
     assert eng.pool.n_free == eng.pool.n_blocks
 
 
-@pytest.mark.parametrize("spec", ["none", "mtp", "ngram", "mtp@0.5"])
+@pytest.mark.parametrize("spec", ["none", "mtp", pytest.param("ngram", marks=pytest.mark.slow), "mtp@0.5"])
 def test_batch_invariance_qwen35_with_speculation(spec):
     llm = Llama(FIXTURE, n_ctx=1024, verbose=False, seed=1)
     texts = ["def main():", "import numpy as np\n", "class Foo:\n    def __init__(self", "for i in range(10):",

@@ -31,6 +31,7 @@ def fuzz_models(tmp_path_factory):
     return fuzz.default_models(tmp_path_factory.mktemp("fuzz-models"))
 
 
+@pytest.mark.slow  # a 120 s fuzzing budget
 def test_fuzz_mutated_models_clean_error_or_run(fuzz_models):
     """~100 fixed mutants (metadata values, types, arrays, added/dropped keys, tensor infos, counts, byte flips,
     truncation, data): every one is a correct run or a one-line LlambaError; never a signal, a traceback, a

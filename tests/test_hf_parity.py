@@ -3,12 +3,13 @@ forward passes against Hugging Face transformers.
 
 Tiny random transformers models (float32, eager attention) are converted to GGUF by tests/hf_convert.py (the
 transforms of llama.cpp's convert_hf_to_gguf.py) and llamba's logits are compared with the transformers logits:
-max|llamba - hf| / max|hf| < 1e-3. llamba rounds Q and the KV cache to fp16 like llama.cpp, which alone gives
-~1e-4. Paths covered: batched prefill (>= 32 tokens: dequantize+BLAS matmuls; transformers' own Qwen3.5 prefill
-is the chunked (WY) delta rule, two 64-token chunks, against llamba's token loop), a short batch (row-exact
-matmuls), token-by-token decode, and prefill followed by decode. For qwen35 with n_v_heads = 2 x n_k_heads, a GGUF converted *without* the tiled
-v-head reorder must be far off, which proves the test exercises that reorder. The MTP block (not in transformers'
-Qwen3_5ForCausalLM) is checked against transformers' own decoder-layer and norm modules wired as llama.cpp does.
+max|llamba - hf| / max|hf| < 1e-3. llamba rounds Q and the KV cache to fp16 like llama.cpp, which alone gives ~1e-4.
+Paths covered: batched prefill (>= 32 tokens: dequantize+BLAS matmuls; transformers' own Qwen3.5 prefill is the
+chunked (WY) delta rule, two 64-token chunks, against llamba's token loop), a short batch (row-exact matmuls),
+token-by-token decode, and prefill followed by decode. For qwen35 with n_v_heads = 2 x n_k_heads, a GGUF converted
+*without* the tiled v-head reorder must be far off, which proves the test exercises that reorder. The MTP block (not
+in transformers' Qwen3_5ForCausalLM) is checked against transformers' own decoder-layer and norm modules wired as
+llama.cpp does.
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ def _hf():
             pytest.skip(f"transformers {tf.__version__} has no Qwen3_5ForCausalLM")
         tf.logging.set_verbosity_error()  # no "falling back to the reference PyTorch kernel" notices
         torch, transformers = t, tf
+
+# A long parity run (torch, transformers, 13 models): CI runs it, `pytest -m "not slow"` leaves it out
+# (tests/test_models.py checks every architecture against tests/ref_forward.py in the fast tier).
+pytestmark = pytest.mark.slow
 
 TOL = 1e-3
 N_TOK = 72  # > 32: the batched prefill path; > 64: two chunks of transformers' chunked delta rule

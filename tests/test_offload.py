@@ -358,8 +358,12 @@ def _placements(n_all):
     return [(0, 1, None), (n_all // 2, 1, None), (n_all, 1, None), (B.NGL_ALL, 2, [1, 1])]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "phi3", "qwen2", "qwen3moe", "qwen35", "qwen35moe"])
-@pytest.mark.parametrize("kernels", ["host", "xp"])
+_XP_SLOW = pytest.mark.slow  # (the host-kernel runs cover these architectures in the fast tier)
+
+
+@pytest.mark.parametrize("kernels,arch", [
+    pytest.param(k, a, marks=_XP_SLOW) if k == "xp" and a in ("phi3", "qwen2", "qwen3moe") else (k, a)
+    for k in ("host", "xp") for a in ["llama", "gemma3", "phi3", "qwen2", "qwen3moe", "qwen35", "qwen35moe"]])
 def test_offload_logits_match_cpu(tiny, cpu_ref, arch, kernels):
     """host kernels: bit-identical to the CPU path. xp kernels (float activations, as on the GPU): where the CPU
     also uses float activations (the GEMM path) they agree to 1e-4, with the same argmax everywhere; on the
@@ -491,9 +495,10 @@ def _engine_cases(n_vocab, n=6, seed=0):
     return prompts, temps, seeds, maxt
 
 
-@pytest.mark.parametrize("arch,spec", [("llama", "none"), ("gemma3", "none"), ("qwen35", "mtp"),
-                                       ("qwen35moe", "mtp"), ("qwen35", "ngram")])
-@pytest.mark.parametrize("kernels", ["host", "xp"])
+@pytest.mark.parametrize("kernels,arch,spec", [
+    pytest.param(k, a, s, marks=pytest.mark.slow) if (a, s) in (("gemma3", "none"), ("qwen35moe", "mtp")) else (k, a, s)
+    for k in ("host", "xp")
+    for a, s in [("llama", "none"), ("gemma3", "none"), ("qwen35", "mtp"), ("qwen35moe", "mtp"), ("qwen35", "ngram")]])
 def test_offload_engine_batch_invariance(tiny, arch, spec, kernels):
     """Offloaded layers serve several sequences in one batch (llamba.scheduler.Engine: paged KV with block
     tables and per-sequence DeltaNet states on the stand-in devices, MTP drafts batched): every request gets
@@ -556,6 +561,7 @@ def test_offloaded_llama_serves_n_parallel(tiny, monkeypatch):
     assert llm.generate_batch(prompts, max_tokens=8, temperature=0) == ref
 
 
+@pytest.mark.slow  # a `llamba run` subprocess per model
 @pytest.mark.parametrize("arch", ["qwen35", "qwen35moe"])
 def test_offload_with_fake_devices_through_cli(tiny, arch):
     """`llamba run -ngl all --tensor-split 3,1` on two stand-in devices prints the CPU's greedy text."""
@@ -587,6 +593,7 @@ def _no_gpu_env():
     return env
 
 
+@pytest.mark.slow  # a `llamba run` subprocess
 def test_cli_ngl_without_gpu_warns_once_and_runs(tiny):
     env = _no_gpu_env()
     r = subprocess.run([sys.executable, "-m", "llamba.cli", "run", "-m", str(tiny["llama"]), "-p", "the cat",
@@ -918,6 +925,7 @@ def test_emulated_cuda_paged_kv_and_attention(emu):
         assert _rel(got, want) < 1e-5
 
 
+@pytest.mark.slow  # the emulated CUDA kernels through a whole model (the ops themselves are checked above)
 def test_emulated_cuda_model_forward(emu, tiny):
     """The qwen35+MTP tiny model with every layer on a stand-in device that computes with the CUDA kernels
     (emulated): the same logits as the xp reference kernels, for the trunk and for the MTP layer."""

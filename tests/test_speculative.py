@@ -72,6 +72,7 @@ def llamacpp_draft_limit(draft_max, room, budget, n_gen, n_predict=64):
     return draft_max if rem <= 0 else min(draft_max, rem)
 
 
+@pytest.mark.slow  # ~5 min on a busy 2-core machine: 5 prompts x 64 tokens x 3 draft sizes
 @pytest.mark.parametrize("n_max", [1, 2, 3])
 def test_fixture_mtp_lossless_and_acceptance_equal_to_llamacpp(fixture_llms, n_max, monkeypatch):
     import llamba.speculative.verifier as V
@@ -165,6 +166,7 @@ def test_sampling_identical_stream_same_seed(tiny, kind):
         assert list(plain.generate([1, 2, 3], **kw)) == list(spec.generate([1, 2, 3], **kw))
 
 
+@pytest.mark.slow  # ~2 min on a busy 2-core machine
 def test_sampling_distribution_agrees(tmp_path):
     """First generated tokens over many seeds: speculation does not change their distribution (chi-square
     two-sample test on a small vocabulary, fixed seeds, threshold at the 0.999 quantile)."""
