@@ -3,6 +3,7 @@
     llamba run [-m MODEL] -p PROMPT [-n N] [-t THREADS] [-c CTX] [--temp T] [--top-k K] [--top-p P] [--min-p P]
                [--repeat-penalty R] [--seed S]
     llamba info MODEL
+    llamba warmup [-m MODEL]   (compile the kernels a model needs ahead of its first run)
     llamba chat [-m MODEL] [--system TEXT] [--chat-template NAME|FILE] [sampling flags]   (interactive REPL)
     llamba serve [-m MODEL] [--host 127.0.0.1] [--port 8080] [-np N] [--api-key KEY]   (OpenAI-compatible HTTP server)
     llamba cluster serve -m MODEL --replicas N [--threads-per-replica T] [--port 8000] [--address ADDR]
@@ -121,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     from llamba.train.cli import add_parser as _mtp_train_parser
     _mtp_train_parser(sub, _add_model_args)
     _add_cluster_parser(sub)
+    wu = sub.add_parser("warmup", help="compile the kernels a model needs now (first run; cached afterwards)",
+                        description="Compile ahead of time what a model's first run would compile (Numba kernels, "
+                                    "kept in Numba's disk cache), with progress on stderr: with no -m, the default "
+                                    "model. Later runs of any model with the same tensor types start at once.")
+    _add_model_args(wu)
     info = sub.add_parser("info", help="describe a GGUF model")
     info.add_argument("model", nargs="?", help="GGUF model file")
     info.add_argument("--devices", action="store_true", help="list GPU devices")
@@ -182,13 +188,28 @@ def _gpu_kwargs(a) -> dict:
                 main_gpu=a.main_gpu)
 
 
-def _compile_notice():
-    """Numba compiles the kernels on the first run and caches them; say so when the cache is empty."""
-    import glob
-    import llamba.kernels as kpkg
-    cache = os.path.join(os.path.dirname(kpkg.__file__), "__pycache__")
-    if not glob.glob(os.path.join(cache, "*.nbi")):
-        print("llamba: first run: compiling the kernels (about a minute; cached afterwards)...", file=sys.stderr)
+def _compile_progress():
+    """Names each kernel Numba compiles (first run: not in its disk cache yet) on stderr; silent when all load."""
+    from llamba.warmup import FIRST_RUN_HEADER, CompileProgress
+    return CompileProgress(header=FIRST_RUN_HEADER)
+
+
+def cmd_warmup(a) -> int:
+    from llamba.llama import Llama
+    from llamba.warmup import CompileProgress, fused_index_exists, prepare_first_run, start_fused_worker, warmup
+    _warn_gpu(a.n_gpu_layers)
+    path = _model_path(a.model)
+    t0 = time.perf_counter()
+    with CompileProgress(header=f"llamba: compiling the kernels for {os.path.basename(path)}") as prog:
+        prog.stage(1, 5, "load")
+        worker = None if fused_index_exists() else start_fused_worker(path)
+        llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, n_batch=a.batch_size, verbose=a.verbose)
+        prepare_first_run(llm, prog, worker, stage=2, n_stages=5)
+        n = warmup(llm, prog, stages_before=2)
+    dt = time.perf_counter() - t0
+    print(f"llamba: warmup done in {dt:.1f} s: {n} kernel{'s' if n != 1 else ''} compiled"
+          + ("" if n else " (all were in the cache)"), file=sys.stderr)
+    return 0
 
 
 def cmd_run(a) -> int:
@@ -196,12 +217,17 @@ def cmd_run(a) -> int:
     from llamba.sampling import RANDOM_SEED
     prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
     path = _model_path(a.model)
-    _compile_notice()
+    prog = _compile_progress().__enter__()  # until the first token
+    prog.stage(1, 3, "load")
+    from llamba.warmup import fused_index_exists, prepare_first_run, start_fused_worker
+    # a fresh install: the matmul kernels compile in a second process from now on (see llamba.warmup)
+    worker = None if fused_index_exists() else start_fused_worker(path)
     t0 = time.perf_counter()
     llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, seed=RANDOM_SEED if a.seed < 0 else a.seed,
                 n_batch=a.batch_size, verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
                 draft_model=a.draft_model, mtp_head=a.mtp_head, **_gpu_kwargs(a))
     llm._proposer()  # a bad --spec choice fails here, before any output
+    prepare_first_run(llm, prog, worker)
     t_load = time.perf_counter() - t0
     toks = llm.tokenize(prompt.encode("utf-8"), add_bos=not a.no_bos, special=a.special)
     if not toks:
@@ -215,9 +241,16 @@ def cmd_run(a) -> int:
         raise ContextOverflowError(f"the prompt has {len(toks)} tokens but the context holds {llm.n_ctx()}; "
                                    f"raise -c or shorten the prompt")
     out = sys.stdout
+    prog.stage(3, 3, "first token")
     for chunk in llm.create_completion(toks, max_tokens=n_predict or -1, temperature=a.temp, top_k=a.top_k,
                                        top_p=a.top_p, min_p=a.min_p, repeat_penalty=a.repeat_penalty,
                                        stream=True, **cons):
+        if prog is not None:
+            prog.__exit__(None, None, None)
+            if prog.compiled:
+                print(f"llamba: compiled {prog.compiled} kernels in {prog.elapsed():.0f} s (cached for later runs)",
+                      file=sys.stderr, flush=True)
+            prog = None
         out.write(chunk["choices"][0]["text"])
         out.flush()
     out.write("\n")
@@ -548,6 +581,8 @@ def main(argv=None) -> int:
             return cmd_run(a)
         if a.cmd == "info":
             return cmd_info(a)
+        if a.cmd == "warmup":
+            return cmd_warmup(a)
         if a.cmd == "chat":
             return cmd_chat(a)
         if a.cmd == "serve":

@@ -66,6 +66,7 @@ class Linear:
         w = gf.tensor(name)
         self.w = w.reshape(self.rows, w.shape[-1])
         self.ops = ops_for(self.type_id, f"tensor '{name}'")
+        self.model_types = model_types(gf)
         if self.type_id == QS.Q8_0 and self.w.dtype == np.uint8 and repack_enabled():
             key = ("q8_0p", name)
             self.wp = gf.derived.get(key) if hasattr(gf, "derived") else None
@@ -129,6 +130,23 @@ class Linear:
         return out
 
 
+def model_types(gf) -> frozenset:
+    """Type ids of a model's matrices as the matmul kernels see them (Q8_0 as repacked Q8_0P when repacking):
+    LinearGroup compiles one fused kernel per weight family for all of them (llamba.kernels.fused.kernel_for)."""
+    derived = getattr(gf, "derived", None)
+    if derived is not None and ("model_types",) in derived:
+        return derived[("model_types",)]
+    tensors = getattr(gf, "tensors", None) or {}
+    ts = {int(i.type_id) for i in tensors.values() if len(getattr(i, "ne", ())) >= 2}
+    if QS.Q8_0 in ts and repack_enabled():
+        ts.discard(QS.Q8_0)
+        ts.add(QS.Q8_0P)
+    ts = frozenset(ts)
+    if derived is not None:
+        derived[("model_types",)] = ts
+    return ts
+
+
 def _readonly(a: np.ndarray) -> np.ndarray:
     v = np.ascontiguousarray(a).view()
     v.flags.writeable = False
@@ -164,13 +182,15 @@ class LinearGroup:
                 ws, kinds = F.pad([_readonly(self.lins[i].w if wp is None else wp) for i, wp in zip(part, wps)],
                                   [self.lins[i].type_id if wp is None else QS.Q8_0P for i, wp in zip(part, wps)])
                 rows = [self.lins[i].rows for i in part] + [0] * (F.SLOTS - len(part))
-                self.calls.append((F.kernel_for(kinds), ws, kinds, part, rows))
+                among = set().union(*(getattr(lin, "model_types", ()) for lin in self.lins))
+                self.calls.append((F.kernel_for(kinds, among), ws, kinds, part, rows))
                 fused.update(part)
         self.other_idx = [i for i in range(len(self.lins)) if i not in fused]
         self.fused = bool(self.calls)
         kq = any(int(c[2][0]) in F.KQUANTS for c in self.calls)
         self.max_t = max(FUSED_MAX_T, FUSED_MAX_T_KQUANTS if kq else FUSED_MAX_T_BLOCK32)
         self._none = np.empty((1, 1), dtype=np.float32)
+        self._none_ro = _readonly(self._none[0])  # norm weights go in read-only: one compiled signature
 
     @staticmethod
     def transform(x, mode=IDENTITY, x2=None, norm_w=None, eps=0.0):
@@ -197,7 +217,7 @@ class LinearGroup:
             return [lin.gemm(h) if gemm else lin(h) for lin in self.lins]
         res = [None] * len(self.lins)
         x2 = self._none if x2 is None else x2
-        nw = self._none[0] if norm_w is None else norm_w
+        nw = self._none_ro if norm_w is None else (norm_w if not norm_w.flags.writeable else _readonly(norm_w))
         nt = numba.get_num_threads()
         for fn, ws, kinds, part, rows in self.calls:
             outs = tuple(np.empty((T, r), dtype=np.float32) for r in rows)

@@ -16,6 +16,11 @@ model is loaded, `Llama` hands those pages back to the kernel with ``madvise(MAD
 file-backed pages, so nothing is lost, and any later kernel load faults back the few it needs (~10 MiB for a
 model's first forward pass). Only read-only mappings of that one library are advised; on systems without
 ``/proc/self/maps`` or ``MADV_PAGEOUT`` (Linux < 5.4) it does nothing; ``LLAMBA_KEEP_JIT_PAGES=1`` turns it off.
+
+``target_features()``: the CPU features the kernels are compiled for, for every kernel module that emits
+target-specific LLVM IR (x86 intrinsics, half-precision conversions): the host's, unless ``NUMBA_CPU_NAME`` /
+``NUMBA_CPU_FEATURES`` say otherwise (e.g. ``NUMBA_CPU_NAME=generic`` for a cache that other machines can load:
+then only target-independent IR is emitted; an intrinsic the target lacks would abort LLVM).
 """
 from __future__ import annotations
 
@@ -23,6 +28,24 @@ import os
 import sys
 
 MADV_PAGEOUT = 21  # linux/mman.h
+
+
+def target_features() -> dict:
+    """{feature: enabled} Numba compiles for: the host CPU's, unless NUMBA_CPU_FEATURES gives them
+    ("+avx2,-avx512f,...") or NUMBA_CPU_NAME names another CPU than the host (then none are assumed)."""
+    import numba
+    from llvmlite import binding as llb
+    if numba.config.CPU_FEATURES is not None:
+        return {f[1:]: f[0] == "+" for f in numba.config.CPU_FEATURES.split(",") if f and f[0] in "+-"}
+    if numba.config.CPU_NAME is not None and numba.config.CPU_NAME != "host":
+        return {}  # e.g. "generic" for portable caches: use only target-independent IR
+    return dict(llb.get_host_cpu_features())
+
+
+def target_is_host() -> bool:
+    """True when Numba compiles for the host CPU itself (no NUMBA_CPU_NAME other than "host")."""
+    import numba
+    return numba.config.CPU_NAME is None or numba.config.CPU_NAME == "host"
 
 PATCHED = False
 

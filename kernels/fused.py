@@ -36,6 +36,21 @@ from llamba.kernels.ops import _gelu1, _rms_scale, _silu1
 BLOCK32 = (QS.Q4_0, QS.Q4_1, QS.Q5_0, QS.Q5_1, QS.Q8_0, QS.IQ4_NL)
 KQUANTS = (QKm.Q2_K, QKm.Q3_K, QKm.Q4_K, QKm.Q5_K, QKm.Q6_K, QKm.IQ4_XS)
 SUPPORTED = frozenset(BLOCK32 + KQUANTS)
+# type ids as plain module constants: Numba resolves a comparison of a constant `kind` with these (not with a
+# module attribute such as QS.Q4_0) before typing, and prunes the other types' branches
+_Q4_0 = QS.Q4_0
+_Q4_1 = QS.Q4_1
+_Q5_0 = QS.Q5_0
+_Q5_1 = QS.Q5_1
+_Q8_0P = QS.Q8_0P
+_Q8_0 = QS.Q8_0
+_IQ4_NL = QS.IQ4_NL
+_Q2_K = QKm.Q2_K
+_Q3_K = QKm.Q3_K
+_Q4_K = QKm.Q4_K
+_Q5_K = QKm.Q5_K
+_Q6_K = QKm.Q6_K
+_IQ4_XS = QKm.IQ4_XS
 _QK = 32
 _QK_K = 256
 MAX_T = 9  # the tests check every batch size up to here (two whole tiles of 4 rows and a partial one)
@@ -44,21 +59,21 @@ _PREP_PAR_MIN = 4096  # SwiGLU/GeGLU inputs at least this many values are transf
 
 @njit(cache=True, nogil=True, inline="always")
 def _rows_k(kind, w, rb, qs, d, bsums, out, r0, r1):
-    if kind == QKm.Q4_K:
+    if kind == _Q4_K:
         QKm._rows_q4_k(w, rb, qs, d, bsums, out, r0, r1)
-    elif kind == QKm.Q6_K:
+    elif kind == _Q6_K:
         QKm._rows_q6_k(w, rb, qs, d, bsums, out, r0, r1)
-    elif kind == QKm.Q5_K:
+    elif kind == _Q5_K:
         QKm._rows_q5_k(w, rb, qs, d, bsums, out, r0, r1)
-    elif kind == QKm.Q3_K:
+    elif kind == _Q3_K:
         QKm._rows_q3_k(w, rb, qs, d, bsums, out, r0, r1)
-    elif kind == QKm.Q2_K:
+    elif kind == _Q2_K:
         QKm._rows_q2_k(w, rb, qs, d, bsums, out, r0, r1)
     else:
         QKm._rows_iq4_xs(w, rb, qs, d, bsums, out, r0, r1)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _prep(mode, x, x2, norm_w, rsc, t, j0, j1, xin, need32, needk, qs, d, s, asum, qk, dk, bsk):
     """Elements j0..j1-1 of row t (whole activation blocks): xin = f(x) (the operations of ops.rms_norm -- with
     the row's scale rsc[t] -- swiglu or geglu_tanh), then their Q8_0/Q8_1 blocks (llama.cpp quantize_row_q8_1,
@@ -95,158 +110,237 @@ def _prep(mode, x, x2, norm_w, rsc, t, j0, j1, xin, need32, needk, qs, d, s, asu
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, kfam):
-    """fused_mm32 (kfam False: block-32 weights) / fused_mmk (kfam True: K-quant weights); see the module doc."""
-    T, n = x.shape
-    nm = len(ws)
-    need32 = not kfam
-    needk = kfam
-    nb = n // _QK
-    nbk = n // _QK_K
-    xin = np.empty((T, n), np.float32)
-    if kfam:  # the other family's arrays: placeholders
-        qs = np.empty((1, 1), np.int8)
-        d = np.empty((1, 1), np.float32)
-        s = np.empty((1, 1), np.float32)
-        asum = np.empty((1, 1), np.int32)
-        qk = np.empty((T, n), np.int8)
-        dk = np.empty((T, nbk), np.float32)
-        bsk = np.empty((T, n // 16), np.int32)
+def _units(kind, kfam, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res):
+    """8-row units g0..g1-1 of one matrix of type ``kind``: a compile-time constant here (see ``_make``), so only
+    that type's dot-product code is compiled into the kernel."""
+    if kfam:
+        wf = w.reshape(w.size)
+        for g in range(g0, g1):
+            _rows_k(kind, wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
+    elif kind == _Q8_0P:
+        qf = qs.reshape(T * n)
+        sf = asum.reshape(T * nb)
+        df = d.reshape(T * nb)
+        of = o.reshape(T * rows_i)
+        for g in range(g0, g1):
+            for t0 in range(0, T, 4):
+                QS._tilep_any(min(4, T - t0), w, g, nb, qf, t0, n, sf, df, of, g * 8, min(8, rows_i - g * 8),
+                              rows_i)
+    elif T == 1:
+        # views made once per matrix: made inside the unit loop they cost as much as a small unit's dots
+        q0 = qs[0]
+        a0 = asum[0]
+        d0 = d[0]
+        s0 = s[0]
+        for g in range(g0, g1):
+            r0 = g * 8
+            nr = min(8, rows_i - r0)
+            QS._rows8(kind, w, r0, nr, q0, a0, d0, s0, nb, res)
+            for k in range(nr):
+                o[0, r0 + k] = res[k]
     else:
-        qs = np.empty((T, n), np.int8)
-        d = np.empty((T, nb), np.float32)
-        s = np.empty((T, nb), np.float32)
-        asum = np.empty((T, nb), np.int32)
-        qk = np.empty((1, 1), np.int8)
-        dk = np.empty((1, 1), np.float32)
-        bsk = np.empty((1, 1), np.int32)
-    rsc = np.empty(T, np.float32)
-    if mode == 1:
-        e = np.float32(eps)
-        for t in range(T):
-            rsc[t] = _rms_scale(x, t, n, e)
-    # input transform + quantization: by whole blocks, in parallel when the input is wide (a SwiGLU over a wide
-    # FFN costs as much as a small matmul)
-    gran = _QK_K if kfam else _QK
-    per_row = n // gran
-    nblk = T * per_row
-    npre = min(nthreads, nblk) if (T * n >= _PREP_PAR_MIN and mode >= 2) else 1
-    if npre > 1:
-        for c in prange(npre):
-            u0 = c * nblk // npre
-            u1 = (c + 1) * nblk // npre
-            for t in range(u0 // per_row, (u1 + per_row - 1) // per_row):  # the rows this chunk touches
-                j0 = (max(u0, t * per_row) - t * per_row) * gran
-                j1 = (min(u1, (t + 1) * per_row) - t * per_row) * gran
-                _prep(mode, x, x2, norm_w, rsc, t, j0, j1, xin, need32, needk, qs, d, s, asum, qk, dk, bsk)
-    else:
-        for t in range(T):
-            _prep(mode, x, x2, norm_w, rsc, t, 0, n, xin, need32, needk, qs, d, s, asum, qk, dk, bsk)
-    # work units: 8 weight rows of one matrix; split over threads by weight bytes
-    tot = 0
-    nunits = 0
-    for i in range(nm):
-        # raw weights: (rows, row bytes), 8-row units; repacked Q8_0: (8-row groups, group bytes)
-        units_i, ub_i = ws[i].shape
-        if kinds[i] == QS.Q8_0P:
-            ub_i //= 8  # per-unit cost in raw row bytes for both (272 packed bytes = 8 x 34 raw bytes)
-        else:
-            units_i = (units_i + 7) // 8
-        tot += units_i * ub_i
-        nunits += units_i
-    nch = max(1, min(nthreads, nunits))
-    for c in prange(nch):
-        lo = c * tot // nch
-        hi = (c + 1) * tot // nch
-        res = np.empty(8, np.float32)
-        acc = 0
-        for i in range(nm):
-            w = ws[i]
-            kind = kinds[i]
-            o = outs[i]
-            rows_i = o.shape[1]
-            G, rb_i = w.shape  # units and their cost, as in the loop above
-            if kind == QS.Q8_0P:
-                rb_i //= 8
-            else:
-                G = (G + 7) // 8
-            if G == 0:
-                continue
-            # units g with start cost acc + g*rb_i in [lo, hi)
-            g0 = min(G, (max(lo - acc, 0) + rb_i - 1) // rb_i)
-            g1 = min(G, (max(hi - acc, 0) + rb_i - 1) // rb_i)
-            acc += G * rb_i
-            if kfam:
-                wf = w.reshape(w.size)
-                for g in range(g0, g1):
-                    _rows_k(kind, wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
-            elif kind == QS.Q8_0P:
-                qf = qs.reshape(T * n)
-                sf = asum.reshape(T * nb)
-                df = d.reshape(T * nb)
-                of = o.reshape(T * rows_i)
-                for g in range(g0, g1):
-                    for t0 in range(0, T, 4):
-                        QS._tilep_any(min(4, T - t0), w, g, nb, qf, t0, n, sf, df, of, g * 8, min(8, rows_i - g * 8),
-                                      rows_i)
-            elif T == 1:
-                # views made once per matrix: made inside the unit loop they cost as much as a small unit's dots
-                q0 = qs[0]
-                a0 = asum[0]
-                d0 = d[0]
-                s0 = s[0]
-                for g in range(g0, g1):
-                    r0 = g * 8
-                    nr = min(8, rows_i - r0)
-                    QS._rows8(kind, w, r0, nr, q0, a0, d0, s0, nb, res)
+        of = o.reshape(T * rows_i)
+        qf = qs.reshape(T * n)
+        sf = asum.reshape(T * nb)
+        df = d.reshape(T * nb)
+        s1 = s.reshape(T * nb)
+        for g in range(g0, g1):
+            r0 = g * 8
+            nr = min(8, rows_i - r0)
+            # activation rows in tiles of <= 4 while the unit's weight rows stay in cache (a row's
+            # numbers do not depend on its tile: the kernels are row-exact)
+            for t0 in range(0, T, 4):
+                nt = min(4, T - t0)
+                if nt == 1:
+                    QS._rows8(kind, w, r0, nr, qs[t0], asum[t0], d[t0], s[t0], nb, res)
                     for k in range(nr):
-                        o[0, r0 + k] = res[k]
+                        o[t0, r0 + k] = res[k]
+                else:
+                    QS._rows8t_any(kind, nt, w, r0, nr, qf[t0 * n:], n, sf[t0 * nb:], df[t0 * nb:],
+                                   s1[t0 * nb:], nb, of[t0 * rows_i:], rows_i)
+
+
+def _make_units(kind):
+    """The units of one matrix of type ``kind`` as a kernel of its own (``kind`` a closure constant, so only that
+    type's code is in it); the fused kernels call it once per matrix. Separate kernels keep Numba's inlining (which
+    copies the inlined IR block by block, in time growing with the square of its size) small, and are cached and
+    compiled on their own."""
+    kfam = kind in KQUANTS
+
+    def units(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res):
+        _units(kind, kfam, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    units.__name__ = f"units_{kind}"
+    return njit(cache=True, nogil=True)(units)
+
+
+_u_q4_0, _u_q4_1, _u_q5_0, _u_q5_1, _u_q8_0, _u_iq4_nl, _u_q8_0p = (
+    _make_units(k) for k in BLOCK32 + (QS.Q8_0P,))
+_u_q2_k, _u_q3_k, _u_q4_k, _u_q5_k, _u_q6_k, _u_iq4_xs = (_make_units(k) for k in KQUANTS)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _units_any(kind, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res):
+    """The unit kernel of type ``kind`` (a constant where the fused kernels call this: one branch is left)."""
+    if kind == _Q4_0:
+        _u_q4_0(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    elif kind == _Q4_1:
+        _u_q4_1(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    elif kind == _Q5_0:
+        _u_q5_0(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    elif kind == _Q5_1:
+        _u_q5_1(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    elif kind == _Q8_0:
+        _u_q8_0(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    elif kind == _IQ4_NL:
+        _u_iq4_nl(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    elif kind == _Q8_0P:
+        _u_q8_0p(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    elif kind == _Q2_K:
+        _u_q2_k(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    elif kind == _Q3_K:
+        _u_q3_k(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    elif kind == _Q4_K:
+        _u_q4_k(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    elif kind == _Q5_K:
+        _u_q5_k(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    elif kind == _Q6_K:
+        _u_q6_k(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    elif kind == _IQ4_XS:
+        _u_iq4_xs(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+
+
+def _make(kfam, k0, k1, k2, k3):
+    """A fused kernel for weights of the types k0..k3 (-1: unused) of one family (kfam True: K-quants). The types
+    are closure constants: Numba prunes the other types' branches before typing, so the kernel calls only their unit
+    kernels (compiling all twelve types' code into one kernel took most of a first run), and its disk-cache entry
+    is keyed on them (Numba's cache index includes a closure's cell values)."""
+    def fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads):
+        T, n = x.shape
+        nm = len(ws)
+        need32 = not kfam
+        needk = kfam
+        nb = n // _QK
+        nbk = n // _QK_K
+        xin = np.empty((T, n), np.float32)
+        if kfam:  # the other family's arrays: placeholders
+            qs = np.empty((1, 1), np.int8)
+            d = np.empty((1, 1), np.float32)
+            s = np.empty((1, 1), np.float32)
+            asum = np.empty((1, 1), np.int32)
+            qk = np.empty((T, n), np.int8)
+            dk = np.empty((T, nbk), np.float32)
+            bsk = np.empty((T, n // 16), np.int32)
+        else:
+            qs = np.empty((T, n), np.int8)
+            d = np.empty((T, nb), np.float32)
+            s = np.empty((T, nb), np.float32)
+            asum = np.empty((T, nb), np.int32)
+            qk = np.empty((1, 1), np.int8)
+            dk = np.empty((1, 1), np.float32)
+            bsk = np.empty((1, 1), np.int32)
+        rsc = np.empty(T, np.float32)
+        if mode == 1:
+            e = np.float32(eps)
+            for t in range(T):
+                rsc[t] = _rms_scale(x, t, n, e)
+        # input transform + quantization: by whole blocks, in parallel when the input is wide (a SwiGLU over a wide
+        # FFN costs as much as a small matmul)
+        gran = _QK_K if kfam else _QK
+        per_row = n // gran
+        nblk = T * per_row
+        npre = min(nthreads, nblk) if (T * n >= _PREP_PAR_MIN and mode >= 2) else 1
+        if npre > 1:
+            for c in prange(npre):
+                u0 = c * nblk // npre
+                u1 = (c + 1) * nblk // npre
+                for t in range(u0 // per_row, (u1 + per_row - 1) // per_row):  # the rows this chunk touches
+                    j0 = (max(u0, t * per_row) - t * per_row) * gran
+                    j1 = (min(u1, (t + 1) * per_row) - t * per_row) * gran
+                    _prep(mode, x, x2, norm_w, rsc, t, j0, j1, xin, need32, needk, qs, d, s, asum, qk, dk, bsk)
+        else:
+            j0 = n - n  # not a literal 0: the same _prep signature as the parallel branch (one compile, not two)
+            for t in range(T):
+                _prep(mode, x, x2, norm_w, rsc, t, j0, n, xin, need32, needk, qs, d, s, asum, qk, dk, bsk)
+        # work units: 8 weight rows of one matrix; split over threads by weight bytes
+        tot = 0
+        nunits = 0
+        for i in range(nm):
+            # raw weights: (rows, row bytes), 8-row units; repacked Q8_0: (8-row groups, group bytes)
+            units_i, ub_i = ws[i].shape
+            if kinds[i] == _Q8_0P:
+                ub_i //= 8  # per-unit cost in raw row bytes for both (272 packed bytes = 8 x 34 raw bytes)
             else:
-                of = o.reshape(T * rows_i)
-                qf = qs.reshape(T * n)
-                sf = asum.reshape(T * nb)
-                df = d.reshape(T * nb)
-                s1 = s.reshape(T * nb)
-                for g in range(g0, g1):
-                    r0 = g * 8
-                    nr = min(8, rows_i - r0)
-                    # activation rows in tiles of <= 4 while the unit's weight rows stay in cache (a row's
-                    # numbers do not depend on its tile: the kernels are row-exact)
-                    for t0 in range(0, T, 4):
-                        nt = min(4, T - t0)
-                        if nt == 1:
-                            QS._rows8(kind, w, r0, nr, qs[t0], asum[t0], d[t0], s[t0], nb, res)
-                            for k in range(nr):
-                                o[t0, r0 + k] = res[k]
-                        else:
-                            QS._rows8t_any(kind, nt, w, r0, nr, qf[t0 * n:], n, sf[t0 * nb:], df[t0 * nb:],
-                                           s1[t0 * nb:], nb, of[t0 * rows_i:], rows_i)
+                units_i = (units_i + 7) // 8
+            tot += units_i * ub_i
+            nunits += units_i
+        nch = max(1, min(nthreads, nunits))
+        for c in prange(nch):
+            lo = c * tot // nch
+            hi = (c + 1) * tot // nch
+            res = np.empty(8, np.float32)
+            acc = 0
+            for i in range(nm):
+                w = ws[i]
+                kind = kinds[i]
+                o = outs[i]
+                rows_i = o.shape[1]
+                G, rb_i = w.shape  # units and their cost, as in the loop above
+                if kind == _Q8_0P:
+                    rb_i //= 8
+                else:
+                    G = (G + 7) // 8
+                if G == 0:
+                    continue
+                # units g with start cost acc + g*rb_i in [lo, hi)
+                g0 = min(G, (max(lo - acc, 0) + rb_i - 1) // rb_i)
+                g1 = min(G, (max(hi - acc, 0) + rb_i - 1) // rb_i)
+                acc += G * rb_i
+                if kind == k0:
+                    _units_any(k0, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+                elif k1 >= 0 and kind == k1:
+                    _units_any(k1, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+                elif k2 >= 0 and kind == k2:
+                    _units_any(k2, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+                elif k3 >= 0 and kind == k3:
+                    _units_any(k3, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
 
-
-@njit(cache=True, nogil=True, parallel=True)
-def fused_mm32(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads):
-    """outs[i] = W_i @ f(x) for block-32 weights ws[i] (see the module doc). x, x2: float32 (T, n) C-contiguous
-    (x2 read in modes 2/3 only); ws: a 4-tuple of read-only uint8 (rows_i, row_bytes_i) raw weights or repacked
-    Q8_0 weights (kind Q8_0P; unused slots: 0 rows); kinds: int64 type ids; outs: 4-tuple of float32 (T, rows_i)
-    (rows_i is read from outs)."""
-    _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, False)
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def fused_mmk(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads):
-    """fused_mm32 for K-quant weights (Q8_K activations; n % 256 == 0)."""
-    _fused(mode, x, x2, norm_w, eps, ws, kinds, outs, nthreads, True)
+    fused.__name__ = f"fused_mm{'k' if kfam else '32'}_" + "_".join(str(k) for k in (k0, k1, k2, k3) if k >= 0)
+    fused.__doc__ = ("outs[i] = W_i @ f(x) for weights ws[i] (see the module doc). x, x2: float32 (T, n) C-contiguous "
+                     "(x2 read in modes 2/3 only); norm_w: read-only float32 (n,); ws: a 4-tuple of read-only uint8 "
+                     "(rows_i, row_bytes_i) raw weights or repacked Q8_0 weights (kind Q8_0P; unused slots: 0 rows); "
+                     "kinds: int64 type ids; outs: 4-tuple of float32 (T, rows_i) (rows_i is read from outs).")
+    return njit(cache=True, nogil=True, parallel=True)(fused)
 
 
 SLOTS = 4  # matrices per call (ws/outs are always 4-tuples: one compiled signature per family)
+_KERNELS: dict = {}  # (family, types) -> kernel
 
 
-def kernel_for(kinds) -> tuple:
-    """(fused_mm32 or fused_mmk) for weights of these type ids, which must all be of one family."""
-    fam = {int(k) in KQUANTS for k in kinds}
+def kernel_key(kinds, among=()) -> tuple:
+    """(K-quant family?, sorted types) of the kernel ``kernel_for(kinds, among)`` returns."""
+    kinds = {int(k) for k in kinds}
+    fam = {k in KQUANTS for k in kinds}
     if len(fam) != 1:
         raise ValueError("a fused call takes block-32 weights or K-quant weights, not both")
-    return fused_mmk if fam.pop() else fused_mm32
+    kfam = fam.pop()
+    mine = KQUANTS if kfam else BLOCK32 + (QS.Q8_0P,)
+    bad = kinds - set(mine)
+    if bad:
+        raise ValueError(f"no fused kernel for type(s) {sorted(bad)}")
+    wide = kinds | {int(k) for k in among if int(k) in mine}
+    return kfam, tuple(sorted(wide if len(wide) <= SLOTS else kinds))
+
+
+def kernel_for(kinds, among=()):
+    """The fused kernel for weights of these type ids (all of one family). ``among``: other types of the same model;
+    those of the family are compiled into the same kernel when at most SLOTS types in all, so that one kernel per
+    family serves a whole model (each extra type costs compile time, each extra kernel more)."""
+    key = kernel_key(kinds, among)
+    fn = _KERNELS.get(key)
+    if fn is None:
+        ks = key[1] + (-1,) * (SLOTS - len(key[1]))
+        fn = _KERNELS[key] = _make(key[0], *ks)
+    return fn
 
 
 def pad(ws, kinds):

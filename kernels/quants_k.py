@@ -74,12 +74,12 @@ _EXP2_F16 = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], dtype=np.floa
 # --------------------------------------------------------------------------------------------------
 _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _TRIPLE = _llb.get_process_triple()
-_FEATURES = _llb.get_host_cpu_features()
+_FEATURES = _jit.target_features()  # honours NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, as every kernel module
 _X86_AVX2 = _TRIPLE.startswith(("x86_64", "i686", "i386")) and bool(_FEATURES.get("avx2", False))
 _X86_VNNI = _X86_AVX2 and bool(_FEATURES.get("avx512vnni", False)) and bool(_FEATURES.get("avx512vl", False))
 # hardware half -> float conversion (vcvtph2ps / fcvt); elsewhere an exact bitwise version
 _HW_F16 = ((_TRIPLE.startswith(("x86_64", "i686", "i386")) and bool(_FEATURES.get("f16c", False)))
-           or _TRIPLE.startswith(("aarch64", "arm64")))
+           or (_TRIPLE.startswith(("aarch64", "arm64")) and _jit.target_is_host()))
 
 
 def _vt(t, n):
@@ -607,27 +607,31 @@ def _rows_iq4_xs(w, rb, qs, d, bsums, out, r_start, r_end):
     _rows(IQ4_XS, w, rb, qs, d, bsums, out, r_start, r_end)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _mm_k(w2, kind, qs, d, bsums, out, nthreads):
-    """Split the rows into one contiguous range per thread (rows are independent)."""
-    rows, rb = w2.shape
-    w = w2.reshape(w2.size)  # flat view (C-contiguous): blocks are addressed by byte offset
-    nch = max(1, min(rows, nthreads))
-    for c in prange(nch):
-        r0 = c * rows // nch
-        r1 = (c + 1) * rows // nch
-        if kind == Q4_K:
-            _rows_q4_k(w, rb, qs, d, bsums, out, r0, r1)
-        elif kind == Q6_K:
-            _rows_q6_k(w, rb, qs, d, bsums, out, r0, r1)
-        elif kind == Q5_K:
-            _rows_q5_k(w, rb, qs, d, bsums, out, r0, r1)
-        elif kind == Q3_K:
-            _rows_q3_k(w, rb, qs, d, bsums, out, r0, r1)
-        elif kind == Q2_K:
-            _rows_q2_k(w, rb, qs, d, bsums, out, r0, r1)
-        else:
-            _rows_iq4_xs(w, rb, qs, d, bsums, out, r0, r1)
+def _make_mm_kernel(kind):
+    """The parallel matmul driver for one type: ``kind`` is a closure constant, so the kernel holds (and a first run
+    compiles) only that type's row function, and its disk-cache entry is keyed on it."""
+    def mm(w2, qs, d, bsums, out, nthreads):
+        """Split the rows into one contiguous range per thread (rows are independent)."""
+        rows, rb = w2.shape
+        w = w2.reshape(w2.size)  # flat view (C-contiguous): blocks are addressed by byte offset
+        nch = max(1, min(rows, nthreads))
+        for c in prange(nch):
+            r0 = c * rows // nch
+            r1 = (c + 1) * rows // nch
+            if kind == Q4_K:
+                _rows_q4_k(w, rb, qs, d, bsums, out, r0, r1)
+            elif kind == Q6_K:
+                _rows_q6_k(w, rb, qs, d, bsums, out, r0, r1)
+            elif kind == Q5_K:
+                _rows_q5_k(w, rb, qs, d, bsums, out, r0, r1)
+            elif kind == Q3_K:
+                _rows_q3_k(w, rb, qs, d, bsums, out, r0, r1)
+            elif kind == Q2_K:
+                _rows_q2_k(w, rb, qs, d, bsums, out, r0, r1)
+            elif kind == IQ4_XS:
+                _rows_iq4_xs(w, rb, qs, d, bsums, out, r0, r1)
+    mm.__name__ = f"mm_k_{kind}"
+    return njit(cache=True, nogil=True, parallel=True)(mm)
 
 
 def _check_mm(w, kind, qs, d, bsums, out):
@@ -646,10 +650,12 @@ def _check_mm(w, kind, qs, d, bsums, out):
 
 
 def _make_mm(kind, name):
+    kern = _make_mm_kernel(kind)
+
     def matmul(w, qs, d, bsums, out):
         w, qs, d, bsums = _check_mm(w, kind, qs, d, bsums, out)
         if out.size:
-            _mm_k(w, kind, qs, d, bsums, out, numba.get_num_threads())
+            kern(w, qs, d, bsums, out, numba.get_num_threads())
         return out
     matmul.__name__ = matmul.__qualname__ = f"matmul_{name}"
     matmul.__doc__ = (f"out[t, r] = W[r] . x[t] for a {name.upper()} weight w uint8 (rows, row_bytes) and "

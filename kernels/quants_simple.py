@@ -88,20 +88,11 @@ _I8, _I16, _I32, _I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntTyp
 _F32T = ir.FloatType()
 
 
-def _target_features():
-    """CPU features Numba compiles for: the host's, unless NUMBA_CPU_NAME/NUMBA_CPU_FEATURES override."""
-    if numba.config.CPU_FEATURES is not None:
-        return {f[1:]: f[0] == "+" for f in numba.config.CPU_FEATURES.split(",") if f}
-    if numba.config.CPU_NAME is not None:
-        return {}  # e.g. "generic" for portable caches: use only target-independent IR
-    return dict(_llb.get_host_cpu_features())
-
-
-_FEATURES = _target_features()
+_FEATURES = _jit.target_features()
 _TRIPLE = _llb.get_process_triple()
 _X86 = _TRIPLE.startswith(("x86_64", "i686", "i386"))
 _USE_PSHUFB = _X86 and _FEATURES.get("ssse3", False)
-_USE_TBL = _TRIPLE.startswith(("aarch64", "arm64")) and numba.config.CPU_NAME is None
+_USE_TBL = _TRIPLE.startswith(("aarch64", "arm64")) and _jit.target_is_host()
 _USE_VNNI = _X86 and (_FEATURES.get("avxvnni", False)
                       or (_FEATURES.get("avx512vnni", False) and _FEATURES.get("avx512vl", False)))
 
@@ -1284,86 +1275,101 @@ def _block_sums(aq, t, asum):
         asum[b] = s
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _mm_quant(w, kind, aq, ad, as_, out, nthreads):
-    """out[t, r] = sum over blocks b, in order, of (dw*da)*isum (+ mw*sa for Q4_1/Q5_1), float32.
+def _make_mm_quant(kind):
+    """The quantized matmul kernel for one type (``kind`` a closure constant: Numba prunes the other types' code
+    before typing, so a first run compiles only the types a model has; the disk-cache entry is keyed on it)."""
+    def mm(w, aq, ad, as_, out, nthreads):
+        """out[t, r] = sum over blocks b, in order, of (dw*da)*isum (+ mw*sa for Q4_1/Q5_1), float32.
 
-    Weight rows go 8 at a time (the 8 float chains are the lanes of one vector), split over threads:
-    T == 1 (decode): dots straight from the packed blocks, one transposed integer reduction per block
-    (``_make_rows8``).  2 <= T <= 4 (speculative verify): each block of the 8 rows unpacked and transposed
-    in registers, then one broadcast-activation dot chain per row t (``_make_rows8t``).  T > 4 (prefill):
-    the 8 rows unpacked and transposed once into a small buffer, then activation rows 4 at a time
-    (``_make_pack8``, ``_make_tile4``).  kind == Q8_0P (``repack_q8_0``; rows = out.shape[1]): every T reads
-    the packed groups, activation rows 1..4 at a time (``_make_tilep``).  The integer sums are exact and the
-    float operations per (t, r) are the same in every path."""
-    T, n = aq.shape
-    nb = n // QK
-    if kind == Q8_0P:  # repacked Q8_0 (``repack_q8_0``): no unpacking or transposing, any T
-        rows = out.shape[1]
+        Weight rows go 8 at a time (the 8 float chains are the lanes of one vector), split over threads:
+        T == 1 (decode): dots straight from the packed blocks, one transposed integer reduction per block
+        (``_make_rows8``).  2 <= T <= 4 (speculative verify): each block of the 8 rows unpacked and transposed
+        in registers, then one broadcast-activation dot chain per row t (``_make_rows8t``).  T > 4 (prefill):
+        the 8 rows unpacked and transposed once into a small buffer, then activation rows 4 at a time
+        (``_make_pack8``, ``_make_tile4``).  kind == Q8_0P (``repack_q8_0``; rows = out.shape[1]): every T reads
+        the packed groups, activation rows 1..4 at a time (``_make_tilep``).  The integer sums are exact and the
+        float operations per (t, r) are the same in every path."""
+        T, n = aq.shape
+        nb = n // QK
+        if kind == Q8_0P:  # repacked Q8_0 (``repack_q8_0``): no unpacking or transposing, any T
+            rows = out.shape[1]
+            asum = np.empty((T, nb), np.int32)
+            for t in range(T):
+                _block_sums(aq, t, asum[t])
+            aqf = aq.reshape(T * n)
+            sf = asum.reshape(T * nb)
+            adf = ad.reshape(T * nb)
+            of = out.reshape(T * rows)
+            ngroups = w.shape[0]
+            nch = _chunks(ngroups, nthreads)
+            for c in prange(nch):
+                for g in range(c * ngroups // nch, (c + 1) * ngroups // nch):
+                    r0 = g * 8
+                    nr = min(8, rows - r0)
+                    for t0 in range(0, T, 4):
+                        _tilep_any(min(4, T - t0), w, g, nb, aqf, t0, n, sf, adf, of, r0, nr, rows)
+            return
+        rows = w.shape[0]
+        if T == 1:
+            asum1 = np.empty(nb, np.int32)
+            _block_sums(aq, 0, asum1)
+            a0 = aq[0]
+            d0 = ad[0]
+            s0 = as_[0]
+            ngroups = (rows + 7) // 8
+            nch = _chunks(ngroups, nthreads)
+            for c in prange(nch):
+                res = np.empty(8, np.float32)
+                for g in range(c * ngroups // nch, (c + 1) * ngroups // nch):
+                    r0 = g * 8
+                    nr = min(8, rows - r0)
+                    _rows8(kind, w, r0, nr, a0, asum1, d0, s0, nb, res)
+                    for k in range(nr):
+                        out[0, r0 + k] = res[k]
+            return
         asum = np.empty((T, nb), np.int32)
         for t in range(T):
             _block_sums(aq, t, asum[t])
+        ngroups = (rows + 7) // 8
+        nch = _chunks(ngroups, nthreads)
+        if T <= 4:  # verify-sized batches: unpack, transpose and use each block of 8 rows at once
+            aq1 = aq.reshape(T * n)
+            s1 = asum.reshape(T * nb)
+            ad1 = ad.reshape(T * nb)
+            as1 = as_.reshape(T * nb)
+            o1 = out.reshape(T * rows)
+            for c in prange(nch):
+                for g in range(c * ngroups // nch, (c + 1) * ngroups // nch):
+                    _rows8t_any(kind, T, w, g * 8, min(8, rows - g * 8), aq1, n, s1, ad1, as1, nb, o1, rows)
+            return
         aqf = aq.reshape(T * n)
         sf = asum.reshape(T * nb)
         adf = ad.reshape(T * nb)
+        asf = as_.reshape(T * nb)
         of = out.reshape(T * rows)
-        ngroups = w.shape[0]
-        nch = _chunks(ngroups, nthreads)
         for c in prange(nch):
+            vbuf = np.empty(nb * 256, np.uint8)
+            dbuf = np.empty(nb * 8, np.float32)
+            mbuf = np.empty(nb * 8, np.float32)
             for g in range(c * ngroups // nch, (c + 1) * ngroups // nch):
                 r0 = g * 8
                 nr = min(8, rows - r0)
+                _pack8(kind, w, r0, nr, nb, vbuf, dbuf, mbuf)
                 for t0 in range(0, T, 4):
-                    _tilep_any(min(4, T - t0), w, g, nb, aqf, t0, n, sf, adf, of, r0, nr, rows)
-        return
-    rows = w.shape[0]
-    if T == 1:
-        asum1 = np.empty(nb, np.int32)
-        _block_sums(aq, 0, asum1)
-        a0 = aq[0]
-        d0 = ad[0]
-        s0 = as_[0]
-        ngroups = (rows + 7) // 8
-        nch = _chunks(ngroups, nthreads)
-        for c in prange(nch):
-            res = np.empty(8, np.float32)
-            for g in range(c * ngroups // nch, (c + 1) * ngroups // nch):
-                r0 = g * 8
-                nr = min(8, rows - r0)
-                _rows8(kind, w, r0, nr, a0, asum1, d0, s0, nb, res)
-                for k in range(nr):
-                    out[0, r0 + k] = res[k]
-        return
-    asum = np.empty((T, nb), np.int32)
-    for t in range(T):
-        _block_sums(aq, t, asum[t])
-    ngroups = (rows + 7) // 8
-    nch = _chunks(ngroups, nthreads)
-    if T <= 4:  # verify-sized batches: unpack, transpose and use each block of 8 rows at once
-        aq1 = aq.reshape(T * n)
-        s1 = asum.reshape(T * nb)
-        ad1 = ad.reshape(T * nb)
-        as1 = as_.reshape(T * nb)
-        o1 = out.reshape(T * rows)
-        for c in prange(nch):
-            for g in range(c * ngroups // nch, (c + 1) * ngroups // nch):
-                _rows8t_any(kind, T, w, g * 8, min(8, rows - g * 8), aq1, n, s1, ad1, as1, nb, o1, rows)
-        return
-    aqf = aq.reshape(T * n)
-    sf = asum.reshape(T * nb)
-    adf = ad.reshape(T * nb)
-    asf = as_.reshape(T * nb)
-    of = out.reshape(T * rows)
-    for c in prange(nch):
-        vbuf = np.empty(nb * 256, np.uint8)
-        dbuf = np.empty(nb * 8, np.float32)
-        mbuf = np.empty(nb * 8, np.float32)
-        for g in range(c * ngroups // nch, (c + 1) * ngroups // nch):
-            r0 = g * 8
-            nr = min(8, rows - r0)
-            _pack8(kind, w, r0, nr, nb, vbuf, dbuf, mbuf)
-            for t0 in range(0, T, 4):
-                _tile4_any(kind, vbuf, dbuf, mbuf, aqf, t0, min(4, T - t0), n, sf, adf, asf, nb, of, r0, nr, rows)
+                    _tile4_any(kind, vbuf, dbuf, mbuf, aqf, t0, min(4, T - t0), n, sf, adf, asf, nb, of, r0, nr, rows)
+    mm.__name__ = f"mm_quant_{kind}"
+    return njit(cache=True, nogil=True, parallel=True)(mm)
+
+
+_MM_QUANT = {}
+
+
+def _mm_quant(w, kind, aq, ad, as_, out, nthreads):
+    """The matmul kernel of type ``kind`` (built on first use) on these arguments."""
+    kern = _MM_QUANT.get(kind)
+    if kern is None:
+        kern = _MM_QUANT[kind] = _make_mm_quant(kind)
+    kern(w, aq, ad, as_, out, nthreads)
 
 
 @njit(cache=True, nogil=True, inline="always")
