@@ -361,6 +361,11 @@ class LlambaIngress:
                         except Exception:  # noqa: BLE001 - client gone too
                             pass
                     return
+                if isinstance(e, asyncio.TimeoutError):  # the replica may still be working on it: not sent again
+                    self.counts["failed"] += 1
+                    return await _send_whole(send, _start(503), _json_error(
+                        503, f"no answer from the replica within {self.request_timeout:g} s; retry later",
+                        "replica_unavailable"))
                 if not _retryable(e, rex):
                     self.counts["failed"] += 1
                     return await _send_whole(send, _start(500), _json_error(

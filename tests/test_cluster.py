@@ -315,6 +315,21 @@ def test_full_queue_is_503(ingress):
         serve.delete("bp")
 
 
+def test_no_answer_in_time_is_503(ingress):
+    """A replica that does not answer within request_timeout: 503, not a hang."""
+    app = cluster.deployment(ingress["model"], replicas=1, n_parallel=1, request_timeout=1.0,
+                             llama_kwargs={"n_ctx": N_CTX}, ray_actor_options={"num_cpus": 0})
+    serve.run(app, name="slow", route_prefix="/slow")
+    try:
+        t0 = time.monotonic()
+        st, _, body = _post(ingress["url"] + "/slow/v1/completions",
+                            {"prompt": "x", "max_tokens": 1800, "logit_bias": EOG})
+        assert st == 503 and json.loads(body)["error"]["code"] == "replica_unavailable"
+        assert time.monotonic() - t0 < 30
+    finally:
+        serve.delete("slow")
+
+
 def test_clean_shutdown(ingress):
     port = ingress["port"]
     serve.shutdown()
