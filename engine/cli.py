@@ -204,11 +204,12 @@ def cmd_warmup(a) -> int:
         prog.stage(1, 5, "load")
         worker = None if fused_index_exists() else start_fused_worker(path)
         llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, n_batch=a.batch_size, verbose=a.verbose)
-        prepare_first_run(llm, prog, worker, stage=2, n_stages=5)
-        n = warmup(llm, prog, stages_before=2)
+        worker = prepare_first_run(llm, prog, worker, stage=2, n_stages=5)
+        warmup(llm, prog, stages_before=2)
     dt = time.perf_counter() - t0
-    print(f"llamba: warmup done in {dt:.1f} s: {n} kernel{'s' if n != 1 else ''} compiled"
-          + ("" if n else " (all were in the cache)"), file=sys.stderr)
+    print(f"llamba: warmup done in {dt:.1f} s: {prog.compiled} kernel{'s' if prog.compiled != 1 else ''} compiled "
+          f"in this process" + (" and the matmul kernels in a second one" if worker is not None else "")
+          + ("" if prog.compiled or worker is not None else " (all were in the cache)"), file=sys.stderr)
     return 0
 
 

@@ -259,7 +259,7 @@ def _stub_forward(llm, n_tokens: int):
 def prepare_first_run(llm, prog: CompileProgress, worker=None, stage: int = 2, n_stages: int = 3):
     """Before a generation: when the model's fused kernels are not in the disk cache, have a second process compile
     them (`worker`: one already started) while this one compiles the rest of a forward pass, then wait for it.
-    Returns at once (a cache look-up) when they are cached."""
+    Returns at once (a cache look-up) when they are cached. Returns the second process, if one ran."""
     try:
         keys = fused_keys(llm.gguf)
     except Exception:  # noqa: BLE001 - e.g. a model without fused groups: nothing to do ahead
@@ -268,11 +268,11 @@ def prepare_first_run(llm, prog: CompileProgress, worker=None, stage: int = 2, n
     if not cold:
         if worker is not None:
             worker.wait()
-        return
+        return worker
     if worker is None:
         worker = start_fused_worker(keys=cold)
-    if worker is None or getattr(llm.model, "offloaded", False):
-        return
+    if worker is None:
+        return None
     prog.stage(stage, n_stages, "attention, norms, ...")
     try:
         _stub_forward(llm, 4)
@@ -280,6 +280,7 @@ def prepare_first_run(llm, prog: CompileProgress, worker=None, stage: int = 2, n
         llm.reset()
     prog.stage(stage, n_stages, "waiting for the matmul kernels")
     worker.wait()
+    return worker
 
 
 def _worker_main(argv) -> int:
