@@ -292,8 +292,9 @@ def dequantize_tensor(gf, name: str) -> np.ndarray:
 
 def init_head_tensors(gf, cfg, rng=None, copy_last: bool = True, std: float = 0.02) -> dict:
     """Initial head weights: the block copied from the trunk's last layer (copy_last; a mixture-of-experts FFN
-    becomes its first expert) or random (std), norms at the trunk's norm values (copy) or 1, and
-    eh_proj = [0 | I] + noise (the block first sees the trunk's normalized hidden; training mixes the token in)."""
+    becomes its first expert) with its attention-output and FFN-down projections zeroed, so that the block starts as
+    the identity and the head as the trunk's own output on hnorm(h), or random (std); norms at the trunk's values
+    (copy) or 1; eh_proj = [0 | I] + noise (training mixes the token in)."""
     rng = rng or np.random.default_rng(0)
     L = cfg.n_layer
     E = cfg.n_embd
@@ -322,6 +323,10 @@ def init_head_tensors(gf, cfg, rng=None, copy_last: bool = True, std: float = 0.
     p = f"blk.{L}.nextn."
     out[p + "enorm.weight"] = np.ones(E, dtype=np.float32)
     out[p + "hnorm.weight"] = np.ones(E, dtype=np.float32)
+    if copy_last:  # the block starts as the identity (its residual branches' output projections at 0)
+        for n in (f"blk.{L}.attn_output.weight", f"blk.{L}.ffn_down.weight"):
+            if n in out:
+                out[n] = np.zeros_like(out[n])
     eh = rng.normal(0.0, std, size=(E, 2 * E)).astype(np.float32)
     eh[:, E:] += np.eye(E, dtype=np.float32)
     out[p + "eh_proj.weight"] = eh
