@@ -2,7 +2,13 @@
 acceptance per draft position, and the cost of one verify step of k tokens relative to one decode step.
 
     python bench/bench_speculative.py -m MODEL.gguf [--spec mtp|ngram|draft] [--draft-model PATH]
-                                      [--threads 2] [-n 64] [--draft-max 1,2,3,4] [--reps 3]
+                                      [--mtp-head HEAD.gguf] [--chat] [--threads 2] [-n 64]
+                                      [--draft-max 1,2,3,4] [--reps 3]
+
+With --mtp-head (a sidecar head from `llamba mtp-train`) the MTP proposer drafts with it; per draft-max the table
+also gives the measured cost of a draft step (all the head's forwards of one step) and of a verify step, and the
+speed-up those costs predict at the measured mean accepted length: t_decode * mean_len / (t_draft + t_verify).
+--chat: held-out chat prompts through the model's chat template instead of the Python prompts.
 
 Greedy; each run checks that the speculative text equals the plain greedy text (lossless). Prompts: the five
 Python prompts of the qwen35 fixture (../shared/models/README.md), or --prompt (repeatable).
@@ -25,6 +31,16 @@ PROMPTS = [
 ]
 
 
+CHAT_PROMPTS = ["What makes a good friend?", "How do airplanes stay in the air?",
+                "Describe a day in the life of a lighthouse keeper.", "Why is the sky blue?",
+                "What should I know before adopting a cat?"]
+
+
+def prompt_ids(llm, p):
+    """Token ids of a prompt: text (tokenized with BOS) or already ids."""
+    return list(p) if isinstance(p, list) else llm.tokenize(p.encode())
+
+
 def log(msg):
     print(msg, file=sys.stderr, flush=True)
 
@@ -34,7 +50,7 @@ def gen_pass(llm, prompts, n):
     llama-bench; the outputs)."""
     toks, secs, outs = 0, 0.0, []
     for p in prompts:
-        ids = llm.tokenize(p.encode())
+        ids = prompt_ids(llm, p)
         llm.reset()
         outs.append(list(llm.generate(ids, temp=0, max_tokens=n)))
         st = llm.last_stats
@@ -73,13 +89,18 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prompt", action="append")
     ap.add_argument("--verify-only", action="store_true", help="only measure verify-step cost")
+    ap.add_argument("--mtp-head", default=None, help="a sidecar MTP head (llamba mtp-train) for --spec mtp")
+    ap.add_argument("--chat", action="store_true", help="held-out chat prompts through the chat template")
     a = ap.parse_args(argv)
     from llamba import Llama
     prompts = a.prompt or PROMPTS
     log(f"loading {a.model}...")
     plain = Llama(a.model, n_ctx=2048, n_threads=a.threads, verbose=False)
+    if a.chat and not a.prompt:
+        prompts = [list(plain.apply_chat_template([{"role": "user", "content": c}], tokenize=True))
+                   for c in CHAT_PROMPTS]
     # warm-up: compile every kernel on this path
-    list(plain.generate(plain.tokenize(prompts[0].encode()), temp=0, max_tokens=4))
+    list(plain.generate(prompt_ids(plain, prompts[0]), temp=0, max_tokens=4))
     ks = [1, 2, 3, 4, 5]
     log("verify-step cost...")
     vc = verify_cost(plain, ks)
@@ -92,8 +113,8 @@ def main(argv=None):
     engines = {0: plain}
     for dm in dms:
         spec = Llama(a.model, n_ctx=2048, n_threads=a.threads, verbose=False, spec=a.spec, draft_max=dm,
-                     draft_model=a.draft_model)
-        list(spec.generate(spec.tokenize(prompts[0].encode()), temp=0, max_tokens=4))
+                     draft_model=a.draft_model, mtp_head=a.mtp_head)
+        list(spec.generate(prompt_ids(spec, prompts[0]), temp=0, max_tokens=4))
         engines[dm] = spec
     # every repetition runs plain greedy and each draft-max back to back, so a slow period of the machine hits
     # them alike; speed-up = median over repetitions of (speculative / plain) of the same repetition
@@ -106,8 +127,10 @@ def main(argv=None):
             rates[dm].append(tps)
     base_tps = statistics.median(rates[0])
     print(f"no speculation: {base_tps:.1f} tokens/s (median of {a.reps})")
-    print(f"{'draft-max':>9} {'tokens/s':>9} {'speed-up':>8} {'accepted/drafted':>17} {'rate':>6} {'mean len':>8}  "
-          f"acceptance per position")
+    t_dec = 1.0 / base_tps
+    print(f"decode step: {t_dec * 1e3:.2f} ms")
+    print(f"{'draft-max':>9} {'tokens/s':>9} {'speed-up':>8} {'accepted/drafted':>17} {'rate':>6} {'mean len':>8} "
+          f"{'draft ms':>8} {'verify ms':>9} {'predicted':>9}  acceptance per position")
     for dm in dms:
         spec = engines[dm]
         tps = statistics.median(rates[dm])
@@ -115,18 +138,24 @@ def main(argv=None):
         lossless = outs[dm] == outs[0]
         # acceptance over one pass of all prompts
         acc = dr = steps = 0
+        td = tv = 0.0
         pos_a, pos_d = [0] * dm, [0] * dm
         for p in prompts:
             spec.reset()
-            list(spec.generate(spec.tokenize(p.encode()), temp=0, max_tokens=a.n))
+            list(spec.generate(prompt_ids(spec, p), temp=0, max_tokens=a.n))
             s = spec.spec_stats
             acc, dr, steps = acc + s.n_accepted, dr + s.n_drafted, steps + s.n_steps
+            td, tv = td + s.t_draft, tv + s.t_verify
             for i in range(min(dm, len(s.drafted_at))):
                 pos_a[i] += s.accepted_at[i]
                 pos_d[i] += s.drafted_at[i]
         per_pos = ", ".join(f"{x / y:.2f}" if y else "-" for x, y in zip(pos_a, pos_d))
+        mlen = 1 + acc / max(steps, 1)
+        t_d, t_v = td / max(steps, 1), tv / max(steps, 1)
+        pred = t_dec * mlen / (t_d + t_v) if t_d + t_v > 0 else 0.0
         print(f"{dm:>9} {tps:9.1f} {ratio:7.2f}x {acc:>8}/{dr:<8} {acc / max(dr, 1):6.1%} "
-              f"{1 + acc / max(steps, 1):8.2f}  ({per_pos}){'' if lossless else '  NOT LOSSLESS'}")
+              f"{mlen:8.2f} {t_d * 1e3:8.2f} {t_v * 1e3:9.2f} {pred:8.2f}x  ({per_pos})"
+              f"{'' if lossless else '  NOT LOSSLESS'}")
 
 if __name__ == "__main__":
     main()
