@@ -91,6 +91,7 @@ def main(argv=None):
     ap.add_argument("--verify-only", action="store_true", help="only measure verify-step cost")
     ap.add_argument("--mtp-head", default=None, help="a sidecar MTP head (llamba mtp-train) for --spec mtp")
     ap.add_argument("--chat", action="store_true", help="held-out chat prompts through the chat template")
+    ap.add_argument("--verify-reps", type=int, default=30, help="repetitions of the verify-cost measurement")
     a = ap.parse_args(argv)
     from llamba import Llama
     prompts = a.prompt or PROMPTS
@@ -103,7 +104,7 @@ def main(argv=None):
     list(plain.generate(prompt_ids(plain, prompts[0]), temp=0, max_tokens=4))
     ks = [1, 2, 3, 4, 5]
     log("verify-step cost...")
-    vc = verify_cost(plain, ks)
+    vc = verify_cost(plain, ks, a.verify_reps)
     print(f"model: {a.model}, threads {a.threads}")
     print("verify step of k tokens / one decode step: " +
           ", ".join(f"k={k}: {vc[k] / vc[1]:.2f}x ({vc[k] * 1e3:.2f} ms)" for k in ks))
