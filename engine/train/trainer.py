@@ -162,8 +162,9 @@ def _windows(data, W: int, min_len: int = 8):
 class Batcher:
     """Tensors of a batch of windows: embeddings of t[p], h[p-1], teacher targets on the head's vocabulary."""
 
-    def __init__(self, data, embed, vocab_map, n_vocab_head: int):
+    def __init__(self, data, embed, vocab_map, n_vocab_head: int, scored_from=None):
         self.data = data
+        self.scored_from = scored_from  # per sequence: first row that counts (held out: the continuation)
         self.embed = embed
         self.vmap = vocab_map  # trunk id -> head column (or -1), None: identity
         self.K = n_vocab_head
@@ -199,6 +200,8 @@ class Batcher:
             lp[j, :n] = ll
             top1[j, :n] = t1
             mask[j, :n] = True
+            if self.scored_from is not None:
+                mask[j, :max(0, min(n, self.scored_from[i] - a))] = False
         return (torch.from_numpy(emb), torch.from_numpy(hp), torch.from_numpy(ids), torch.from_numpy(lp),
                 torch.from_numpy(top1), torch.from_numpy(mask))
 
@@ -213,7 +216,8 @@ def loss_fn(logits, ids, lp, mask):
 
 
 def evaluate(head, batcher, wins, bs: int = 8):
-    """Held-out position-1 acceptance (head argmax == trunk argmax) and loss."""
+    """Held-out position-1 acceptance (head argmax == trunk argmax) and loss, over the rows the batcher scores
+    (the generated continuations, not the prompts: chat-template rows are easy and would inflate it)."""
     hit = n = 0
     tot = 0.0
     with torch.no_grad():
@@ -253,6 +257,7 @@ def train_main(a) -> int:
         print(f"mtp-train: resuming from {ckpt} (epoch {state['epoch']}, step {state['step']}, "
               f"{_fmt_t(state['elapsed'])} trained)", file=sys.stderr)
         train, held = state["train"], state["held"]
+        held_from = state.get("held_from")
         elapsed0 = state["elapsed"]
     else:
         elapsed0 = 0.0
@@ -266,6 +271,7 @@ def train_main(a) -> int:
               + (f" and {len(passages)} passages of {a.data}" if passages else "")
               + f", with the trunk's hiddens and top-{a.top_k} log-probs", file=sys.stderr)
         held = D.teacher(llm, D.generate(llm, held_p, 1e9, 64, n_parallel=len(held_p)), a.top_k)
+        held_from = [len(p) for _, p in held_p]
         # rounds of: a batch of continuations, then their teacher pass (and a few --data passages, which need the
         # teacher pass only), until the data budget is spent: nothing is generated that is not used
         train = []
@@ -315,7 +321,7 @@ def train_main(a) -> int:
                      cos.copy(), sin.copy())
     embed = model.token_embd
     batcher = Batcher(train, embed, vmap, w_out.shape[0])
-    hb = Batcher(held, embed, vmap, w_out.shape[0])
+    hb = Batcher(held, embed, vmap, w_out.shape[0], held_from)
     wins = _windows(train, W)
     hwins = _windows(held, W)
     bs = 4
@@ -338,7 +344,7 @@ def train_main(a) -> int:
 
     def save(tag=""):
         torch.save({"train": train, "held": held, "tensors": head.numpy_tensors(), "opt": opt.state_dict(),
-                    "step": step, "epoch": epoch, "draft_vocab": dv,
+                    "step": step, "epoch": epoch, "draft_vocab": dv, "held_from": held_from,
                     "elapsed": elapsed0 + time.perf_counter() - t_train0}, ckpt + ".tmp")
         os.replace(ckpt + ".tmp", ckpt)
 
