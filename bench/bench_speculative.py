@@ -94,12 +94,16 @@ def main(argv=None):
     ap.add_argument("--verify-reps", type=int, default=30, help="repetitions of the verify-cost measurement")
     a = ap.parse_args(argv)
     from llamba import Llama
+    from llamba.errors import LlambaError
     prompts = a.prompt or PROMPTS
     log(f"loading {a.model}...")
     plain = Llama(a.model, n_ctx=2048, n_threads=a.threads, verbose=False)
     if a.chat and not a.prompt:
-        prompts = [list(plain.apply_chat_template([{"role": "user", "content": c}], tokenize=True))
-                   for c in CHAT_PROMPTS]
+        try:
+            prompts = [list(plain.apply_chat_template([{"role": "user", "content": c}], tokenize=True))
+                       for c in CHAT_PROMPTS]
+        except LlambaError:  # no chat template in the file: the questions as plain text
+            prompts = [c + "\n" for c in CHAT_PROMPTS]
     # warm-up: compile every kernel on this path
     list(plain.generate(prompt_ids(plain, prompts[0]), temp=0, max_tokens=4))
     ks = [1, 2, 3, 4, 5]
