@@ -55,6 +55,9 @@ class Session:
         # chunks, so activation memory is bounded by n_batch rows, not by the prompt length; the rows are
         # computed exactly as in one call (the kernels are row-exact)
         self.n_batch = max(1, int(n_batch)) if n_batch else 0
+        # the batching engine when it steps on a thread of its own (Engine.run_forever / start): model calls
+        # from other threads run on that thread (Engine.call), so kernels keep running on one thread
+        self.executor = None
 
     @property
     def tokens(self) -> list[int]:
@@ -71,12 +74,18 @@ class Session:
         self.model.truncate(n)
 
     def eval(self, tokens, logits: str = "last", gemm=None, keep_hidden=False):
+        ex = self.executor
+        if ex is not None and ex.elsewhere():  # (Engine.call holds the lock for it, or the caller lends it)
+            return ex.call(self._eval, tokens, logits, gemm, keep_hidden)
+        with self.lock:
+            return self._eval(tokens, logits, gemm, keep_hidden)
+
+    def _eval(self, tokens, logits, gemm, keep_hidden):
         kw = {"keep_hidden": True} if keep_hidden else {}
         nb = self.n_batch
-        with self.lock:
-            if not nb or len(tokens) <= nb:
-                return self.model.forward(tokens, logits=logits, gemm=gemm, **kw)
-            return self._eval_chunked(tokens, logits, gemm, kw, nb)
+        if not nb or len(tokens) <= nb:
+            return self.model.forward(tokens, logits=logits, gemm=gemm, **kw)
+        return self._eval_chunked(tokens, logits, gemm, kw, nb)
 
     def _eval_chunked(self, tokens, logits, gemm, kw, nb):
         model = self.model

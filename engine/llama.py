@@ -357,6 +357,7 @@ class Llama:
                              draft_max=self.spec_options["draft_max"], draft_p_min=self.spec_options["draft_p_min"],
                              is_eog=self.tokenizer.is_eog, lock=self.session.lock, n_threads=self.n_threads,
                              spare_core_rows=spare_core_rows)
+        self.session.executor = self.engine  # model calls run on the engine's thread when it has one
         self.concurrent = True
 
     @property
@@ -635,9 +636,10 @@ class Llama:
                 if not toks:
                     raise LlambaError("embed: an input has no tokens (empty text); give some text")
                 total += len(toks)
-                self.session.reset()
-                self.session.eval(toks, logits="none", keep_hidden=True)
-                h = np.asarray(self.model.hidden, dtype=np.float32)
+                with self.session.lock:  # (the default sequence and model.hidden: no step in between)
+                    self.session.reset()
+                    self.session.eval(toks, logits="none", keep_hidden=True)
+                    h = np.asarray(self.model.hidden, dtype=np.float32)
                 if pooling == POOLING_NONE:
                     emb = [_normalized(r) if normalize else r.tolist() for r in h]
                 else:

@@ -22,6 +22,7 @@ thread is running one: a single caller decodes at the library's own speed, with 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -211,6 +212,7 @@ class Engine:
         self.idle: OrderedDict[int, SeqCache] = OrderedDict()  # finished sequences kept for prefix reuse, LRU
         self._thread = None
         self._stop = False
+        self._calls: deque = deque()  # (fn, args, kw, done, result, error) to run on the engine's thread
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0, "prompt_tokens": 0,
                       "cached_tokens": 0, "generated_tokens": 0, "steps": 0, "batch_rows": 0, "drafted": 0,
                       "accepted": 0}
@@ -236,17 +238,119 @@ class Engine:
         return req
 
     def start(self):
+        """Step in a thread of the engine's own (the callers then only wait for their tokens)."""
         if self._thread is None:
             self._stop = False
             self._thread = threading.Thread(target=self._loop, name="llamba-engine", daemon=True)
             self._thread.start()
         return self
 
+    def run_forever(self, until=None):
+        """Step on the calling thread until stop() (or until `until()` is true, checked at least every 0.1 s).
+
+        Kernels should run on one thread of the process: with GNU OpenMP (Numba's default threading layer) every
+        thread that starts parallel regions keeps its own worker pool, and as soon as a process has more pool
+        threads than cores, all of them stop spinning between regions and sleep instead, which measured 2x slower
+        (SmolLM2, 2 cores: 212 tokens/s decoding on the main thread, 104 in a second thread once the main thread
+        had run a kernel). `llamba serve` loads the model and runs this on the main thread; the HTTP server runs
+        in another thread, and model work that is not a generation goes through `call`."""
+        if self._thread is not None:
+            raise LlambaError("the engine already runs in a thread")
+        self._stop = False
+        self._thread = threading.current_thread()
+        try:
+            while not self._stop and not (until is not None and until()):
+                with self._cv:
+                    if not self._stop and not self.waiting and not self.running and not self._calls:
+                        self._cv.wait(0.1)
+                self._run_calls()
+                if self._stop:
+                    break
+                try:
+                    self._serve_step()
+                except BaseException as e:  # noqa: BLE001 - never let the loop die: fail the running requests
+                    if isinstance(e, KeyboardInterrupt):
+                        raise
+                    self._fail_all(e)
+        finally:
+            self._thread = None
+            self._fail_all(LlambaError("the engine stopped"))
+            self._run_calls(LlambaError("the engine stopped"))
+
+    def elsewhere(self) -> bool:
+        """True when the engine steps on a thread of its own and this is another thread."""
+        th = self._thread
+        return th is not None and th is not threading.current_thread()
+
+    def call(self, fn, *args, **kw):
+        """fn(*args, **kw) on the engine's thread between two steps (at once when there is no engine thread, or
+        when called from it); returns its result or raises its exception."""
+        th = self._thread
+        if th is None or th is threading.current_thread():
+            with self.lock:
+                return fn(*args, **kw)
+        # a caller holding the model lock (a sequence of model calls) lends it to the engine's thread, which is
+        # not stepping meanwhile (a step needs the lock); otherwise the engine's thread takes it for fn
+        item = [fn, args, kw, threading.Event(), None, None, not self.lock._is_owned()]
+        with self._cv:
+            self._calls.append(item)
+            self._cv.notify()
+        while not item[3].wait(0.1):
+            if self._thread is not th:  # the loop ended without taking it: run it here
+                with self._cv:
+                    mine = any(x is item for x in self._calls)
+                    if mine:
+                        self._calls = deque(x for x in self._calls if x is not item)
+                if mine:
+                    with self.lock if item[6] else contextlib.nullcontext():
+                        return fn(*args, **kw)
+        if item[5] is not None:
+            raise item[5]
+        return item[4]
+
+    def _acquire(self):
+        """Take the model lock on the engine's thread; while another thread holds it, run the calls that thread
+        makes meanwhile (it lends the lock: see `call`)."""
+        while not self.lock.acquire(timeout=0.002):
+            self._run_calls(lent_only=True)
+
+    def _serve_step(self):
+        self._acquire()
+        try:
+            return self._step()
+        finally:
+            self.lock.release()
+
+    def _run_calls(self, error: BaseException | None = None, lent_only: bool = False):
+        while True:
+            with self._cv:
+                item = next((x for x in self._calls if not (lent_only and x[6])), None)
+                if item is None:
+                    return
+                self._calls = deque(x for x in self._calls if x is not item)
+            fn, args, kw, done = item[:4]
+            if error is not None:
+                item[5] = error
+            else:
+                try:
+                    if item[6]:  # the caller does not hold the lock: take it
+                        self._acquire()
+                        try:
+                            item[4] = fn(*args, **kw)
+                        finally:
+                            self.lock.release()
+                    else:
+                        item[4] = fn(*args, **kw)
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    item[5] = e
+            done.set()
+
     def stop(self):
         self._stop = True
         self._wake()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        th = self._thread
+        if th is not None and th is not threading.current_thread() and th.name == "llamba-engine":
+            th.join(timeout=30)
             self._thread = None
 
     def run_until_done(self):
@@ -276,15 +380,17 @@ class Engine:
     def _loop(self):
         while not self._stop:
             with self._cv:
-                while not self._stop and not self.waiting and not self.running:
+                while not self._stop and not self.waiting and not self.running and not self._calls:
                     self._cv.wait()
+            self._run_calls()
             if self._stop:
                 break
             try:
-                self.step()
+                self._serve_step()
             except BaseException as e:  # noqa: BLE001 - never let the loop die: fail the running requests
                 self._fail_all(e)
         self._fail_all(LlambaError("the engine stopped"))
+        self._run_calls(LlambaError("the engine stopped"))
 
     def _fail_all(self, e: BaseException):
         for run in list(self.running):

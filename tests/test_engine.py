@@ -236,3 +236,59 @@ def test_short_prompt_step_carries_no_slice_of_a_long_prefill(tiny_llama):
     finally:
         del llm.model.forward_batch
     assert r_long.tokens() == want_long and r_short.tokens() == want_short
+
+
+def test_run_forever_steps_and_runs_model_calls_on_its_own_thread(tiny_llama):
+    """`llamba serve` runs the engine on the main thread (Engine.run_forever) so that kernels run on one thread:
+    requests from other threads only wait for their tokens, and other model work from those threads (embeddings,
+    prompt log-probabilities: Session.eval) runs on the engine's thread through Engine.call, also when the caller
+    holds the model lock; the results equal a plain single-caller run."""
+    single = Llama(tiny_llama, n_ctx=512, verbose=False, seed=1)
+    want = single("hello world", max_tokens=8, temperature=0)["choices"][0]["text"]
+    want_lp = single.prompt_logprobs(single.tokenize(b"the quick brown fox"), 2)
+    llm = Llama(tiny_llama, n_ctx=1024, verbose=False, seed=1, n_parallel=2)
+    eng = llm.engine
+    threads = set()
+    fb, fwd = llm.model.forward_batch, llm.model.forward
+
+    def spy_batch(*a, **kw):
+        threads.add(threading.current_thread().name)
+        return fb(*a, **kw)
+
+    def spy_fwd(*a, **kw):
+        threads.add(threading.current_thread().name)
+        return fwd(*a, **kw)
+
+    llm.model.forward_batch, llm.model.forward = spy_batch, spy_fwd
+    runner = threading.Thread(target=eng.run_forever, name="engine-main")
+    runner.start()
+    try:
+        for _ in range(200):
+            if eng.elsewhere():
+                break
+            threading.Event().wait(0.01)
+        assert eng.elsewhere()
+        out = {}
+
+        def work():
+            out["text"] = llm("hello world", max_tokens=8, temperature=0)["choices"][0]["text"]
+            out["lp"] = llm.prompt_logprobs(llm.tokenize(b"the quick brown fox"), 2)
+            with llm.session.lock:  # a caller holding the lock lends it to the engine's thread (no deadlock)
+                out["rows"] = llm.session.eval(llm.tokenize(b"abc"), logits="all")
+            out["call"] = eng.call(lambda: threading.current_thread().name)
+
+        w = threading.Thread(target=work, name="client")
+        w.start()
+        w.join(timeout=120)
+        assert not w.is_alive()
+        assert out["text"] == want and out["lp"] == want_lp and out["call"] == "engine-main"
+        assert out["rows"].shape[0] == len(llm.tokenize(b"abc"))
+        assert threads == {"engine-main"}
+    finally:
+        eng.stop()
+        runner.join(timeout=30)
+        del llm.model.forward_batch, llm.model.forward
+    assert not runner.is_alive() and not eng.elsewhere()
+    # stopped: the callers step it themselves again
+    assert llm("hello world", max_tokens=8, temperature=0)["choices"][0]["text"] == want
+    llm.close()
