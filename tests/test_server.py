@@ -276,7 +276,7 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": [1, 2]}, "stop"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),  # chat n > 1 is served (issue 12)
     ({"messages": [{"role": "user", "content": "x"}], "frobnicate": True}, "frobnicate"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": N_CTX}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x " * 3000}]}, "context"),
