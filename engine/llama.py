@@ -353,7 +353,7 @@ class Llama:
             raise LlambaError("a draft model (--spec draft) serves one sequence at a time; use --spec mtp or "
                               "ngram with --parallel > 1")
         self.engine = Engine(self.model, n_ctx=self._n_ctx, n_parallel=n_parallel,
-                             step_tokens=step_tokens or max(32, min(128, self.session.n_batch or 128)), spec=spec,
+                             step_tokens=step_tokens or max(32, min(64, self.session.n_batch or 64)), spec=spec,
                              draft_max=self.spec_options["draft_max"], draft_p_min=self.spec_options["draft_p_min"],
                              is_eog=self.tokenizer.is_eog, lock=self.session.lock, n_threads=self.n_threads,
                              spare_core_rows=spare_core_rows)
