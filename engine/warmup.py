@@ -204,8 +204,10 @@ def fused_index_exists() -> bool:
     """False when no fused kernel at all is in Numba's disk cache (a fresh install): cheap, before any model is
     opened."""
     try:
+        import glob
         from llamba.kernels import fused as F
-        return os.path.exists(F._make(False, 2, -1, -1, -1)._cache._cache_file._index_path)
+        path = F._make(False, 2, -1, -1, -1)._cache._cache_path  # where every fused kernel's index goes
+        return bool(glob.glob(os.path.join(glob.escape(path), "fused.fused_mm*.nbi")))
     except Exception:  # noqa: BLE001
         return True
 

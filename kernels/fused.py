@@ -169,7 +169,7 @@ def _make_units(kind):
 
     def units(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res):
         _units(kind, kfam, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    units.__name__ = f"units_{kind}"
+    units.__name__ = units.__qualname__ = f"units_{kind}"  # its own cache index file (see _make)
     return njit(cache=True, nogil=True)(units)
 
 
@@ -180,7 +180,8 @@ _u_q2_k, _u_q3_k, _u_q4_k, _u_q5_k, _u_q6_k, _u_iq4_xs = (_make_units(k) for k i
 
 @njit(cache=True, nogil=True, inline="always")
 def _units_any(kind, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res):
-    """The unit kernel of type ``kind`` (a constant where the fused kernels call this: one branch is left)."""
+    """The units of one matrix of type ``kind`` (a constant where the fused kernels call this: one branch is left):
+    the block-32 types' unit kernel, the K-quants' row kernels in place."""
     if kind == _Q4_0:
         _u_q4_0(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
     elif kind == _Q4_1:
@@ -195,18 +196,30 @@ def _units_any(kind, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, d
         _u_iq4_nl(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
     elif kind == _Q8_0P:
         _u_q8_0p(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    elif kind == _Q2_K:
-        _u_q2_k(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    elif kind == _Q3_K:
-        _u_q3_k(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    elif kind == _Q4_K:
-        _u_q4_k(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    elif kind == _Q5_K:
-        _u_q5_k(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    elif kind == _Q6_K:
-        _u_q6_k(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    elif kind == _IQ4_XS:
-        _u_iq4_xs(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+    elif kind == _Q2_K:  # K-quants: their row kernels are separate already (a unit kernel measured slower)
+        wf = w.reshape(w.size)
+        for g in range(g0, g1):
+            QKm._rows_q2_k(wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
+    elif kind == _Q3_K:  # K-quants: their row kernels are separate already (a unit kernel measured slower)
+        wf = w.reshape(w.size)
+        for g in range(g0, g1):
+            QKm._rows_q3_k(wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
+    elif kind == _Q4_K:  # K-quants: their row kernels are separate already (a unit kernel measured slower)
+        wf = w.reshape(w.size)
+        for g in range(g0, g1):
+            QKm._rows_q4_k(wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
+    elif kind == _Q5_K:  # K-quants: their row kernels are separate already (a unit kernel measured slower)
+        wf = w.reshape(w.size)
+        for g in range(g0, g1):
+            QKm._rows_q5_k(wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
+    elif kind == _Q6_K:  # K-quants: their row kernels are separate already (a unit kernel measured slower)
+        wf = w.reshape(w.size)
+        for g in range(g0, g1):
+            QKm._rows_q6_k(wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
+    elif kind == _IQ4_XS:  # K-quants: their row kernels are separate already (a unit kernel measured slower)
+        wf = w.reshape(w.size)
+        for g in range(g0, g1):
+            QKm._rows_iq4_xs(wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
 
 
 def _make(kfam, k0, k1, k2, k3):
@@ -218,7 +231,7 @@ def _make(kfam, k0, k1, k2, k3):
         T, n = x.shape
         nm = len(ws)
         need32 = not kfam
-        needk = kfam
+        needk = not need32  # plain bools, not literals: one _prep signature for both families
         nb = n // _QK
         nbk = n // _QK_K
         xin = np.empty((T, n), np.float32)
@@ -304,7 +317,11 @@ def _make(kfam, k0, k1, k2, k3):
                 elif k3 >= 0 and kind == k3:
                     _units_any(k3, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
 
-    fused.__name__ = f"fused_mm{'k' if kfam else '32'}_" + "_".join(str(k) for k in (k0, k1, k2, k3) if k >= 0)
+    # a name of its own, so a cache index file of its own: Numba names a kernel's index and data files after its
+    # qualified name, and two processes saving different entries of one index at once may both number their data
+    # file .1 -- then one index entry loads the other kernel (same signature, other types: wrong results)
+    fused.__name__ = fused.__qualname__ = (f"fused_mm{'k' if kfam else '32'}_"
+                                           + "_".join(str(k) for k in (k0, k1, k2, k3) if k >= 0))
     fused.__doc__ = ("outs[i] = W_i @ f(x) for weights ws[i] (see the module doc). x, x2: float32 (T, n) C-contiguous "
                      "(x2 read in modes 2/3 only); norm_w: read-only float32 (n,); ws: a 4-tuple of read-only uint8 "
                      "(rows_i, row_bytes_i) raw weights or repacked Q8_0 weights (kind Q8_0P; unused slots: 0 rows); "

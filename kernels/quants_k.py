@@ -630,7 +630,7 @@ def _make_mm_kernel(kind):
                 _rows_q2_k(w, rb, qs, d, bsums, out, r0, r1)
             elif kind == IQ4_XS:
                 _rows_iq4_xs(w, rb, qs, d, bsums, out, r0, r1)
-    mm.__name__ = f"mm_k_{kind}"
+    mm.__name__ = mm.__qualname__ = f"mm_k_{kind}"  # its own cache index file (see fused._make)
     return njit(cache=True, nogil=True, parallel=True)(mm)
 
 

@@ -1357,7 +1357,7 @@ def _make_mm_quant(kind):
                 _pack8(kind, w, r0, nr, nb, vbuf, dbuf, mbuf)
                 for t0 in range(0, T, 4):
                     _tile4_any(kind, vbuf, dbuf, mbuf, aqf, t0, min(4, T - t0), n, sf, adf, asf, nb, of, r0, nr, rows)
-    mm.__name__ = f"mm_quant_{kind}"
+    mm.__name__ = mm.__qualname__ = f"mm_quant_{kind}"  # its own cache index file (see fused._make)
     return njit(cache=True, nogil=True, parallel=True)(mm)
 
 

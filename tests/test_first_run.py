@@ -158,3 +158,23 @@ def test_warmup_command(tmp_path):
                          "--temp", "0", "-t", "1"], capture_output=True, text=True, env=env, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "compiling kernel" not in r2.stderr, r2.stderr
+
+
+def test_second_process_compiles_the_signature_a_model_calls(tmp_path):
+    """The fused kernels a first run compiles in a second process (on small stand-in arguments) must be the very
+    signatures the model's LinearGroups call, or the first run would compile them twice."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from gguf import GGMLQuantizationType as QT
+    from tiny_models import write_model
+    from llamba.llama import Llama
+    from llamba.warmup import _fused_args, fused_keys
+    p = tmp_path / "tiny_q8.gguf"
+    write_model(p, "llama", qtype=QT.Q8_0, n_ctx=64)
+    llm = Llama(str(p), n_ctx=64, verbose=False)
+    llm.eval([1, 2, 3])
+    llm.eval([4])
+    keys = fused_keys(llm.gguf)
+    assert keys == [(False, (QS.Q8_0P,))]
+    for key in keys:
+        fn = F.kernel_for(key[1])
+        assert tuple(numba.typeof(a) for a in _fused_args(key)) in [tuple(s) for s in fn.signatures]
