@@ -197,7 +197,6 @@ def _compile_progress():
 def cmd_warmup(a) -> int:
     from llamba.llama import Llama
     from llamba.warmup import CompileProgress, fused_index_exists, prepare_first_run, start_fused_worker, warmup
-    _warn_gpu(a.n_gpu_layers)
     path = _model_path(a.model)
     t0 = time.perf_counter()
     with CompileProgress(header=f"llamba: compiling the kernels for {os.path.basename(path)}") as prog:
