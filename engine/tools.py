@@ -88,6 +88,8 @@ def check_tools(tools) -> list[dict]:
     if not isinstance(tools, (list, tuple)):
         raise ToolError(f"'tools' must be a list of {{\"type\": \"function\", \"function\": {{...}}}} objects, not "
                         f"{type(tools).__name__}")
+    from llamba.chat import _plain
+    tools = _plain(list(tools))  # plain JSON values; nesting past the limit is a ParameterError, not a RecursionError
     out, seen = [], set()
     for i, t in enumerate(tools):
         if not isinstance(t, dict):

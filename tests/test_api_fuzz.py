@@ -162,9 +162,14 @@ def test_deeply_nested_messages_are_a_clean_error(llm):
     for _ in range(5000):
         deep = [deep]
     msgs = [{"role": "user", "content": "hi", "meta": deep}]
+    deep_schema = {"type": "string"}
+    for _ in range(5000):  # a well-formed tool whose parameter schema nests too deep
+        deep_schema = {"type": "object", "properties": {"a": deep_schema}}
     for call in (lambda: llm.apply_chat_template(msgs), lambda: llm.create_chat_completion(msgs, max_tokens=2),
                  lambda: llm.apply_chat_template([{"role": "user", "content": "hi"}], extra=deep),
-                 lambda: llm.create_chat_completion([{"role": "user", "content": "hi"}], tools=[deep])):
+                 lambda: llm.create_chat_completion([{"role": "user", "content": "hi"}], tools=[deep]),
+                 lambda: llm.create_chat_completion([{"role": "user", "content": "hi"}], tools=[
+                     {"type": "function", "function": {"name": "f", "parameters": deep_schema}}])):
         with pytest.raises(ParameterError, match="nested more than 100 levels"):
             call()
     loop: list = []
