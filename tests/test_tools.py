@@ -377,7 +377,7 @@ def _flow(client, first_msgs, tool_choice, seed, only=None, parallel=None, max_t
     assert s[0] == ch.message.content and s[3] == "tool_calls"
     assert s[1] == [(c.function.name, c.function.arguments) for c in ch.message.tool_calls]
     assert len(set(s[2])) == len(s[2]) and all(i.startswith("call_") for i in s[2])
-    msgs = list(first_msgs) + [ch.message.model_dump(exclude_none=True)]
+    msgs = list(first_msgs) + [ch.message]  # the message object itself, as openai users append it
     for c in ch.message.tool_calls:
         msgs.append({"role": "tool", "tool_call_id": c.id, "content": json.dumps({"result": c.function.name})})
     final = client.chat.completions.create(model=model, messages=msgs, tools=TOOLS, tool_choice="none",
