@@ -1,4 +1,4 @@
-"""Numba kernels for the 256-element super-block quant types (K-quants and IQ4_XS), ENGINE_BRIEF §2.2/§2.3.
+"""Numba kernels for the 256-element super-block quant types (K-quants and IQ4_XS), formats and arithmetic: docs/numerics.md.
 
 Types: Q2_K (10), Q3_K (11), Q4_K (12), Q5_K (13), Q6_K (14), IQ4_XS (23); activation format Q8_K.
 

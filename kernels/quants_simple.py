@@ -1,4 +1,4 @@
-"""Numba kernels for the block-32 quant types and the plain float types (ENGINE_BRIEF §2.1, §2.3).
+"""Numba kernels for the block-32 quant types and the plain float types (formats and arithmetic: docs/numerics.md).
 
 Types: F32 (0), F16 (1), BF16 (30), Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), IQ4_NL (20).
 

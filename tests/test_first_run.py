@@ -64,6 +64,7 @@ _GENERIC_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # compiles the Q4_K kernels from an empty cache in a subprocess (minutes on 2 cores)
 def test_q4_k_matmul_on_a_generic_cpu_target(tmp_path):
     """NUMBA_CPU_NAME=generic (a portable cache): the Q4_K kernels emit no x86 intrinsics (which aborted LLVM) and
     still match the numpy twin bit for bit, alone and fused."""
