@@ -186,7 +186,8 @@ def test_client_disconnect_cancels_the_generation(ingress):
         if after["cancelled"] > before["cancelled"]:
             break
         time.sleep(0.3)
-    assert after["cancelled"] == before["cancelled"] + 1
+    # (>=: the replica may also count a cancellation left by an earlier test's closed stream)
+    assert after["cancelled"] >= before["cancelled"] + 1
     assert after["tokens_generated"] - before["tokens_generated"] < 1500
 
 
