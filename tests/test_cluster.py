@@ -267,19 +267,21 @@ def test_autoscaling_by_queue(ingress):
 
         def long_request():
             st, _, _ = _post(ingress["url"] + "/auto/v1/completions",
-                             {"prompt": "x", "max_tokens": 1200, "logit_bias": EOG})
+                             {"prompt": "x", "max_tokens": 1800, "logit_bias": EOG})
             statuses.append(st)
 
-        ths = [threading.Thread(target=long_request) for _ in range(6)]
+        # a queue that lasts long enough for the autoscaler on a fast machine too (it passed at load 15 and once
+        # missed on a quiet CI machine with 6 requests of 1200 tokens, which were done before it looked)
+        ths = [threading.Thread(target=long_request) for _ in range(12)]
         for th in ths:
             th.start()
         t_end = time.monotonic() + 60
         while len(cluster.replica_names("auto")) < 2 and time.monotonic() < t_end:
             time.sleep(0.5)
-        assert len(cluster.replica_names("auto")) == 2, "no replica added for a queue of 6 on 2 slots"
+        assert len(cluster.replica_names("auto")) == 2, "no replica added for a queue of 12 on 2 slots"
         for th in ths:
             th.join(300)
-        assert statuses == [200] * 6
+        assert statuses == [200] * 12
         t_end = time.monotonic() + 60
         while len(cluster.replica_names("auto")) > 1 and time.monotonic() < t_end:
             time.sleep(0.5)
@@ -300,15 +302,15 @@ def test_full_queue_is_503(ingress):
 
         def req():
             st, _, body = _post(ingress["url"] + "/bp/v1/completions",
-                                {"prompt": "x", "max_tokens": 300, "logit_bias": EOG})
+                                {"prompt": "x", "max_tokens": 1500, "logit_bias": EOG})
             out.append((st, json.loads(body)))
 
         ths = [threading.Thread(target=req) for _ in range(4)]
-        for th in ths:
+        for th in ths:  # (1500 tokens each: the first is still running when the fourth arrives, on any machine)
             th.start()
-            time.sleep(0.2)
+            time.sleep(0.02)
         for th in ths:
-            th.join(120)
+            th.join(300)
         codes = sorted(st for st, _ in out)
         assert codes[:2] == [200, 200] and codes[2:] == [503, 503], codes
         assert all(b["error"]["code"] == "queue_full" for st, b in out if st == 503)
