@@ -261,23 +261,9 @@ class Engine:
         self._stop = False
         self._thread = threading.current_thread()
         try:
-            while not self._stop and not (until is not None and until()):
-                with self._cv:
-                    if not self._stop and not self.waiting and not self.running and not self._calls:
-                        self._cv.wait(0.1)
-                self._run_calls()
-                if self._stop:
-                    break
-                try:
-                    self._serve_step()
-                except BaseException as e:  # noqa: BLE001 - never let the loop die: fail the running requests
-                    if isinstance(e, KeyboardInterrupt):
-                        raise
-                    self._fail_all(e)
+            self._loop(until)
         finally:
             self._thread = None
-            self._fail_all(LlambaError("the engine stopped"))
-            self._run_calls(LlambaError("the engine stopped"))
 
     def elsewhere(self) -> bool:
         """True when the engine steps on a thread of its own and this is another thread."""
@@ -379,20 +365,25 @@ class Engine:
         with self._cv:
             self._cv.notify()
 
-    def _loop(self):
-        while not self._stop:
-            with self._cv:
-                while not self._stop and not self.waiting and not self.running and not self._calls:
-                    self._cv.wait()
-            self._run_calls()
-            if self._stop:
-                break
-            try:
-                self._serve_step()
-            except BaseException as e:  # noqa: BLE001 - never let the loop die: fail the running requests
-                self._fail_all(e)
-        self._fail_all(LlambaError("the engine stopped"))
-        self._run_calls(LlambaError("the engine stopped"))
+    def _loop(self, until=None):
+        """The engine's own stepping loop (start's thread, or run_forever's caller) until stop() or `until()`."""
+        try:
+            while not self._stop and not (until is not None and until()):
+                with self._cv:
+                    if not self._stop and not self.waiting and not self.running and not self._calls:
+                        self._cv.wait(None if until is None else 0.1)
+                self._run_calls()
+                if self._stop:
+                    break
+                try:
+                    self._serve_step()
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as e:  # noqa: BLE001 - never let the loop die: fail the running requests
+                    self._fail_all(e)
+        finally:
+            self._fail_all(LlambaError("the engine stopped"))
+            self._run_calls(LlambaError("the engine stopped"))
 
     def _fail_all(self, e: BaseException):
         for run in list(self.running):
