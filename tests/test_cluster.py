@@ -24,6 +24,10 @@ from llamba import cluster  # noqa: E402
 from llamba.chat import BUILTIN_TEMPLATES  # noqa: E402
 from tiny_models import write_model  # noqa: E402
 
+# the whole module is slow (a Ray cluster); tests/conftest.py does not even import it for `-m "not slow"`, and the
+# cluster module's Ray-free parts have fast tests in tests/test_cluster_unit.py
+pytestmark = pytest.mark.slow
+
 N_CTX = 2048
 EOG = {"317": -100, "319": -100}  # the tiny vocabulary's end-of-generation ids: never stop early
 REPLICA = "x-llamba-replica"
@@ -343,31 +347,3 @@ def test_clean_shutdown(ingress):
         s.settimeout(2)
         assert s.connect_ex(("127.0.0.1", port)) != 0, "the HTTP proxy still listens after serve.shutdown()"
 
-
-def test_affinity_keys():
-    """The conversation key: equal for later turns of a chat, different for another conversation."""
-    turn1 = {"model": "m", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"}]}
-    turn2 = {"model": "m", "messages": turn1["messages"] + [{"role": "assistant", "content": "a1"},
-                                                              {"role": "user", "content": "q2"}]}
-    other = {"model": "m", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q9"}]}
-    k = lambda p, b, h=(): cluster.affinity_key(p, json.dumps(b).encode(), h)  # noqa: E731
-    assert k("/v1/chat/completions", turn1) == k("/v1/chat/completions", turn2) is not None
-    assert k("/v1/chat/completions", other) != k("/v1/chat/completions", turn1)
-    long = "word " * 100
-    assert k("/v1/completions", {"prompt": long + "a"}) == k("/v1/completions", {"prompt": long + "b"})
-    assert k("/v1/completions", {"prompt": "short a"}) != k("/v1/completions", {"prompt": "short b"})
-    assert k("/v1/embeddings", {"input": "x"}) is None
-    assert k("/v1/chat/completions", other, [(b"x-session-id", b"abc")]) == \
-        k("/v1/completions", {"prompt": "z"}, [(b"x-session-id", b"abc")])
-    assert cluster.affinity_key("/v1/completions", b"{not json", ()) is None
-
-
-def test_cli_cluster_serve_checks_before_starting_ray(tmp_path, capsys):
-    from llamba.cli import main
-    assert main(["cluster", "serve", "-m", str(tmp_path / "missing.gguf")]) == 1
-    assert "no model file" in capsys.readouterr().err
-    (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    assert main(["cluster", "serve", "-m", str(tmp_path / "m.gguf"), "--min-replicas", "3",
-                 "--max-replicas", "2"]) == 1
-    assert "--min-replicas" in capsys.readouterr().err
-    assert not ray.is_initialized()

@@ -143,6 +143,7 @@ def test_compile_progress_silent_when_nothing_compiles():
     assert buf.getvalue() == "" and prog.compiled == 0
 
 
+@pytest.mark.slow  # compiles a whole model's kernels from an empty cache in a subprocess (a minute on 2 cores)
 def test_warmup_command(tmp_path):
     """`llamba warmup -m MODEL` runs the model's warm-up steps, reports what it compiled, and a later run of that
     model (same Numba cache) compiles nothing more: it prints no compile line."""
