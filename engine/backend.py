@@ -19,7 +19,6 @@ CPU kernels themselves (bit-identical to the CPU path) instead of the xp referen
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from dataclasses import dataclass, field
 
@@ -286,10 +285,11 @@ def discover_devices(refresh: bool = False) -> tuple[list[Device], str | None]:
     global _DISCOVERED
     if _DISCOVERED is not None and not refresh:
         return _DISCOVERED
-    fake = os.environ.get("LLAMBA_FAKE_DEVICES")
+    from llamba.options import fake_devices as fake_env
+    fake = fake_env()  # (LLAMBA_FAKE_DEVICES, LLAMBA_FAKE_KERNELS) or None
     if fake:
         try:
-            devs = fake_devices(fake, os.environ.get("LLAMBA_FAKE_KERNELS", "xp"))
+            devs = fake_devices(*fake)
             _DISCOVERED = (devs, None if devs else "LLAMBA_FAKE_DEVICES=0")
         except LlambaError as e:
             _DISCOVERED = ([], str(e))

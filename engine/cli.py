@@ -33,6 +33,8 @@ def _add_model_args(p: argparse.ArgumentParser):
     p.add_argument("--split-mode", "-sm", default="layer", choices=["none", "layer", "row"],
                    help="how to use several GPUs: layer (contiguous layer ranges, default) or none (--main-gpu)")
     p.add_argument("--main-gpu", "-mg", type=int, default=0, help="the GPU used with --split-mode none")
+    from llamba.options import add_cli_args
+    add_cli_args(p)  # engine options: --kv-type, --no-repack, --gemm-min-batch (llamba.options)
     p.add_argument("--verbose", action="store_true", help="print load details")
 
 
@@ -182,10 +184,11 @@ def _model_path(arg: str | None) -> str:
 
 
 def _gpu_kwargs(a) -> dict:
-    """The offload options of `_add_model_args` as Llama keyword arguments."""
+    """The offload and engine options of `_add_model_args` as Llama keyword arguments."""
     from llamba.backend import parse_ngl
+    from llamba.options import cli_kwargs
     return dict(n_gpu_layers=parse_ngl(a.n_gpu_layers), tensor_split=a.tensor_split, split_mode=a.split_mode,
-                main_gpu=a.main_gpu)
+                main_gpu=a.main_gpu, **cli_kwargs(a))
 
 
 def _compile_progress():
@@ -197,12 +200,14 @@ def _compile_progress():
 def cmd_warmup(a) -> int:
     from llamba.llama import Llama
     from llamba.warmup import CompileProgress, fused_index_exists, prepare_first_run, start_fused_worker, warmup
+    from llamba.options import cli_kwargs
     path = _model_path(a.model)
     t0 = time.perf_counter()
     with CompileProgress(header=f"llamba: compiling the kernels for {os.path.basename(path)}") as prog:
         prog.stage(1, 5, "load")
         worker = None if fused_index_exists() else start_fused_worker(path)
-        llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, n_batch=a.batch_size, verbose=a.verbose)
+        llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, n_batch=a.batch_size, verbose=a.verbose,
+                    **cli_kwargs(a))
         worker = prepare_first_run(llm, prog, worker, stage=2, n_stages=5)
         warmup(llm, prog, stages_before=2)
     dt = time.perf_counter() - t0
@@ -338,7 +343,8 @@ def cmd_chat(a) -> int:
                        repeat_penalty=a.repeat_penalty, max_tokens=a.n_predict if a.n_predict > 0 else None,
                        logit_bias=bias)
     use_readline = False
-    if sys.stdin.isatty() and os.environ.get("TERM", "dumb") != "dumb":
+    from llamba.options import env
+    if sys.stdin.isatty() and env("TERM", "dumb") != "dumb":
         try:
             import readline  # noqa: F401 - line editing and history for input()
             use_readline = True
@@ -507,7 +513,8 @@ def cmd_cluster(a) -> int:
                              n_parallel=a.n_parallel, autoscaling=autoscaling, max_queue=a.max_queue,
                              llama_kwargs=llama_kw, server_kwargs=server_kw, alias=a.alias, max_body=a.max_body,
                              stream_interval=a.stream_interval)
-    started = not (a.address or os.environ.get("RAY_ADDRESS"))
+    from llamba.options import env
+    started = not (a.address or env("RAY_ADDRESS"))
     cpus = a.num_cpus or os.cpu_count() or 1
     if started and a.replicas * a.threads_per_replica > cpus:
         print(f"llamba: warning: {a.replicas} replicas x {a.threads_per_replica} threads need more than the "
@@ -521,7 +528,7 @@ def cmd_cluster(a) -> int:
         if "auth" in str(e).lower():
             hint = (" (the cluster uses Ray's token authentication: run with RAY_AUTH_MODE=token and its token in "
                     "~/.ray/auth_token or RAY_AUTH_TOKEN)")
-        where = "join the Ray cluster at " + str(a.address or os.environ.get("RAY_ADDRESS")) if not started \
+        where = "join the Ray cluster at " + str(a.address or env("RAY_ADDRESS")) if not started \
             else "start a local Ray cluster"
         raise LlambaError(f"cannot {where}: {type(e).__name__}: {lines[-1][:300] if lines else ''}{hint}") from None
     if a.host not in ("127.0.0.1", "::1", "localhost") and not a.api_key:

@@ -132,8 +132,9 @@ class LlambaReplica:
     def __init__(self, model_path: str, threads: int = 1, n_parallel: int = 4, llama_kwargs: dict | None = None,
                  server_kwargs: dict | None = None, alias: str | None = None, stream_interval: float = 0.0):
         self.stream_interval = float(stream_interval or 0.0)
+        from llamba.options import set_default_env
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(var, str(threads))
+            set_default_env(var, str(threads))
         from llamba.llama import Llama
         from llamba.server import LlambaService, create_app
         kw = dict(n_ctx=4096, embedding=True)

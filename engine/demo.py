@@ -14,9 +14,8 @@ INSTALL_HINT = "pip install 'llamba[demo]'"
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("LLAMBA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llamba")
-    p = Path(base)
+    from llamba.options import cache_home
+    p = Path(cache_home())  # LLAMBA_CACHE, else $XDG_CACHE_HOME/llamba, else ~/.cache/llamba
     p.mkdir(parents=True, exist_ok=True)
     return p
 

@@ -27,9 +27,11 @@ class KVExhaustedError(LlambaError):
 class KVPool:
     """K and V slot arrays per attention layer, allocated in blocks of `block_size` slots.
 
-    layers: il -> (n_head_kv, head_dim_k, head_dim_v)."""
+    layers: il -> (n_head_kv, head_dim_k, head_dim_v). dtype: the arrays' element type, the model's
+    `Options.kv_dtype` (llamba.options): uint16 fp16 bits (the default, like llama.cpp's F16 cache) or float32
+    holding the same fp16-rounded values."""
 
-    def __init__(self, layers: dict[int, tuple[int, int, int]], n_slots: int, block_size: int):
+    def __init__(self, layers: dict[int, tuple[int, int, int]], n_slots: int, block_size: int, dtype=K.KV_DTYPE):
         if block_size < 1 or n_slots < 1:
             raise LlambaError(f"a KV pool needs at least one slot and block (got {n_slots} slots, "
                               f"blocks of {block_size})")
@@ -37,9 +39,11 @@ class KVPool:
         self.n_blocks = -(-int(n_slots) // self.bs)
         self.n_slots = self.n_blocks * self.bs
         self.layers = dict(layers)
-        # fp16 bits (K.KV_DTYPE uint16, like llama.cpp's F16 cache; LLAMBA_KV_F32=1: float32 holding fp16 values)
-        self.k = {il: np.zeros((h, self.n_slots, dk), dtype=K.KV_DTYPE) for il, (h, dk, dv) in layers.items()}
-        self.v = {il: np.zeros((h, self.n_slots, dv), dtype=K.KV_DTYPE) for il, (h, dk, dv) in layers.items()}
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.dtype(np.uint16), np.dtype(np.float32)):
+            raise LlambaError(f"a KV pool holds uint16 (fp16 bits) or float32 arrays, not {self.dtype}")
+        self.k = {il: np.zeros((h, self.n_slots, dk), dtype=self.dtype) for il, (h, dk, dv) in layers.items()}
+        self.v = {il: np.zeros((h, self.n_slots, dv), dtype=self.dtype) for il, (h, dk, dv) in layers.items()}
         self._free = list(range(self.n_blocks - 1, -1, -1))  # a stack: low block ids first
 
     @property

@@ -11,12 +11,10 @@ Q8_0 weights are repacked once at load (`quants_simple.repack_q8_0`: the 8-row t
 kernels would otherwise build on every call; same size as the raw blocks) and the `__call__`/fused paths read the
 packed copy (`Linear.wp`), bit-identically.  The raw GGUF view `Linear.w` stays valid (the GPU offload twin and
 `gemm` read it), but its pages are dropped from the resident set after repacking (`GGUFFile.release`), so the
-weights are not held twice; reading `w` faults them back in from the file.  LLAMBA_REPACK=0 (read when a Linear
-is built) keeps the raw path: no repacking, `wp` is None.
+weights are not held twice; reading `w` faults them back in from the file.  The model's option `repack=False`
+(llamba.options; default from LLAMBA_REPACK) keeps the raw path: no repacking, `wp` is None.
 """
 from __future__ import annotations
-
-import os
 
 import numba
 import numpy as np
@@ -25,6 +23,7 @@ from llamba.errors import GGUFError, TokenIdError
 from llamba.kernels import quants_simple as QS
 from llamba.kernels.quant import ops_for
 from llamba.kernels.traits import TYPES
+from llamba.options import options_of
 
 GEMM_TILE_FLOATS = 1 << 19  # 2 MiB of float32 per dequantized weight tile
 REPACK_CHUNK_BYTES = 8 << 20  # Q8_0 repacking: raw bytes per chunk (then those raw pages are dropped)
@@ -39,9 +38,10 @@ FUSED_MAX_T = 4  # every group takes the fused path at least up to here
 IDENTITY, RMS_NORM, SWIGLU, GEGLU = 0, 1, 2, 3
 
 
-def repack_enabled() -> bool:
-    """False when LLAMBA_REPACK=0 (or 'false'/'no'/'off'): Linears keep only the raw GGUF weights."""
-    return os.environ.get("LLAMBA_REPACK", "1").strip().lower() not in ("0", "false", "no", "off")
+def repack_enabled(gf=None) -> bool:
+    """Whether Q8_0 weights of GGUF file `gf` are repacked (its model's `Options.repack`, llamba.options); False:
+    Linears keep only the raw GGUF weights. Without a file: the environment's default (LLAMBA_REPACK)."""
+    return options_of(gf).repack
 
 
 class Linear:
@@ -67,7 +67,7 @@ class Linear:
         self.w = w.reshape(self.rows, w.shape[-1])
         self.ops = ops_for(self.type_id, f"tensor '{name}'")
         self.model_types = model_types(gf)
-        if self.type_id == QS.Q8_0 and self.w.dtype == np.uint8 and repack_enabled():
+        if self.type_id == QS.Q8_0 and self.w.dtype == np.uint8 and repack_enabled(gf):
             key = ("q8_0p", name)
             self.wp = gf.derived.get(key) if hasattr(gf, "derived") else None
             if self.wp is None:
@@ -134,16 +134,17 @@ def model_types(gf) -> frozenset:
     """Type ids of a model's matrices as the matmul kernels see them (Q8_0 as repacked Q8_0P when repacking):
     LinearGroup compiles one fused kernel per weight family for all of them (llamba.kernels.fused.kernel_for)."""
     derived = getattr(gf, "derived", None)
-    if derived is not None and ("model_types",) in derived:
-        return derived[("model_types",)]
+    repack = repack_enabled(gf)
+    if derived is not None and ("model_types", repack) in derived:
+        return derived[("model_types", repack)]
     tensors = getattr(gf, "tensors", None) or {}
     ts = {int(i.type_id) for i in tensors.values() if len(getattr(i, "ne", ())) >= 2}
-    if QS.Q8_0 in ts and repack_enabled():
+    if QS.Q8_0 in ts and repack:
         ts.discard(QS.Q8_0)
         ts.add(QS.Q8_0P)
     ts = frozenset(ts)
     if derived is not None:
-        derived[("model_types",)] = ts
+        derived[("model_types", repack)] = ts
     return ts
 
 

@@ -21,6 +21,7 @@ from llamba.errors import (LlambaError, ParameterError, ParameterTypeError, Reso
                             TokenIdError)
 from llamba.generate import GenStats, Session, generate
 from llamba.gguf import GGUFFile
+from llamba.options import Options
 from llamba.sampling import RANDOM_SEED, Sampler, SamplingParams
 from llamba.tokenizer import StreamDecoder, Tokenizer
 
@@ -189,11 +190,10 @@ def _available_memory() -> int | None:
         return None
 
 
-def _context_bytes(cfg, n_ctx: int, logits_all: bool) -> int:
+def _context_bytes(cfg, n_ctx: int, logits_all: bool, kv_dtype=np.uint16) -> int:
     """What a context of n_ctx positions allocates: K and V rows of every attention layer (recurrent layers keep a
     fixed-size state instead), plus the (n_ctx, n_vocab) float32 `scores` with logits_all."""
-    from llamba.kernels import ops as K
-    item = np.dtype(K.KV_DTYPE).itemsize
+    item = np.dtype(kv_dtype).itemsize
     rec = tuple(getattr(cfg, "recurrent", ()) or ())
     per_pos = 0
     for il in range(cfg.n_layer_all):
@@ -204,10 +204,10 @@ def _context_bytes(cfg, n_ctx: int, logits_all: bool) -> int:
     return n_ctx * per_pos + (n_ctx * int(cfg.n_vocab) * 4 if logits_all else 0)
 
 
-def _check_context(cfg, n_ctx: int, logits_all: bool) -> None:
+def _check_context(cfg, n_ctx: int, logits_all: bool, kv_dtype=np.uint16) -> None:
     """Refuse a context whose cache cannot fit the memory available, before anything is allocated (llama.cpp
     allows n_ctx beyond the trained context; so does this, as long as it fits)."""
-    need = _context_bytes(cfg, n_ctx, logits_all)
+    need = _context_bytes(cfg, n_ctx, logits_all, kv_dtype)
     avail = _available_memory()
     if n_ctx > MAX_N_CTX or (avail is not None and need > avail):
         have = f"{avail / 2**30:.1f} GiB of memory is available" if avail is not None else "that is too much"
@@ -278,9 +278,15 @@ class Llama:
                  draft_model: str | None = None, chat_format: str | None = None,
                  chat_template: str | None = None, embedding: bool = False,
                  pooling_type: int = POOLING_UNSPECIFIED, n_parallel: int = 1, mtp_head: str | None = None,
-                 **kwargs):
+                 kv_type: str | None = None, repack: bool | None = None, gemm_min_batch: int | None = None,
+                 options: Options | None = None, **kwargs):
         t0 = time.perf_counter()
         _check_init_args(n_ctx, n_batch, n_threads, seed)
+        # engine options (llamba.options): `options` or the environment's defaults, with the keywords given
+        if options is not None and not isinstance(options, Options):
+            raise ParameterTypeError(f"options must be a llamba.options.Options, got {type(options).__name__}")
+        self.options = (options or Options.from_env()).with_(kv_type=kv_type, repack=repack,
+                                                             gemm_min_batch=gemm_min_batch)
         self.model_path = str(model_path)
         self.verbose = verbose
         self.seed = seed
@@ -301,8 +307,8 @@ class Llama:
             cfg = build_config(self.gguf)
             if n_ctx is None or n_ctx <= 0:
                 n_ctx = cfg.n_ctx_train
-            _check_context(cfg, n_ctx, logits_all)
-            self.model = load_model(self.gguf, n_ctx, n_gpu_layers=n_gpu_layers)
+            _check_context(cfg, n_ctx, logits_all, self.options.kv_dtype)
+            self.model = load_model(self.gguf, n_ctx, options=self.options, n_gpu_layers=n_gpu_layers)
             if n_gpu_layers:  # GPU offload (llamba.offload); without a usable GPU: one warning, CPU
                 from llamba.offload import offload_model
                 offload_model(self.model, n_gpu_layers, tensor_split=tensor_split, main_gpu=main_gpu,

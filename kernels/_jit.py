@@ -24,8 +24,9 @@ then only target-independent IR is emitted; an intrinsic the target lacks would 
 """
 from __future__ import annotations
 
-import os
 import sys
+
+from llamba.options import keep_jit_pages, keep_numba_ir
 
 MADV_PAGEOUT = 21  # linux/mman.h
 
@@ -86,14 +87,14 @@ def _patch_cached_library_memory() -> bool:
     return True
 
 
-if not os.environ.get("LLAMBA_NUMBA_KEEP_IR"):
+if not keep_numba_ir():
     PATCHED = _patch_cached_library_memory()
 
 
 def release_llvm_pages() -> int:
     """Advise the kernel to reclaim libllvmlite's resident read-only pages; returns the bytes of address range
     advised (0 when nothing was done)."""
-    if os.environ.get("LLAMBA_KEEP_JIT_PAGES") or not sys.platform.startswith("linux"):
+    if keep_jit_pages() or not sys.platform.startswith("linux"):
         return 0
     try:
         with open("/proc/self/maps") as f:

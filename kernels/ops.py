@@ -22,8 +22,6 @@ accumulation order differs from llama.cpp.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from llvmlite import ir as _llir
 from llamba.kernels import _jit  # noqa: F401  (Numba set-up: before the first kernel)
@@ -524,10 +522,10 @@ def sigmoid(x, out):
 # KV cache and attention
 # ----------------------------------------------------------------------------------------------------
 
-# KV cache element type: fp16 bit patterns in uint16 arrays (llama.cpp's F16 cache, half the memory of float32);
-# LLAMBA_KV_F32=1 keeps float32 arrays holding the same fp16-rounded values. The kernels take either (same numbers).
-KV_DTYPE = np.float32 if os.environ.get("LLAMBA_KV_F32", "0").strip().lower() in ("1", "true", "yes", "on") \
-    else np.uint16
+# The default KV cache element type: fp16 bit patterns in uint16 arrays (llama.cpp's F16 cache, half the memory of
+# float32). A model whose options say kv_type 'f32' (llamba.options) allocates float32 arrays holding the same
+# fp16-rounded values instead. The kernels take either (same numbers): the cache arrays passed in decide.
+KV_DTYPE = np.uint16
 
 
 @intrinsic

@@ -12,8 +12,6 @@ n_past.. and returns logits, `truncate(n)` rolls back.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from llamba.compute import CPU
@@ -21,11 +19,14 @@ from llamba.errors import LlambaError
 from llamba.kernels import ops as K
 from llamba.kv_cache import Batch, KVPool, SeqCache
 from llamba.layers import GEGLU, RMS_NORM, SWIGLU, Embedding, Linear, LinearGroup, norm_weight
+from llamba.options import NEVER, Options, options_of
 
-# Prompt batches at least this long use the dequantize+BLAS path. Off by default: the quantized int8 path is
-# as fast on 2 threads (measured: SmolLM2 pp512 373 vs 141 tokens/s, because OpenBLAS's and Numba's OpenMP
-# threads spin against each other), and it keeps prefill numerics identical to decode and to llama.cpp's.
-GEMM_MIN_BATCH = int(os.environ.get("LLAMBA_GEMM_MIN_BATCH", "0")) or (1 << 62)
+# Prompt batches at least `model.options.gemm_threshold` long use the dequantize+BLAS path (llamba.options:
+# gemm_min_batch). Off by default: the quantized int8 path is as fast on 2 threads (measured: SmolLM2 pp512 373 vs
+# 141 tokens/s, because OpenBLAS's and Numba's OpenMP threads spin against each other), and it keeps prefill
+# numerics identical to decode and to llama.cpp's. GEMM_MIN_BATCH: the default threshold (never), for code
+# without a model's options at hand.
+GEMM_MIN_BATCH = NEVER
 
 
 class RopeTable:
@@ -112,6 +113,7 @@ class BaseModel:
     state_be: dict = {}  # GPU offload: il -> backend holding that layer's KV / recurrent state (llamba.compute)
     seq = None  # the default sequence (single-caller API)
     hidden = None
+    options = Options()  # llamba.options: set from the GGUF file's by each architecture's constructor
 
     @property
     def out_dev(self):
@@ -133,7 +135,7 @@ class BaseModel:
         return [il for il in self.kv_layers() if il < self.config.n_layer]
 
     def new_pool(self, n_slots: int, block_size: int) -> KVPool:
-        pool = KVPool(self.kv_layers(), n_slots, block_size)
+        pool = KVPool(self.kv_layers(), n_slots, block_size, self.options.kv_dtype)
         for il, be in self.state_be.items():  # offloaded layers: their KV arrays on their device
             if il in pool.k:
                 pool.k[il] = be.zeros(pool.k[il].shape, be.kv_dtype)
@@ -184,8 +186,8 @@ class BaseModel:
 
     def forward(self, tokens, logits: str = "last", gemm: bool | None = None, keep_hidden: bool = False, **kw):
         """Process `tokens` at positions n_past.. of the default sequence; returns logits (R, n_vocab) for the
-        rows asked for (logits 'all', 'last' or 'none'). gemm=None picks the BLAS prefill path for batches >=
-        GEMM_MIN_BATCH; False forces the row-exact quantized path (decode, speculative verify)."""
+        rows asked for (logits 'all', 'last' or 'none'). gemm=None picks the BLAS prefill path for batches of at
+        least options.gemm_min_batch rows; False forces the row-exact quantized path (decode, speculative verify)."""
         out = self.forward_batch([self.seq], [tokens], logits, gemm=gemm, keep_hidden=keep_hidden, **kw)[0]
         self.hidden = self.seq.hidden
         return out
@@ -450,6 +452,7 @@ class Transformer(BaseModel):
 
     def __init__(self, gf, cfg, n_ctx: int):
         self.gf = gf
+        self.options = options_of(gf)
         self.config = cfg
         self.n_ctx = n_ctx
         self.token_embd = Embedding(gf, "token_embd.weight")
@@ -491,7 +494,7 @@ class Transformer(BaseModel):
         if R == 0:
             return [np.empty((0, self.config.n_vocab), dtype=np.float32) for _ in seqs]
         if gemm is None:  # (one sequence only: the BLAS path is not row-exact, so batches of several never take it)
-            gemm = len(seqs) == 1 and R >= GEMM_MIN_BATCH
+            gemm = len(seqs) == 1 and R >= self.options.gemm_threshold
         x = self.embed(b.tokens)
         rope = self.rope
         x, be = self._blocks(x, b, gemm, lambda blk, x: blk(x, b, rope, gemm))

@@ -18,8 +18,9 @@ from llamba.config import ModelConfig, base_config
 from llamba.errors import GGUFError, UnsupportedError
 from llamba.layers import Embedding, Linear, LinearGroup, norm_weight
 from llamba.kv_cache import Batch
-from llamba.models.base import FFN, GEMM_MIN_BATCH, BaseModel, Head, RopeTable
+from llamba.models.base import FFN, BaseModel, Head, RopeTable
 from llamba.models.moe import MoEFFN
+from llamba.options import options_of
 
 
 def config_from_gguf(gf, arch: str = "qwen35") -> ModelConfig:
@@ -230,6 +231,7 @@ class Qwen35Block:
 class Qwen35(BaseModel):
     def __init__(self, gf, cfg: ModelConfig, n_ctx: int, load_mtp: bool = True):
         self.gf = gf
+        self.options = options_of(gf)
         self.config = cfg
         self.n_ctx = n_ctx
         self.token_embd = Embedding(gf, "token_embd.weight")
@@ -267,7 +269,7 @@ class Qwen35(BaseModel):
         if R == 0:
             return [np.empty((0, self.config.n_vocab), dtype=np.float32) for _ in seqs]
         if gemm is None:  # (one sequence only: the BLAS path is not row-exact)
-            gemm = len(seqs) == 1 and R >= GEMM_MIN_BATCH
+            gemm = len(seqs) == 1 and R >= self.options.gemm_threshold
         if snapshots:
             before = [{il: (cs.copy(), ss.copy()) for il, (cs, ss) in s.rec.items()} for s in seqs]
             snaps = [{} for _ in seqs]
@@ -326,6 +328,7 @@ class MTPHead(BaseModel):
                         Head(self.output, cfg.n_vocab, cfg.final_logit_softcap))
         self.rope = RopeTable(cfg, cfg.n_rot, None)
         self.trunk = trunk  # its KV layer lives in the trunk's pool; its position in each SeqCache's `mtp` view
+        self.options = trunk.options
 
     @property
     def seq(self):
@@ -355,7 +358,7 @@ class MTPHead(BaseModel):
         if R == 0:
             return [np.empty((0, self.config.n_vocab), dtype=np.float32) for _ in views]
         if gemm is None:
-            gemm = len(views) == 1 and R >= GEMM_MIN_BATCH
+            gemm = len(views) == 1 and R >= self.options.gemm_threshold
         be = self.be
         xp = be.xp
         E = self.config.n_embd

@@ -21,7 +21,8 @@ class DraftModelProposer:
         if tok.n_vocab != t.n_vocab or tok.tokens[: min(256, tok.n_vocab)] != t.tokens[: min(256, t.n_vocab)]:
             raise LlambaError(f"{path}: the draft model's vocabulary ({tok.n_vocab} tokens) differs from the "
                               f"target's ({t.n_vocab}); use a draft model from the same family")
-        self.session = Session(load_model(gf, target_llm.n_ctx(), load_mtp=False))
+        self.session = Session(load_model(gf, target_llm.n_ctx(), options=getattr(target_llm, "options", None),
+                                          load_mtp=False))  # the target's engine options (llamba.options)
         self.draft_max = int(draft_max)
         self.p_min = float(p_min)
 
