@@ -43,7 +43,7 @@ def run_level(llm, n_par, spec, draft_max, n_gen, spec_rows):
     eng = Engine(llm.model, n_ctx=max(4096, n_par * 512), n_parallel=n_par, spec=spec, draft_max=draft_max,
                  spec_rows=spec_rows, busy_draft_p=float(busy_p) if busy_p else None, lock=llm.session.lock,
                  is_eog=lambda t: False)
-    sp = llm._make_sampler(0.0, 40, 0.95, 0.05, 1.0, 1.0, 0.0, 0.0, None, None).params
+    sp = llm.make_sampler(0.0, 40, 0.95, 0.05, 1.0, 1.0, 0.0, 0.0, None, None).params
     toks = [llm.tokenize(PROMPTS[i % len(PROMPTS)].encode(), add_bos=True) for i in range(n_par)]
     t0 = time.perf_counter()
     reqs = [eng.submit(t, sp, n_gen) for t in toks]

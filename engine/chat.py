@@ -934,7 +934,7 @@ class ChatSession:
         prompt = llm.apply_chat_template(msgs, add_generation_prompt=True)
         extends = self._prev_text is not None and prompt.startswith(self._prev_text)
         toks = encode_chat_prompt(llm.tokenizer, prompt)
-        it = llm._chat_stream_pieces(toks, **self.gen_kwargs)  # validates before the first piece
+        it = llm.chat_stream(toks, **self.gen_kwargs)  # validates before the first piece
         self.messages = msgs
         pieces: list[str] = []
         finish = None

@@ -231,7 +231,7 @@ def cmd_run(a) -> int:
     llm = Llama(path, n_ctx=a.ctx_size, n_threads=a.threads, seed=RANDOM_SEED if a.seed < 0 else a.seed,
                 n_batch=a.batch_size, verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
                 draft_model=a.draft_model, mtp_head=a.mtp_head, **_gpu_kwargs(a))
-    llm._proposer()  # a bad --spec choice fails here, before any output
+    llm.speculative_proposer()  # a bad --spec choice fails here, before any output
     prepare_first_run(llm, prog, worker)
     t_load = time.perf_counter() - t0
     toks = llm.tokenize(prompt.encode("utf-8"), add_bos=not a.no_bos, special=a.special)
@@ -240,7 +240,7 @@ def cmd_run(a) -> int:
     n_predict = a.n_predict if a.n_predict and a.n_predict > 0 else None
     cons = _constraint_args(a)
     if cons:
-        llm._constraint(**cons)  # a bad schema or grammar fails here, before any output (one line)
+        llm.compile_constraint(**cons)  # a bad schema or grammar fails here, before any output (one line)
     if len(toks) >= llm.n_ctx():
         from llamba.errors import ContextOverflowError
         raise ContextOverflowError(f"the prompt has {len(toks)} tokens but the context holds {llm.n_ctx()}; "
@@ -310,13 +310,13 @@ def _load_for_chat(a):
                 n_batch=a.batch_size, verbose=a.verbose, spec=a.spec, draft_max=a.draft_max, draft_p_min=a.draft_p_min,
                 draft_model=a.draft_model, mtp_head=a.mtp_head, chat_template=a.chat_template, embedding=True, pooling_type=pt,
                 **_gpu_kwargs(a))
-    llm._proposer()  # a bad --spec choice fails here
+    llm.speculative_proposer()  # a bad --spec choice fails here
     if not a.chat_template and not llm.metadata.get("tokenizer.chat_template"):
         arch = str(llm.metadata.get("general.architecture", ""))
         if arch.startswith("gemma"):
             print(f"llamba: {os.path.basename(path)} has no chat template (a base model?); using the built-in "
                   f"'gemma' template", file=sys.stderr)
-            llm._chat = ChatTemplate.load("gemma", metadata=llm.metadata, tokenizer=llm.tokenizer)
+            llm.set_chat_template(ChatTemplate.load("gemma", metadata=llm.metadata, tokenizer=llm.tokenizer))
     return llm
 
 

@@ -4,6 +4,12 @@
     llm = Llama("model.gguf", n_ctx=2048, n_threads=2, seed=0)
     out = llm("Once upon a time", max_tokens=32, temperature=0)
     print(out["choices"][0]["text"])
+
+Generated text -- incremental UTF-8 pieces, stop strings, logprobs and finish reasons -- comes from one stream,
+`llamba.textstream.stream_text`, fed by `Llama.stream_text`; completions, chat completions (and so the server),
+the chat REPL (`Llama.chat_stream`) and the CLI all read it. Front ends use the public methods only (chat_prompt,
+chat_constraint, compile_constraint, make_sampler, speculative_proposer, set_chat_template, n_vocab_ids, ...);
+tests/test_structure.py checks that no other module touches a private member of a Llama.
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ from llamba.generate import GenStats, Session, generate
 from llamba.gguf import GGUFFile
 from llamba.options import Options
 from llamba.sampling import RANDOM_SEED, Sampler, SamplingParams
-from llamba.tokenizer import StreamDecoder, Tokenizer
+from llamba.textstream import (LogprobRecorder, chat_logprobs_content, completion_logprobs_chunk,
+                                logits_to_logprobs, stream_text, top_n_logprobs)
+from llamba.tokenizer import Tokenizer
 
 # llama.cpp's enum llama_pooling_type (the `{arch}.pooling_type` GGUF key, llama-cpp-python's pooling_type)
 POOLING_UNSPECIFIED, POOLING_NONE, POOLING_MEAN, POOLING_CLS, POOLING_LAST, POOLING_RANK = -1, 0, 1, 2, 3, 4
@@ -388,8 +396,8 @@ class Llama:
         from llamba.scheduler import Engine
         reqs_toks = [self.tokenize(p, add_bos=True) if isinstance(p, (str, bytes)) else self._ids(p, "prompts")
                      for p in prompts]
-        sampler = self._make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
-                                     frequency_penalty, presence_penalty, seed, logit_bias)
+        sampler = self.make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
+                                    frequency_penalty, presence_penalty, seed, logit_bias)
         if self.engine is not None and n_parallel is None:
             reqs = [self.engine.submit(t, sampler.params, max_tokens, stop_at_eog=stop_at_eog) for t in reqs_toks]
             return [r.tokens() for r in reqs]
@@ -468,13 +476,14 @@ class Llama:
         if self.model is None:
             raise LlambaError("this Llama was created with vocab_only=True: it can only tokenize")
 
-    def _n_vocab_ids(self) -> int:
-        """Token ids the model can take: the vocabulary (and the embedding rows, when the model is loaded)."""
+    def n_vocab_ids(self) -> int:
+        """How many token ids the model can take (ids 0 .. n_vocab_ids() - 1): the vocabulary's size, or the
+        embedding rows when the loaded model has fewer. Token arguments are checked against it."""
         n = self.n_vocab()
         return min(n, self.model.config.n_vocab) if self.model is not None else n
 
     def _ids(self, tokens, what: str = "tokens") -> list[int]:
-        return _token_ids(tokens, self._n_vocab_ids(), what)
+        return _token_ids(tokens, self.n_vocab_ids(), what)
 
     # ---- evaluation
     def eval_logits(self, tokens) -> np.ndarray:
@@ -529,26 +538,34 @@ class Llama:
     def input_ids(self) -> np.ndarray:
         return self._input_ids
 
-    def _constraint(self, response_format=None, grammar=None):
-        """The compiled constraint (llamba.constrain.Constraint, cached by kind and text) for a response_format /
-        grammar, or None. Invalid -> GrammarError (a ParameterError) with a one-line message."""
+    def compile_constraint(self, response_format=None, grammar=None):
+        """The compiled constraint (llamba.constrain.Constraint, cached by kind and text) for an OpenAI
+        `response_format` and/or a llama.cpp `grammar` (as create_completion takes them), or None when they
+        constrain nothing. Invalid -> GrammarError (a ParameterError) with a one-line message, so a front end can
+        check a request before generating."""
         spec = constraint_spec(response_format, grammar)
         if spec is None:
             return None
         from llamba.constrain import compile_constraint
         return compile_constraint(self.tokenizer, *spec)
 
-    def _make_sampler(self, temp, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
-                      presence_penalty, seed, logit_bias=None):
+    def make_sampler(self, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                     typical_p: float = 1.0, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                     presence_penalty: float = 0.0, seed: int | None = None, logit_bias=None) -> Sampler:
+        """A llamba.sampling.Sampler for these parameters (create_completion's names and defaults; `seed` None: this
+        Llama's seed) over this Llama's context; its `.params` (SamplingParams) is what the batching engine's
+        `submit` takes. Bad values -> ParameterError; logit_bias ids are checked like token ids."""
         s = self.seed if seed is None else seed
-        logit_bias = _logit_bias(logit_bias, self._n_vocab_ids())
-        params = SamplingParams(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+        logit_bias = _logit_bias(logit_bias, self.n_vocab_ids())
+        params = SamplingParams(temp=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
                                 repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
                                 presence_penalty=presence_penalty, seed=s, logit_bias=logit_bias)
         return Sampler(params, n_ctx=self._n_ctx)
 
-    def _proposer(self):
-        """The speculative proposer, built once and kept (it holds the MTP / draft-model cache state)."""
+    def speculative_proposer(self):
+        """The speculative-decoding proposer of this Llama's `spec` options (llamba.speculative), or None for
+        spec="none"; built once and kept (it holds the MTP / draft-model cache state). A bad choice (e.g. spec="mtp"
+        on a model without MTP layers) raises here, so a front end can call it to fail before any output."""
         if self._prop_key != self.spec_options:
             from llamba.speculative import make_proposer
             self._prop = make_proposer(self, **self.spec_options)
@@ -570,8 +587,8 @@ class Llama:
         self._need_model()
         if reset is False:
             pass  # prefix reuse is automatic
-        sampler = self._make_sampler(temp, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
-                                     presence_penalty, seed, logit_bias)
+        sampler = self.make_sampler(temp, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+                                    presence_penalty, seed, logit_bias)
         toks = self._ids(tokens)
         max_tokens = _int_arg("max_tokens", max_tokens)
         if not toks:
@@ -582,7 +599,7 @@ class Llama:
             yield from self._engine_tokens(toks, sampler, max_tokens, stats, None, stop_at_eog=False)
             return
         sampler.accept_many(toks)
-        yield from generate(self.session, toks, sampler, max_tokens, stats, None, self._proposer())
+        yield from generate(self.session, toks, sampler, max_tokens, stats, None, self.speculative_proposer())
 
     # ---- cache state (llama-cpp-python's save_state / load_state)
     def save_state(self) -> "LlamaState":
@@ -675,13 +692,15 @@ class Llama:
                           echo: bool = False, stop=None, frequency_penalty: float = 0.0,
                           presence_penalty: float = 0.0, repeat_penalty: float = 1.0, top_k: int = 40,
                           stream: bool = False, seed: int | None = None, logit_bias=None, grammar=None,
-                          response_format=None, **kwargs):
+                          response_format=None, *, keep_scores: bool = True, **kwargs):
         """A text completion, as llama-cpp-python's. `grammar` (llama.cpp GBNF text or a LlamaGrammar-like
         object) or `response_format` ({"type": "json_object"} / {"type": "json_schema", "json_schema": {"schema":
-        {...}}}) constrain the output (llamba.constrain); an invalid one raises GrammarError (a ParameterError)."""
+        {...}}}) constrain the output (llamba.constrain); an invalid one raises GrammarError (a ParameterError).
+        The text comes from `stream_text`. `keep_scores=False` (llamba's, for serving): `logprobs` work without
+        logits_all and leave `scores` untouched (with True, llama-cpp-python's rule: logprobs need
+        logits_all=True, and the evaluated rows are kept in `scores`)."""
         self._need_model()
-        constraint = self._constraint(response_format, grammar)
-        keep_scores = not kwargs.pop("_no_scores", False)  # the server: logprobs without keeping `scores` rows
+        constraint = self.compile_constraint(response_format, grammar)
         if logprobs is not None:
             if not self.logits_all and keep_scores:  # llama-cpp-python's rule and message
                 raise ValueError("logprobs is not supported for models created with logits_all=False")
@@ -709,11 +728,13 @@ class Llama:
         cid = f"cmpl-{uuid.uuid4()}"
         created = int(time.time())
         gen_toks: list[int] | None = [] if logprobs is not None else None
-        rec = _LogprobRecorder(logprobs) if logprobs is not None and stream else None
+        rec = LogprobRecorder(logprobs) if logprobs is not None and stream else None
         stats = GenStats()
-        it = self._completion_stream(toks, max_tokens, temperature, top_k, top_p, min_p, typical_p,
-                                     repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias,
-                                     gen_toks, rec, stats, constraint=constraint)
+        it = self.stream_text(toks, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              typical_p=typical_p, repeat_penalty=repeat_penalty,
+                              frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
+                              logit_bias=logit_bias, stop=stops, constraint=constraint, recorder=rec, stats=stats,
+                              out_tokens=gen_toks)
         if stream:
             return self._stream_chunks(it, cid, created, prompt_text if echo else None, rec, toks, len(prompt_text),
                                        stats)
@@ -746,7 +767,8 @@ class Llama:
                 yield self._chunk(cid, created, echo_text, None)
             for piece, fin in it:
                 if piece or fin:
-                    lp = self._completion_chunk_logprobs(rec.take(), prompt_tokens, prompt_len) if rec else None
+                    lp = completion_logprobs_chunk(self.detokenize, rec.take(), prompt_tokens, prompt_len) \
+                        if rec else None
                     c = self._chunk(cid, created, piece, fin, lp)
                     if fin and self.stream_usage and stats is not None:  # serving: usage on the last chunk
                         c["usage"] = _usage(len(prompt_tokens), stats, True)
@@ -758,41 +780,11 @@ class Llama:
         return {"id": cid, "object": "text_completion", "created": created, "model": self.model_path,
                 "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]}
 
-    def _completion_chunk_logprobs(self, records, prompt_tokens, prompt_len) -> dict:
-        """The llama-cpp-python `logprobs` object of one streamed chunk: the tokens whose text the chunk starts
-        (tokens, text offsets into prompt + completion, their logprobs, top dicts with the token itself)."""
-        out = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
-        for r in records:
-            prev = list(prompt_tokens) + r.prev
-            s = self.detokenize([r.id], prev_tokens=prev).decode("utf-8", errors="ignore")
-            top = {self.detokenize([i], prev_tokens=prev).decode("utf-8", errors="ignore"): v for i, v in r.top}
-            top[s] = r.logprob
-            out["tokens"].append(s)
-            out["text_offset"].append(prompt_len + r.start)
-            out["token_logprobs"].append(r.logprob)
-            out["top_logprobs"].append(top)
-        return out
-
-    def _chat_logprobs_content(self, records) -> list[dict]:
-        """OpenAI chat `logprobs.content` entries: token text, logprob, UTF-8 bytes, top_logprobs."""
-        tk = self.tokenizer
-
-        def entry(t, v):
-            b = tk.token_to_piece(t, special=True)
-            return {"token": b.decode("utf-8", errors="replace"), "logprob": v, "bytes": list(b)}
-
-        return [dict(entry(r.id, r.logprob), top_logprobs=[entry(i, v) for i, v in r.top]) for r in records]
-
     @staticmethod
     def logits_to_logprobs(logits, axis: int = -1) -> np.ndarray:
-        """log-softmax in float32, computed as llama-cpp-python's `Llama.logits_to_logprobs`."""
-        logits = np.asarray(logits, dtype=np.float32)
-        m = np.amax(logits, axis=axis, keepdims=True)
-        m[~np.isfinite(m)] = 0
-        sub = np.subtract(logits, m, dtype=np.float32)
-        with np.errstate(divide="ignore"):
-            out = np.log(np.sum(np.exp(sub), axis=axis, keepdims=True))
-        return sub - out
+        """log-softmax in float32, computed as llama-cpp-python's `Llama.logits_to_logprobs`
+        (llamba.textstream.logits_to_logprobs)."""
+        return logits_to_logprobs(logits, axis)
 
     def _completion_logprobs(self, prompt, prompt_tokens, completion_tokens, n: int, echo: bool,
                              keep_scores: bool = True, n_evaluated: int | None = None) -> dict:
@@ -830,7 +822,7 @@ class Llama:
                 if idx >= n_need:
                     break
                 lp = self.logits_to_logprobs(rows[r - a])
-                red.append((float(lp[all_tokens[idx]]), _top_n(lp, n)))
+                red.append((float(lp[all_tokens[idx]]), top_n_logprobs(lp, n)))
         strs = [self.detokenize([t], prev_tokens=all_tokens[:i]).decode("utf-8", errors="ignore")
                 for i, t in enumerate(all_tokens)]
         offsets, token_lps, tokens, tops = [], [], [], []
@@ -849,92 +841,62 @@ class Llama:
             tops[0] = None
         return {"tokens": tokens, "text_offset": offsets, "token_logprobs": token_lps, "top_logprobs": tops}
 
-    def _completion_stream(self, toks, max_tokens, temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
-                           frequency_penalty, presence_penalty, seed, stops, logit_bias, out_tokens=None, rec=None,
-                           stats=None, constraint=None, keep_special=None):
-        """Yield (text_piece, finish_reason|None). Text that could be the start of a stop string is held back.
-        `keep_special`: ids of special tokens whose text is kept (tool-call markers such as [TOOL_CALLS]).
-        `rec` (a _LogprobRecorder): each generated token's logprobs are recorded, and after each yield
-        `rec.take()` gives the tokens whose text has started to come out (tokens of a cut stop string or the
-        end-of-generation token never do)."""
-        sampler = self._make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
-                                     frequency_penalty, presence_penalty, seed, logit_bias)
+    def stream_text(self, tokens, max_tokens: int | None = None, *, temperature: float = 0.8, top_k: int = 40,
+                    top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0, repeat_penalty: float = 1.0,
+                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int | None = None,
+                    logit_bias=None, stop=None, constraint=None, recorder: LogprobRecorder | None = None,
+                    stats: GenStats | None = None, keep_special=None, out_tokens: list[int] | None = None):
+        """Generate after the prompt token ids `tokens` and yield (text_piece, finish_reason | None): the text
+        stream (llamba.textstream.stream_text) that completions, chat completions, the chat REPL and the CLI all
+        read. Text that could be the start of a `stop` string is held back; the last item carries "stop" or
+        "length". The tokens come from the batching engine when it runs, else from this Llama's sequence (with its
+        speculative proposer). A generator: nothing runs, and sampling parameters are not checked, before the first
+        `next()`; closing it ends the generation. The prompt is not checked here (create_completion and
+        chat_stream check it first).
+        `constraint`: a compiled llamba.constrain.Constraint (see compile_constraint). `recorder` (a
+        textstream.LogprobRecorder): each generated token's logprobs are recorded, and after each item
+        `recorder.take()` gives the tokens whose text has started to come out (tokens of a cut stop string or the
+        end-of-generation token never do). `keep_special`: ids of special tokens whose text is kept (tool-call
+        markers such as [TOOL_CALLS]). `stop`: a string or a list of strings (not checked here). `stats`: the
+        GenStats to fill (also `last_stats`). `out_tokens`: a list that receives the generated ids
+        (end-of-generation tokens excepted)."""
+        stops = [stop] if isinstance(stop, str) else list(stop or ())  # (checked by the callers: _stop_list)
+        sampler = self.make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
+                                    frequency_penalty, presence_penalty, seed, logit_bias)
         if constraint is not None:
             sampler.constraint = constraint.matcher()
         stats = GenStats() if stats is None else stats  # per call (several threads may generate at once)
         self.last_stats = stats
-        dec = StreamDecoder(self.tokenizer)
-        tk = self.tokenizer
-        pending = ""
-        n = 0
-        total = 0  # characters decoded so far (yielded + pending)
-        gen: list[int] = []
-        on_logits = rec.row if rec is not None else None
+        on_logits = recorder.row if recorder is not None else None
         if self.engine is not None:
-            source = self._engine_tokens(toks, sampler, max_tokens, stats, on_logits)
+            source = self._engine_tokens(tokens, sampler, max_tokens, stats, on_logits)
         else:
-            sampler.accept_many(toks)
-            source = generate(self.session, toks, sampler, max_tokens, stats, tk.is_eog, self._proposer(), on_logits)
-        for tok in source:
-            n += 1
-            if out_tokens is not None and not tk.is_eog(tok):
-                out_tokens.append(tok)
-            if tk.is_eog(tok):
-                stats.ended_eog = True
-                tail = dec.flush()
-                total += len(tail)
-                pending += tail
-                if rec is not None:
-                    rec.emitted(total)
-                yield pending, "stop"
-                return
-            if rec is not None:
-                rec.token(tok, total, gen)
-            gen.append(tok)
-            if keep_special:
-                dec.special = tok in keep_special
-            piece = dec.feed(tok)
-            total += len(piece)
-            pending += piece
-            if stops:
-                hit = _find_stop(pending, stops)
-                if hit is not None:
-                    if rec is not None:
-                        rec.emitted(total - len(pending) + hit)
-                    yield pending[:hit], "stop"
-                    return
-                safe = len(pending) - _partial_stop_len(pending, stops)
-                if safe > 0:
-                    if rec is not None:
-                        rec.emitted(total - len(pending) + safe)
-                    yield pending[:safe], None
-                    pending = pending[safe:]
-            elif pending:
-                if rec is not None:
-                    rec.emitted(total)
-                yield pending, None
-                pending = ""
-        tail = dec.flush()
-        total += len(tail)
-        pending += tail
-        if stops:
-            hit = _find_stop(pending, stops)
-            if hit is not None:
-                if rec is not None:
-                    rec.emitted(total - len(pending) + hit)
-                yield pending[:hit], "stop"
-                return
-        if rec is not None:
-            rec.emitted(total)
-        yield pending, "length"
+            sampler.accept_many(tokens)
+            source = generate(self.session, tokens, sampler, max_tokens, stats, self.tokenizer.is_eog,
+                              self.speculative_proposer(), on_logits)
+        yield from stream_text(source, self.tokenizer, stops, recorder=recorder, keep_special=keep_special,
+                               stats=stats, out_tokens=out_tokens)
 
     # ---- chat
     def get_chat_template(self):
-        """The ChatTemplate used for chat: `chat_template`/`chat_format` if given, else the model's own."""
+        """The ChatTemplate used for chat: the one set with set_chat_template, else `chat_template`/`chat_format`
+        if given, else the model's own."""
         if self._chat is None:
             from llamba.chat import ChatTemplate
             self._chat = ChatTemplate.for_model(self.metadata, self.tokenizer, self._chat_opt)
         return self._chat
+
+    def set_chat_template(self, template) -> None:
+        """Use `template` for chat from now on: a llamba.chat.ChatTemplate, or what the `chat_template` argument
+        takes (a built-in NAME such as "gemma", a FILE, or template text); None: back to the constructor's choice.
+        A bad name or file fails here."""
+        if template is None or not isinstance(template, str):
+            self._chat = template
+            if template is None:
+                self.get_chat_template()
+            return
+        from llamba.chat import ChatTemplate
+        self._chat = ChatTemplate.for_model(self.metadata, self.tokenizer, template)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True, tools=None, tokenize: bool = False,
                             **kwargs):
@@ -975,8 +937,8 @@ class Llama:
         n = _int_arg("n", n, lo=1, hi=MAX_CHAT_N)
         n = 1 if n is None else n
         grammar = kwargs.pop("grammar", None)
-        toks, plan = self._chat_prompt(messages, tools, tool_choice, parallel_tool_calls, tkw)
-        constraint = self._chat_constraint(plan, response_format, grammar)
+        toks, plan = self.chat_prompt(messages, tools, tool_choice, parallel_tool_calls, tkw)
+        constraint = self.chat_constraint(plan, response_format, grammar)
         kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
                   stop=stop, max_tokens=max_tokens, presence_penalty=presence_penalty,
                   frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, logit_bias=logit_bias,
@@ -1009,9 +971,13 @@ class Llama:
                                                          top_logprobs=top_logprobs, plan=plan, seed=sd, index=j,
                                                          **kw)
 
-    def _chat_prompt(self, messages, tools=None, tool_choice=None, parallel_tool_calls=None, tkw=None):
-        """(prompt token ids, llamba.tools.ToolPlan) of a chat request: tools checked and rendered for the
-        template's tool-call format, tool-call messages adapted (arguments as dicts for the template)."""
+    def chat_prompt(self, messages, tools=None, tool_choice=None, parallel_tool_calls=None,
+                    chat_template_kwargs: dict | None = None):
+        """(prompt token ids, llamba.tools.ToolPlan) of a chat request, as create_chat_completion renders it: tools
+        checked and rendered for the template's tool-call format, tool-call messages adapted (arguments as dicts
+        for the template), `chat_template_kwargs` passed to the template. Invalid tools -> ToolError; a front end
+        calls it to check a request before generating."""
+        tkw = chat_template_kwargs
         from llamba.tools import plan_tools
         tmpl = self.get_chat_template()
         plan = plan_tools(tmpl.source, tools, tool_choice, parallel_tool_calls)
@@ -1020,9 +986,10 @@ class Llama:
                                         tokenize=True, **(tkw or {}))
         return toks, plan
 
-    def _chat_constraint(self, plan, response_format=None, grammar=None):
-        """The constraint of a chat request: tool_choice required / named -> the tool-call grammar, else
-        response_format / grammar."""
+    def chat_constraint(self, plan, response_format=None, grammar=None):
+        """The compiled constraint of a chat request (or None): with tool_choice "required" or a named function
+        (`plan` from chat_prompt), the tool-call grammar (each tool's schema checked first: a bad one is a ToolError
+        naming it); else compile_constraint(response_format, grammar)."""
         if plan is not None and plan.constrained:
             if grammar is not None or (response_format is not None and
                                        (not isinstance(response_format, dict) or
@@ -1040,13 +1007,20 @@ class Llama:
                     except GrammarError as e:
                         raise ToolError(f"tools[{i}] ({f['name']}): parameters: {e}") from None
             return compile_constraint(self.tokenizer, "lark", plan.grammar(self.tokenizer))
-        return self._constraint(response_format, grammar)
+        return self.compile_constraint(response_format, grammar)
 
-    def _chat_stream_pieces(self, toks, temperature=0.2, top_p=0.95, top_k=40, min_p=0.05, typical_p=1.0,
-                            stop=None, seed=None, max_tokens=None, presence_penalty=0.0, frequency_penalty=0.0,
-                            repeat_penalty=1.0, logit_bias=None, rec=None, stats=None, constraint=None,
-                            keep_special=None):
-        """Check a rendered chat prompt and return `_completion_stream`'s (piece, finish) iterator for it."""
+    def chat_stream(self, tokens, temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
+                    min_p: float = 0.05, typical_p: float = 1.0, stop=None, seed: int | None = None,
+                    max_tokens: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                    repeat_penalty: float = 1.0, logit_bias=None, recorder: LogprobRecorder | None = None,
+                    stats: GenStats | None = None, constraint=None, keep_special=None):
+        """The answer to a rendered chat prompt (token ids, e.g. from chat_prompt or apply_chat_template(...,
+        tokenize=True)) as stream_text's (text_piece, finish_reason | None) generator, with
+        create_chat_completion's defaults; the chat template's stop strings are added to `stop`, and max_tokens
+        None or <= 0 means the rest of the context. The prompt, max_tokens and stop are checked here, before the
+        generator is returned (ContextOverflowError, ParameterError); the chat REPL (llamba.chat.ChatSession)
+        reads it."""
+        toks = tokens
         self._need_model()
         if not toks:
             raise LlambaError("the chat prompt is empty")
@@ -1059,22 +1033,24 @@ class Llama:
             max_tokens = self._n_ctx - len(toks)
         stops = _stop_list(stop)
         stops += [s for s in self.get_chat_template().stop if s not in stops]
-        return self._completion_stream(list(toks), max_tokens, temperature, top_k, top_p, min_p, typical_p,
-                                       repeat_penalty, frequency_penalty, presence_penalty, seed, stops, logit_bias,
-                                       None, rec, stats, constraint=constraint, keep_special=keep_special)
+        return self.stream_text(list(toks), max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                min_p=min_p, typical_p=typical_p, repeat_penalty=repeat_penalty,
+                                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
+                                logit_bias=logit_bias, stop=stops, constraint=constraint, recorder=recorder,
+                                stats=stats, keep_special=keep_special)
 
     def _chat_completion_from_tokens(self, toks, stream: bool = False, logprobs=None, top_logprobs=None, plan=None,
                                      index: int = 0, **kw):
         rec = None
         if logprobs:
             n = _int_arg("top_logprobs", 0 if top_logprobs is None else top_logprobs, lo=0, hi=MAX_LOGPROBS)
-            rec = _LogprobRecorder(n)
+            rec = LogprobRecorder(n)
         stats = GenStats()
         tools_on = plan is not None and plan.active
         if tools_on:
             from llamba.tools import marker_ids
             kw["keep_special"] = marker_ids(plan.fmt, self.tokenizer) or None
-        it = self._chat_stream_pieces(toks, rec=rec, stats=stats, **kw)
+        it = self.chat_stream(toks, recorder=rec, stats=stats, **kw)
         cid = f"chatcmpl-{uuid.uuid4()}"
         created = int(time.time())
         if stream:
@@ -1084,7 +1060,7 @@ class Llama:
             pieces.append(piece)
             if fin:
                 finish = fin
-        lp = {"content": self._chat_logprobs_content(rec.take()), "refusal": None} if rec else None
+        lp = {"content": chat_logprobs_content(self.tokenizer, rec.take()), "refusal": None} if rec else None
         message = {"role": "assistant", "content": "".join(pieces)}
         if tools_on:
             content, calls = plan.parse(message["content"])
@@ -1107,7 +1083,8 @@ class Llama:
             finish = "length"
             for piece, fin in it:
                 if piece:
-                    lp = {"content": self._chat_logprobs_content(rec.take()), "refusal": None} if rec else None
+                    lp = {"content": chat_logprobs_content(self.tokenizer, rec.take()), "refusal": None} \
+                        if rec else None
                     if parser is None:
                         yield chunk({"content": piece}, None, lp)
                     else:
@@ -1163,7 +1140,7 @@ class Llama:
                 rows = self.session.eval(toks[a:min(a + nb, len(toks) - 1)], logits="all")
                 for r in range(len(rows)):
                     lp = self.logits_to_logprobs(rows[r])
-                    out.append((float(lp[toks[a + r + 1]]), _top_n(lp, int(n))))
+                    out.append((float(lp[toks[a + r + 1]]), top_n_logprobs(lp, int(n))))
         return out
 
 
@@ -1200,82 +1177,3 @@ def _normalized(v: np.ndarray) -> list[float]:
     v = np.asarray(v, dtype=np.float64)
     n = float(np.linalg.norm(v))
     return (v / n).tolist() if n != 0.0 else v.tolist()
-
-
-def _top_n(lp: np.ndarray, n: int) -> list[tuple[int, float]]:
-    """The n (id, logprob) pairs of a logprob row as llama-cpp-python picks them, sorted((logprob, id),
-    reverse=True)[:n]: logprob descending, then the higher id first; sorted among the ids at or above the n-th
-    largest logprob only (all of the first n, ties included)."""
-    if n <= 0:
-        return []
-    if n < len(lp):
-        cand = np.flatnonzero(lp >= np.partition(lp, len(lp) - n)[len(lp) - n])
-    else:
-        cand = np.arange(len(lp))
-    order = cand[np.lexsort((-cand, -lp[cand]))][:n]
-    return [(int(i), float(lp[i])) for i in order]
-
-
-class _TokenLogprob:
-    __slots__ = ("id", "logprob", "top", "start", "_gen", "_k")
-
-    def __init__(self, tok, logprob, top, start, gen, k):
-        self.id, self.logprob, self.top, self.start, self._gen, self._k = tok, logprob, top, start, gen, k
-
-    @property
-    def prev(self) -> list[int]:
-        """The completion tokens before this one."""
-        return self._gen[:self._k]
-
-
-class _LogprobRecorder:
-    """Logprobs of generated tokens as they are sampled (no logits_all needed): `row(logits)` is called with the
-    row a token is sampled from, `token(id, start, gen)` when it arrives (`start`: characters of completion text
-    before it); `emitted(upto)` releases the tokens whose text starts before `upto` characters, `take()` returns
-    the released ones not taken yet."""
-
-    def __init__(self, n: int):
-        self.n = int(n)
-        self._lp = None
-        self._held: list = []
-        self._ready: list = []
-
-    def row(self, logits):
-        self._lp = Llama.logits_to_logprobs(logits)
-
-    def token(self, tok: int, start: int, gen: list):
-        lp, self._lp = self._lp, None
-        self._held.append(_TokenLogprob(tok, float(lp[tok]), _top_n(lp, self.n), start, gen, len(gen)))
-
-    def emitted(self, upto: int):
-        k = 0
-        while k < len(self._held) and self._held[k].start < upto:
-            k += 1
-        if k:
-            self._ready += self._held[:k]
-            del self._held[:k]
-
-    def take(self) -> list:
-        out, self._ready = self._ready, []
-        return out
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    best = None
-    for s in stops:
-        if s:
-            i = text.find(s)
-            if i >= 0 and (best is None or i < best):
-                best = i
-    return best
-
-
-def _partial_stop_len(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                best = max(best, k)
-                break
-    return best

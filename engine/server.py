@@ -743,7 +743,7 @@ class LlambaService:
             kw["grammar"] = req.grammar
         if kw:
             try:
-                self.llm._constraint(**kw)
+                self.llm.compile_constraint(**kw)
             except LlambaError as e:
                 raise _bad(_line(e), "grammar" if "grammar" in kw else "response_format") from None
         return kw
@@ -767,7 +767,7 @@ class LlambaService:
         tkw = dict(req.chat_template_kwargs or {})
         from llamba.tools import ToolError
         try:
-            toks, plan = llm._chat_prompt(msgs, req.tools, req.tool_choice, req.parallel_tool_calls, tkw)
+            toks, plan = llm.chat_prompt(msgs, req.tools, req.tool_choice, req.parallel_tool_calls, tkw)
         except ToolError as e:
             msg = _line(e)
             param = next((p for p in ("tool_choice", "parallel_tool_calls", "tools") if msg.startswith(p)),
@@ -777,7 +777,7 @@ class LlambaService:
             raise _bad(_line(e), "messages") from None
         if plan.constrained:  # the tool-call grammar, compiled once here so that a bad schema is a 400
             try:
-                llm._chat_constraint(plan, req.response_format)
+                llm.chat_constraint(plan, req.response_format)
             except LlambaError as e:
                 raise _bad(_line(e), "tools" if req.response_format is None else "response_format") from None
         else:
@@ -866,9 +866,9 @@ class LlambaService:
                 # the library's non-streamed call, as one chunk (not cancellable midway): its layout and offsets
                 # of the generated tokens' logprobs (llama-cpp-python's, which is OpenAI's without echo), its usage
                 return iter([llm.create_completion(src, max_tokens=max_tokens or -1, special=True, logprobs=n_lp,
-                                                   _no_scores=True, **kw)])
+                                                   keep_scores=False, **kw)])
             return llm.create_completion(src, max_tokens=max_tokens or -1, stream=True, special=True,
-                                         logprobs=n_lp, _no_scores=True, **kw)
+                                         logprobs=n_lp, keep_scores=False, **kw)
 
         prologue = (lambda: [{"text": echo_text, "logprobs": None}]) if echo else None
         return _Job(index, "completion", len(toks), open_fn, prologue)

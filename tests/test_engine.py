@@ -20,7 +20,7 @@ FIXTURE = os.path.join(os.path.dirname(__file__), "data", "models", "tiny-qwen35
 
 
 def _params(llm, temp, seed):
-    return llm._make_sampler(temp, 40, 0.95, 0.05, 1.0, 1.0, 0.0, 0.0, seed, None).params
+    return llm.make_sampler(temp, 40, 0.95, 0.05, 1.0, 1.0, 0.0, 0.0, seed, None).params
 
 
 def _alone(llm, prompts, temps, seeds, maxt):

@@ -510,7 +510,7 @@ def test_offload_engine_batch_invariance(tiny, arch, spec, kernels):
     prompts, temps, seeds, maxt = _engine_cases(min(n_vocab, 300))
 
     def params(llm, t, sd):
-        return llm._make_sampler(t, 40, 0.95, 0.05, 1.0, 1.0, 0.0, 0.0, sd, None).params
+        return llm.make_sampler(t, 40, 0.95, 0.05, 1.0, 1.0, 0.0, 0.0, sd, None).params
 
     def alone(llm):
         out = []

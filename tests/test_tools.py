@@ -324,13 +324,13 @@ def test_qwen_template_round_trip(qwen):
     call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"city": "Rome"}'}}
     msgs = [{"role": "user", "content": "time in Rome?"}, {"role": "assistant", "content": "", "tool_calls": [call]},
             {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]
-    toks, plan = qwen._chat_prompt(msgs, TOOLS, "auto")
+    toks, plan = qwen.chat_prompt(msgs, TOOLS, "auto")
     text = qwen.detokenize(toks, special=True).decode()
     assert plan.fmt == "hermes" and plan.active
     assert '"name": "get_weather"' in text and "<tools>" in text  # the template rendered the tools
     assert '<tool_call>\n{"name": "get_time", "arguments": {"city": "Rome"}}\n</tool_call>' in text  # a dict
     assert "<|im_start|>user\n<tool_response>\n12:00\n</tool_response><|im_end|>" in text
-    toks_none, plan = qwen._chat_prompt(msgs, TOOLS, "none")
+    toks_none, plan = qwen.chat_prompt(msgs, TOOLS, "none")
     assert "<tools>" not in qwen.detokenize(toks_none, special=True).decode()
 
 
