@@ -139,7 +139,9 @@ def warmup(llm, progress: CompileProgress | None = None, stages_before: int = 0)
 # --------------------------------------------------------------------------------------------------
 # a first run in two processes: the fused matmul kernels (most of the compile time) in a second process while this
 # one loads the model and compiles everything else; Numba's disk cache hands them over (compilation holds the GIL
-# and Numba's compiler lock, so threads would not overlap; processes do)
+# and Numba's compiler lock, so threads would not overlap; processes do). A model with fused kernels of both weight
+# families compiles the second family's in a third process (`_worker_main`). The kernels the processes share
+# (fused._prep: one signature for both families) may be compiled twice at once; both save the same entry.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -296,9 +298,19 @@ def _worker_main(argv) -> int:
     else:
         from llamba.gguf import GGUFFile
         keys = fused_keys(GGUFFile(a.model))
-    with CompileProgress() as prog:
-        prog.stage(1, 1, "matmul kernels, second process")
-        compile_fused(keys, prog)
+    # a model with kernels of both families (block-32 and K-quant weights: most K-quant mixes): each in a process of
+    # its own, so that the two cores share three compiles (this one's, the other family's, the first process's rest
+    # of a forward pass) rather than one process compiling both families while the first one waits for it
+    helpers = [start_fused_worker(keys=[k]) for k in keys[1:]] if len(keys) > 1 else []
+    mine = keys[:1] if helpers and all(h is not None for h in helpers) else keys
+    try:
+        with CompileProgress() as prog:
+            prog.stage(1, 1, "matmul kernels, second process")
+            compile_fused(mine, prog)
+    finally:
+        for h in helpers:
+            if h is not None:
+                h.wait()
     return 0
 
 
