@@ -180,3 +180,30 @@ def test_second_process_compiles_the_signature_a_model_calls(tmp_path):
     for key in keys:
         fn = F.kernel_for(key[1])
         assert tuple(numba.typeof(a) for a in _fused_args(key)) in [tuple(s) for s in fn.signatures]
+
+
+def test_worker_splits_the_two_families_over_two_processes(monkeypatch):
+    """A first run's worker given a model with fused kernels of both families compiles the first family's itself and
+    starts a helper process for the other (three compiles on two cores, not two in a row); it waits for the helper.
+    When the helper cannot be started it compiles both."""
+    from llamba import warmup as W
+    k32, kk = (False, (QS.Q5_0, QS.Q8_0P)), (True, (QK.Q4_K, QK.Q6_K))
+    started, compiled, waited = [], [], []
+
+    class Proc:
+        def wait(self):
+            waited.append(True)
+            return 0
+    monkeypatch.setattr(W, "fused_keys", lambda gf: [k32, kk])
+    monkeypatch.setattr("llamba.gguf.GGUFFile", lambda path: path)
+    monkeypatch.setattr(W, "start_fused_worker", lambda path=None, keys=None: started.append(keys) or Proc())
+    monkeypatch.setattr(W, "compile_fused", lambda keys, prog=None: compiled.append(list(keys)) or len(keys))
+    assert W._worker_main(["--model", "m.gguf"]) == 0
+    assert started == [[kk]] and compiled == [[k32]] and waited == [True]
+    started.clear(), compiled.clear(), waited.clear()
+    assert W._worker_main(["--keys", "1:12,14"]) == 0  # one key: no helper
+    assert started == [] and compiled == [[kk]]
+    monkeypatch.setattr(W, "start_fused_worker", lambda path=None, keys=None: None)
+    compiled.clear()
+    assert W._worker_main(["--model", "m.gguf"]) == 0
+    assert compiled == [[k32, kk]]
