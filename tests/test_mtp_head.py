@@ -2,6 +2,7 @@
 drafting lossless), on every trunk kind, single-sequence and batched; the head file is tied to its trunk."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -120,10 +121,12 @@ def test_cli_run_with_head(tmp_path, trunks):
 @pytest.mark.slow
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
 def test_real_model_greedy_identical(tmp_path, request, which):
-    """An untrained head (the trunk's last block copied): whatever it drafts, greedy output is unchanged."""
+    """An untrained head (the trunk's last block copied), or a trained one named by LLAMBA_MTP_HEAD_SMOLLM2 /
+    LLAMBA_MTP_HEAD_GEMMA3: whatever it drafts, greedy output is unchanged."""
     m = request.getfixturevalue(which)
     dv = list(range(0, 8192)) if which == "gemma3" else None
-    head = _head(tmp_path, m, draft_vocab=dv)
+    trained = os.environ.get(f"LLAMBA_MTP_HEAD_{which.upper()}")  # a head from llamba mtp-train, when given
+    head = trained or _head(tmp_path, m, draft_vocab=dv)
     plain = Llama(str(m), n_ctx=256, verbose=False, spec="none")
     p = plain.tokenize(b"The capital of France is", add_bos=True)
     want = list(plain.generate(p, temp=0, max_tokens=40))
@@ -161,3 +164,22 @@ def test_training_block_matches_runtime(tmp_path, trunks, arch):
     got = got[0].numpy()
     assert np.abs(got - want).max() <= 2e-3 * np.abs(want).max()
     assert np.abs(hid[0].numpy() - model.mtp.hidden).max() < 2e-2
+
+
+@pytest.mark.slow
+def test_mtp_train_end_to_end(tmp_path, trunks):
+    """llamba mtp-train on a tiny model (one CPU-minute budget): data, training with the feature loss and a draft
+    vocabulary, the head written and checked; the head loads and greedy output with it is unchanged."""
+    pytest.importorskip("torch")
+    m = trunks["llama"]
+    out = tmp_path / "trained.gguf"
+    r = subprocess.run([sys.executable, "-m", "llamba.cli", "mtp-train", "-m", str(m), "-o", str(out),
+                        "--minutes", "1", "--clock", "cpu", "-t", "1", "--draft-vocab", "100", "--n-parallel", "4"],
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "held-out acceptance@1" in r.stderr and "held-out greedy decoding with the head" in r.stderr
+    plain = Llama(str(m), n_ctx=160, verbose=False, spec="none")
+    want = list(plain.generate(PROMPT, temp=0, max_tokens=40))
+    llm = Llama(str(m), n_ctx=160, verbose=False, mtp_head=str(out), spec="auto", draft_max=3)
+    assert len(llm.model.mtp.draft_vocab) == 100
+    assert list(llm.generate(PROMPT, temp=0, max_tokens=40)) == want

@@ -21,6 +21,16 @@ def add_parser(sub, add_model_args):
     p.add_argument("--f32", action="store_true", help="write F32 weights instead of Q8_0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-k", type=int, default=32, help="teacher top-k logits kept per position (default 32)")
+    p.add_argument("--reg-weight", type=float, default=0.5,
+                   help="weight of EAGLE's feature loss: the head's post-norm hidden regressed onto the trunk's "
+                        "hidden at the same position (relative squared error; 0: off; default 0.5)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    p.add_argument("--data-frac", type=float, default=0.45,
+                   help="share of the budget spent making data (default 0.45)")
+    p.add_argument("--n-parallel", type=int, default=16, help="sequences generated at once (default 16)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="what --minutes counts: wall time, or this process's CPU time divided by --threads "
+                        "(a budget that means the same on a machine shared with other work)")
     return p
 
 

@@ -1,8 +1,9 @@
 """Training data for a sidecar MTP head, made by the trunk itself (self-distillation, no downloads).
 
 1. The trunk generates continuations of a built-in, varied set of seed prompts (chat turns through the model's chat
-   template, code, prose, lists; plus `--data FILE` text cut into passages), greedy and sampled, through llamba's
-   batching engine.
+   template, code, prose, lists; plus `--data FILE` text cut into passages) through llamba's batching engine: one
+   greedy pass over all of them (greedy decoding is what the verifier checks drafts against), then sampled passes
+   (temperature 0.7 / 1.0, new seeds each pass) for as long as the data budget lasts.
 2. llamba runs the trunk over every sequence once more with keep_hidden: per position p its post-norm hidden h[p]
    and the top-k of its log-probabilities (the distribution of token p+1).
 
@@ -57,8 +58,6 @@ def seed_prompts(llm) -> list[tuple[str, list[int]]]:
     chat = _chat_ok(llm)
     for i, t in enumerate(TOPICS):
         for j, tmpl in enumerate(CHAT_TEMPLATES):
-            if (i + j) % 2:
-                continue
             out.append(("chat", _chat(llm, tmpl.format(t=t)) if chat else llm.tokenize(tmpl.format(t=t) + "\n")))
     for c in CODE_CHAT:
         out.append(("chat", _chat(llm, c) if chat else llm.tokenize(c + "\n")))
@@ -101,9 +100,10 @@ def text_passages(llm, path: str, n_tok: int = 256) -> list[list[int]]:
 
 
 def generate(llm, prompts, seconds: float, max_tokens: int, n_parallel: int = 8, progress=None,
-             token_budget: int = 0) -> list[list[int]]:
-    """Continuations of `prompts` (greedy and sampled, alternating by round) until `seconds` have passed or the
-    prompts run out (or token_budget tokens); returns prompt + continuation per sequence."""
+             token_budget: int = 0, temperature: float | None = None, seed: int = 1000) -> list[list[int]]:
+    """Continuations of `prompts` (greedy and sampled, alternating by round, or all at `temperature`) until
+    `seconds` have passed or the prompts run out (or token_budget tokens); returns prompt + continuation per
+    sequence."""
     seqs = []
     t0 = time.perf_counter()
     n_tok = 0
@@ -112,9 +112,9 @@ def generate(llm, prompts, seconds: float, max_tokens: int, n_parallel: int = 8,
     while i < len(prompts) and time.perf_counter() - t0 < seconds and (not token_budget or n_tok < token_budget):
         batch = [p for _, p in prompts[i:i + n_parallel]]
         i += n_parallel
-        temp = 0.0 if rnd % 2 == 0 else 0.8
+        temp = temperature if temperature is not None else (0.0 if rnd % 2 == 0 else 0.8)
         outs = llm.generate_batch(batch, max_tokens=max_tokens, temperature=temp, top_k=40, top_p=0.95,
-                                  min_p=0.05, seed=1000 + rnd, n_parallel=n_parallel)
+                                  min_p=0.05, seed=seed + rnd, n_parallel=n_parallel)
         for p, o in zip(batch, outs):
             seqs.append(list(p) + list(o))
             n_tok += len(o)

@@ -8,7 +8,10 @@ Phases, within `--minutes` (the whole run):
 2. training: the head (initialised with the trunk's last block copied, eh_proj = [0 | I]) is trained to match the
    trunk's next-token distribution one step ahead: cross-entropy to the teacher's top-k probabilities (renormalised
    over the draft vocabulary when there is one), i.e. KL(teacher_topk || head) up to a constant. AdamW, linear
-   warm-up and decay over the time left; a checkpoint after every epoch (and on Ctrl-C), resumed when present.
+   warm-up and decay over the time left; a checkpoint after every epoch (and on Ctrl-C), resumed when present;
+   creating OUTPUT.stop ends training early (the head is written and checked as at the end of the budget).
+   EAGLE's feature loss is added (--reg-weight): the head's post-norm hidden regressed onto the trunk's hidden at
+   the same position, which is also what chained drafts feed back.
    Each epoch prints the held-out acceptance at draft position 1 (the head's argmax == the trunk's argmax).
 3. the head is written (Q8_0 matrices by default) and checked with real speculative decoding on the held-out
    prompts: acceptance per draft position as the verifier measures it.
@@ -179,6 +182,7 @@ class Batcher:
         ids = np.zeros((B, T, k), np.int64)
         lp = np.full((B, T, k), -np.inf, np.float32)
         top1 = np.full((B, T), -1, np.int64)
+        hn = np.zeros((B, T, E), np.float32)
         mask = np.zeros((B, T), bool)
         for j, (i, a, b) in enumerate(wins):
             tok, H, I, LP = self.data[i]
@@ -188,6 +192,7 @@ class Batcher:
                 hp[j, :n] = H[a - 1:b - 1]
             else:
                 hp[j, 1:n] = H[0:n - 1]
+            hn[j, :n] = H[a:b]
             ii = I[a:b].astype(np.int64)
             ll = LP[a:b]
             t1 = ii[np.arange(n), ll.argmax(axis=1)]
@@ -203,7 +208,7 @@ class Batcher:
             if self.scored_from is not None:
                 mask[j, :max(0, min(n, self.scored_from[i] - a))] = False
         return (torch.from_numpy(emb), torch.from_numpy(hp), torch.from_numpy(ids), torch.from_numpy(lp),
-                torch.from_numpy(top1), torch.from_numpy(mask))
+                torch.from_numpy(top1), torch.from_numpy(mask), torch.from_numpy(hn))
 
 
 def loss_fn(logits, ids, lp, mask):
@@ -215,6 +220,13 @@ def loss_fn(logits, ids, lp, mask):
     return (ce * mask).sum() / mask.sum().clamp(min=1)
 
 
+def reg_fn(hid, hn, mask):
+    """EAGLE's feature loss: relative squared error of the head's post-norm hidden to the trunk's hidden at the same
+    position (what the head stands in for; it is also what a chained draft feeds back as h)."""
+    err = (hid - hn).pow(2).sum(-1) / hn.pow(2).sum(-1).clamp(min=1e-6)
+    return (err * mask).sum() / mask.sum().clamp(min=1)
+
+
 def evaluate(head, batcher, wins, bs: int = 8):
     """Held-out position-1 acceptance (head argmax == trunk argmax) and loss, over the rows the batcher scores
     (the generated continuations, not the prompts: chat-template rows are easy and would inflate it)."""
@@ -222,7 +234,7 @@ def evaluate(head, batcher, wins, bs: int = 8):
     tot = 0.0
     with torch.no_grad():
         for j in range(0, len(wins), bs):
-            emb, hp, ids, lp, top1, mask = batcher.make(wins[j:j + bs])
+            emb, hp, ids, lp, top1, mask, _hn = batcher.make(wins[j:j + bs])
             lg, _ = head(emb, hp)
             tot += float(loss_fn(lg, ids, lp, mask)) * int(mask.sum())
             pred = lg.argmax(-1)
@@ -238,7 +250,14 @@ def _fmt_t(s: float) -> str:
 def train_main(a) -> int:
     from llamba.llama import Llama
     from llamba.mtp_head import init_head_tensors, write_head, _rows_linear
-    t_start = time.perf_counter()
+    threads = a.threads or os.cpu_count() or 1
+    if a.clock == "cpu":  # this process's CPU seconds per thread: the budget of a machine shared with other work
+        def clock():
+            return time.process_time() / threads
+    else:
+        clock = time.perf_counter
+    t_start = clock()
+    w0, c0 = time.perf_counter(), time.process_time()
     budget = max(1.0, float(a.minutes)) * 60.0
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
@@ -251,7 +270,7 @@ def train_main(a) -> int:
                                                                   "qwen3", "qwen3moe"):
         raise LlambaError(f"mtp-train supports llama, gemma2/3, phi3, qwen2/3 (+MoE) models, not '{cfg.arch}'"
                           + (" (it has its own MTP layers)" if getattr(model, "mtp", None) is not None else ""))
-    torch.set_num_threads(llm.n_threads or os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     state = torch.load(ckpt, weights_only=False) if os.path.exists(ckpt) else None
     if state is not None:
         print(f"mtp-train: resuming from {ckpt} (epoch {state['epoch']}, step {state['step']}, "
@@ -265,30 +284,36 @@ def train_main(a) -> int:
         prompts = D.seed_prompts(llm)
         passages = D.text_passages(llm, a.data) if a.data else []
         held_p = D.held_out_prompts(llm)
-        data_s = 0.55 * budget
+        data_s = a.data_frac * budget
         print(f"mtp-train: {os.path.basename(a.model)} ({cfg.arch}, n_embd {cfg.n_embd}, {cfg.n_vocab} tokens): "
               f"making training data for up to {_fmt_t(data_s)}: continuations of {len(prompts)} seed prompts"
               + (f" and {len(passages)} passages of {a.data}" if passages else "")
               + f", with the trunk's hiddens and top-{a.top_k} log-probs", file=sys.stderr)
-        held = D.teacher(llm, D.generate(llm, held_p, 1e9, 64, n_parallel=len(held_p)), a.top_k)
+        held = D.teacher(llm, D.generate(llm, held_p, 1e9, 128, n_parallel=len(held_p), temperature=0.0), a.top_k)
         held_from = [len(p) for _, p in held_p]
         # rounds of: a batch of continuations, then their teacher pass (and a few --data passages, which need the
-        # teacher pass only), until the data budget is spent: nothing is generated that is not used
+        # teacher pass only), until the data budget is spent: nothing is generated that is not used. The first
+        # pass over the seed prompts is greedy; later passes sample (temperature 0.7 / 1.0, new seeds).
         train = []
         i_p = i_d = 0
         n_tok = 0
-        while time.perf_counter() - t_start < data_s and (i_p < len(prompts) or i_d < len(passages)) and \
-                (not a.gen_tokens or n_tok < a.gen_tokens):
-            if i_p < len(prompts):
-                seqs = D.generate(llm, prompts[i_p:i_p + 8], 1e9, 128)
-                i_p += 8
-                train += D.teacher(llm, seqs, a.top_k)
+        npar = max(1, int(a.n_parallel))
+        n_pass = 0
+        while clock() - t_start < data_s and (not a.gen_tokens or n_tok < a.gen_tokens):
+            if i_p >= len(prompts):
+                i_p, n_pass = 0, n_pass + 1
+            temp = 0.0 if n_pass == 0 else (0.7 if n_pass % 2 else 1.0)
+            seqs = D.generate(llm, prompts[i_p:i_p + npar], 1e9, 192, n_parallel=npar, temperature=temp,
+                              seed=1000 + 97 * n_pass + i_p)
+            i_p += npar
+            train += D.teacher(llm, seqs, a.top_k)
             if i_d < len(passages):
                 train += D.teacher(llm, passages[i_d:i_d + 4], a.top_k)
                 i_d += 4
             n_tok = sum(len(t[0]) for t in train)
-            el = time.perf_counter() - t_start
-            D.bar("data    ", el / data_s, f"{len(train)} sequences, {n_tok} tokens, {n_tok / el:.0f} tok/s")
+            el = clock() - t_start
+            D.bar("data    ", el / data_s, f"pass {n_pass + 1}, {len(train)} sequences, {n_tok} tokens, "
+                  f"{n_tok / max(el, 1e-9):.0f} tok/s")
         sys.stderr.write("\n")
         print(f"mtp-train: {len(train)} training sequences ({sum(len(t[0]) for t in train)} tokens), "
               f"{len(held)} held out ({sum(len(t[0]) for t in held)} tokens)", file=sys.stderr)
@@ -329,46 +354,54 @@ def train_main(a) -> int:
     decay = [p for n, p in zip(head.names, head.params) if p.ndim == 2]
     no_decay = [p for n, p in zip(head.names, head.params) if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-3, betas=(0.9, 0.98))
+                            lr=a.lr, betas=(0.9, 0.98))
     step, epoch = 0, 0
     if state is not None:
         opt.load_state_dict(state["opt"])
         step, epoch = state["step"], state["epoch"]
+    cover = ""
+    if dv is not None:  # an upper bound on acceptance: the held-out targets the draft vocabulary can say
+        t1s = [I[np.arange(len(I)), LP.argmax(1)][f:] for (_t, _h, I, LP), f in zip(held, held_from)]
+        t1s = np.concatenate(t1s).astype(np.int64)
+        cover = f", covering {100 * float((vmap[t1s] >= 0).mean()):.1f} % of the held-out targets"
     acc0, loss0 = evaluate(head, hb, hwins)
     print(f"mtp-train: {len(wins)} windows of <= {W} rows ({steps_per_epoch} steps/epoch), head vocabulary "
-          f"{w_out.shape[0]}{' (draft vocabulary)' if dv is not None else ''}; held-out acceptance@1 before "
+          f"{w_out.shape[0]}{' (draft vocabulary)' if dv is not None else ''}{cover}; held-out acceptance@1 before "
           f"training {100 * acc0:.1f} % (loss {loss0:.3f})", file=sys.stderr)
-    t_train0 = time.perf_counter()
+    t_train0 = clock()
     reserve = min(90.0, 0.08 * budget)  # writing + the final check
-    t_end = t_start + budget - reserve
+    t_end = t_start + budget - reserve - elapsed0  # a resumed run has the rest of the budget
 
     def save(tag=""):
         torch.save({"train": train, "held": held, "tensors": head.numpy_tensors(), "opt": opt.state_dict(),
                     "step": step, "epoch": epoch, "draft_vocab": dv, "held_from": held_from,
-                    "elapsed": elapsed0 + time.perf_counter() - t_train0}, ckpt + ".tmp")
+                    "elapsed": elapsed0 + clock() - t_start}, ckpt + ".tmp")
         os.replace(ckpt + ".tmp", ckpt)
 
+    stop_file = a.output + ".stop"  # created by the user: finish the epoch's step, write the head, check it
     if state is None:
         save()  # the data phase is not repeated when resumed
-    peak_lr = 1e-3
+    peak_lr = a.lr
     warm = 30
     try:
-        while time.perf_counter() < t_end:
+        while clock() < t_end and not os.path.exists(stop_file):
             order = rng.permutation(len(wins))
             head.train()
             tl, tn = 0.0, 0
-            e0 = time.perf_counter()
+            e0 = clock()
             for j in range(0, len(order) - bs + 1, bs):
-                now = time.perf_counter()
-                if now >= t_end:
+                now = clock()
+                if now >= t_end or os.path.exists(stop_file):
                     break
                 frac = (now - t_train0) / max(1.0, t_end - t_train0)
                 lr = peak_lr * min(1.0, (step + 1) / warm) * max(0.05, 1.0 - frac)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                emb, hp, ids, lp, _t1, mask = batcher.make([wins[i] for i in order[j:j + bs]])
-                lg, _ = head(emb, hp)
+                emb, hp, ids, lp, _t1, mask, hn = batcher.make([wins[i] for i in order[j:j + bs]])
+                lg, hid = head(emb, hp)
                 loss = loss_fn(lg, ids, lp, mask)
+                if a.reg_weight > 0:
+                    loss = loss + a.reg_weight * reg_fn(hid, hn, mask)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -378,13 +411,14 @@ def train_main(a) -> int:
                 tn += 1
                 if tn % 5 == 0:
                     D.bar(f"epoch {epoch + 1}", (j + bs) / len(order),
-                          f"loss {tl / tn:.3f} lr {lr:.1e} {(time.perf_counter() - e0) / tn:.2f} s/step "
-                          f"left {_fmt_t(t_end - time.perf_counter())}")
+                          f"loss {tl / tn:.3f} lr {lr:.1e} {(clock() - e0) / tn:.2f} s/step "
+                          f"left {_fmt_t(t_end - clock())}")
             epoch += 1
             acc, hl = evaluate(head, hb, hwins)
             sys.stderr.write("\n")
             print(f"mtp-train: epoch {epoch}: train loss {tl / max(1, tn):.3f}, held-out loss {hl:.3f}, held-out "
-                  f"acceptance@1 {100 * acc:.1f} % ({_fmt_t(time.perf_counter() - t_start)} elapsed)", file=sys.stderr)
+                  f"acceptance@1 {100 * acc:.1f} % ({_fmt_t(clock() - t_start + elapsed0)} {a.clock} elapsed; "
+                  f"wall {_fmt_t(time.perf_counter() - w0)}, CPU {_fmt_t(time.process_time() - c0)})", file=sys.stderr)
             save()
     except KeyboardInterrupt:
         save()
@@ -395,16 +429,16 @@ def train_main(a) -> int:
             f"{sum(len(t[0]) for t in train)} training tokens")
     write_head(a.output, llm.gguf, cfg, head.numpy_tensors(), draft_vocab=dv, quant="f32" if a.f32 else "q8_0",
                n_head=n_head, n_head_kv=n_head_kv, description=desc)
-    print(f"mtp-train: wrote {a.output} ({os.path.getsize(a.output) / 1e6:.1f} MB); {_fmt_t(time.perf_counter() - t_start)} "
-          f"in all", file=sys.stderr)
+    print(f"mtp-train: wrote {a.output} ({os.path.getsize(a.output) / 1e6:.1f} MB); {_fmt_t(clock() - t_start + elapsed0)} "
+          f"({a.clock} clock) in all; wall {_fmt_t(time.perf_counter() - w0)}, CPU {_fmt_t(time.process_time() - c0)}", file=sys.stderr)
     # ---- real speculative decoding on the held-out prompts with the written head
     del llm
     check = Llama(a.model, n_ctx=1024, n_threads=a.threads, verbose=False, mtp_head=a.output, spec="mtp",
                   draft_max=3)
     from llamba.speculative.verifier import SpecStats
     agg = SpecStats(kind="mtp", draft_max=3)
-    for _kind, p in D.held_out_prompts(check)[:6]:
-        list(check.generate(p, temp=0.0, max_tokens=32))
+    for _kind, p in D.held_out_prompts(check):
+        list(check.generate(p, temp=0.0, max_tokens=64))
         st = check.spec_stats
         if st is not None:
             for nd, k in st.steps:
