@@ -1,16 +1,18 @@
 """Load generator for OpenAI-compatible servers: concurrent streaming clients, throughput and latency per level.
 
-    python bench/bench_serve.py (-m MODEL.gguf | --url http://127.0.0.1:8080) [--compare-url URL]
-        [--clients 1,2,4,8,16] [--duration S | --requests R] [--max-tokens 64] [--json FILE]
+    python bench/bench_serve.py (-m MODEL.gguf | --url http://127.0.0.1:8080)
+        [--compare-url URL | --compare-library MODEL.gguf] [--clients 1,2,4,8,16] [--duration S | --requests R] [--max-tokens 64] [--json FILE]
         [--threads 2] [--parallel 8] [-c 8192] [--long-prompt-probe]
 
 Target: with -m, starts `python -m llamba.cli serve -m MODEL -t THREADS -c CTX` on a free loopback port (plus
 `-np PARALLEL` when its --help lists -np/--parallel) and stops it at the end; with --url, uses a running server
 (llamba, llama-server, vLLM, ...). --compare-url runs the same load against a second running server in the same
 run; the two are measured alternately, level by level (A then B, then B then A at the next level), so background
-load hits both alike, and the table shows them side by side with ratios A/B.
+load hits both alike, and the table shows them side by side with ratios A/B. --compare-library runs the same
+one-client load through the library itself in this process instead (`Llama.create_completion(stream=True)`, one
+caller on the main thread): what one client through the server gets, as a fraction of the library's own speed.
 
-Load: for each N in --clients, N threads (one per client, stdlib http.client) each send streaming
+Load: for each N in --clients, N threads (one per client, each on a plain socket: see sse_events) send streaming
 /v1/completions requests back to back (`stream: true`, temperature 0, max_tokens --max-tokens,
 `stream_options: {include_usage: true}`) over a fixed built-in set of 20 prompts of about 10-200 tokens (client c
 sends prompts c, c+N, c+2N, ... mod 20), for --duration seconds (requests in flight at the deadline are finished and
@@ -19,7 +21,8 @@ may stop early at EOS: the tokens actually produced are counted, from usage.comp
 reports it, else as the number of content chunks.
 
 Figures per level: output tokens/s (all completion tokens / wall time of the level, first request sent to last
-response finished), requests/s, TTFT p50/p95 (request sent -> first chunk with text), inter-token latency p50/p95
+response finished), decode tokens/s (dec/s: the gaps between a stream's content chunks, summed over all streams;
+tokens after the first over that time: the decode speed one stream sees, prefill excluded), requests/s, TTFT p50/p95 (request sent -> first chunk with text), inter-token latency p50/p95
 (gaps between consecutive content chunks of a request), failed requests, and the 1-minute load average when the
 level started and the CPU pressure (Linux PSI `some avg10`, % of time a runnable task waited for a CPU) when it
 ended (the machine may be shared: read the figures with them).
@@ -176,26 +179,14 @@ class Target:
         completion_tokens, prompt_tokens, t_end} (times from time.perf_counter)."""
         res = {"ok": False, "error": None, "t_send": None, "ttft": None, "gaps": [], "n_chunks": 0,
                "completion_tokens": None, "prompt_tokens": None, "t_end": None, "first_event": None}
-        payload = json.dumps(self.body(prompt, max_tokens, True, extra))
-        c = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        payload = json.dumps(self.body(prompt, max_tokens, True, extra)).encode()
         t0 = time.perf_counter()
         res["t_send"] = t0
         try:
-            c.request("POST", self.base + "/v1/completions", body=payload, headers=self._headers())
-            r = c.getresponse()
-            if r.status != 200:
-                res["error"] = f"HTTP {r.status}: {r.read()[:300].decode(errors='replace')}"
-                return res
             last = None
             done = False
-            while True:
-                line = r.readline()
-                if not line:
-                    break
-                line = line.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
+            for now, data in sse_events(self.host, self.port, self.base + "/v1/completions", payload,
+                                        self._headers(), self.timeout):
                 if data == b"[DONE]":
                     done = True
                     break
@@ -209,7 +200,6 @@ class Target:
                 if "error" in ev:
                     res["error"] = f"in-stream error: {json.dumps(ev['error'])[:300]}"
                     return res
-                now = time.perf_counter()
                 if res["first_event"] is None and ev.get("choices"):
                     res["first_event"] = now - t0
                 text = ""
@@ -235,13 +225,132 @@ class Target:
                 return res
             res["ok"] = True
             return res
-        except (OSError, http.client.HTTPException) as e:
+        except HTTPStatusError as e:
+            res["error"] = str(e)
+            return res
+        except (OSError, ValueError, http.client.HTTPException) as e:
             res["error"] = f"{type(e).__name__}: {e}"
             return res
         finally:
             if res["t_end"] is None:
                 res["t_end"] = time.perf_counter()
-            c.close()
+
+
+class LibraryTarget:
+    """The library in this process as a target: one caller streaming `Llama.create_completion` on the main
+    thread (what `llamba run` and a Python program get), timed exactly as a server's stream is."""
+    in_process = True
+
+    def __init__(self, model: str, threads: int, ctx: int):
+        from llamba import Llama
+        self.label, self.url = f"library {os.path.basename(model)}", model
+        self.llm = Llama(model, n_ctx=ctx, n_threads=threads, verbose=False)
+        self.model = os.path.basename(model)
+
+    def discover_model(self):
+        pass
+
+    def stream(self, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
+        res = {"ok": False, "error": None, "t_send": None, "ttft": None, "gaps": [], "n_chunks": 0,
+               "completion_tokens": None, "prompt_tokens": None, "t_end": None, "first_event": None}
+        t0 = res["t_send"] = time.perf_counter()
+        last = None
+        try:
+            for ch in self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, stream=True):
+                now = time.perf_counter()
+                if res["first_event"] is None:
+                    res["first_event"] = now - t0
+                if ch["choices"] and ch["choices"][0].get("text"):
+                    res["n_chunks"] += 1
+                    if res["ttft"] is None:
+                        res["ttft"] = now - t0
+                    else:
+                        res["gaps"].append(now - last)
+                    last = now
+            res["ok"] = True
+        except Exception as e:  # noqa: BLE001
+            res["error"] = f"{type(e).__name__}: {e}"
+        res["t_end"] = time.perf_counter()
+        return res
+
+
+class HTTPStatusError(Exception):
+    pass
+
+
+def sse_events(host: str, port: int, path: str, payload: bytes, headers: dict, timeout: float):
+    """POST `payload` and yield (arrival time, data) for each server-sent `data:` line of the response.
+
+    A plain socket and a few bytes operations per event (HTTP/1.1 with Connection: close; chunked, sized or
+    close-delimited bodies): the load generator shares the machine with the server it measures, so the CPU it
+    spends per token is taken from the server's kernels. http.client's readline over a chunked body cost about
+    0.15-0.2 ms per event, which on 2 cores measured as ~30 % fewer tokens/s for one client than a curl client
+    got from the same server."""
+    head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Length: {len(payload)}",
+            "Connection: close"] + [f"{k}: {v}" for k, v in headers.items()]
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            got = sock.recv(65536)
+            if not got:
+                raise http.client.RemoteDisconnected("connection closed before the response head")
+            buf += got
+        hdr, buf = buf.split(b"\r\n\r\n", 1)
+        lines = hdr.split(b"\r\n")
+        parts = lines[0].split(None, 2)
+        status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+        fields = {}
+        for ln in lines[1:]:
+            k, _, v = ln.partition(b":")
+            fields[k.strip().lower()] = v.strip()
+        chunked = b"chunked" in fields.get(b"transfer-encoding", b"").lower()
+        body = b""  # de-chunked bytes not yet split into lines
+        eof = False
+        if status != 200:
+            rest = buf
+            while not eof and len(rest) < 4096:
+                got = sock.recv(65536)
+                eof = not got
+                rest += got
+            raise HTTPStatusError(f"HTTP {status}: {rest[:300].decode(errors='replace')}")
+        while True:
+            now = time.perf_counter()
+            if chunked:  # move every complete chunk of buf into body
+                while True:
+                    i = buf.find(b"\r\n")
+                    if i < 0:
+                        break
+                    n = int(buf[:i].split(b";")[0], 16)
+                    if n == 0:
+                        eof = True
+                        break
+                    if len(buf) < i + 2 + n + 2:
+                        break
+                    body += buf[i + 2:i + 2 + n]
+                    buf = buf[i + 2 + n + 2:]
+            else:  # sized or close-delimited (Connection: close: the server closes after the body)
+                body += buf
+                buf = b""
+            while True:
+                j = body.find(b"\n")
+                if j < 0:
+                    break
+                line, body = body[:j].strip(), body[j + 1:]
+                if line.startswith(b"data:"):
+                    yield now, line[5:].strip()
+            if eof:
+                return
+            got = sock.recv(65536)
+            if not got:
+                if body.strip().startswith(b"data:"):
+                    yield time.perf_counter(), body.strip()[5:].strip()
+                return
+            buf += got
+    finally:
+        sock.close()
 
 
 def n_tokens(r: dict) -> int:
@@ -319,6 +428,14 @@ def run_level(t: Target, n: int, a) -> dict:
             k += 1
 
     la = loadavg()
+    if getattr(t, "in_process", False):  # the library: its one caller on this (the main) thread
+        if n != 1:
+            return None
+        start = threading.Barrier(1)
+        t0 = time.perf_counter()
+        deadline[0] = t0 + a.duration
+        client(0)
+        return _level(n, results, time.perf_counter() - t0, la)
     ths = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(n)]
     for th in ths:
         th.start()
@@ -327,13 +444,18 @@ def run_level(t: Target, n: int, a) -> dict:
     start.wait()
     for th in ths:
         th.join()
-    wall = time.perf_counter() - t0
+    return _level(n, results, time.perf_counter() - t0, la)
+
+
+def _level(n: int, results: list, wall: float, la) -> dict:
     ok = [r for r in results if r["ok"]]
     bad = [r for r in results if not r["ok"]]
     toks = sum(n_tokens(r) for r in ok)
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     gaps = [g for r in ok for g in r["gaps"]]
     return {
+        # decode speed as one stream sees it: tokens after the first over the time between first and last
+        "decode_tok_s": round(len(gaps) / sum(gaps), 2) if gaps and sum(gaps) > 0 else None,
         "clients": n, "wall_s": round(wall, 3), "requests_ok": len(ok), "failed": len(bad),
         "errors": sorted({r["error"] for r in bad})[:5],
         "completion_tokens": toks, "tokens_per_request": round(toks / len(ok), 1) if ok else None,
@@ -497,11 +619,12 @@ def _f(x, nd=1):
 
 def print_table(label: str, levels: list[dict]):
     print(f"\n{label}")
-    h = (f"{'clients':>7} {'tok/s':>8} {'req/s':>6} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8} "
-         f"{'ok':>5} {'fail':>4} {'tok/req':>7} {'wall s':>6} {'load1':>5} {'psi10':>5}")
+    h = (f"{'clients':>7} {'tok/s':>8} {'dec/s':>7} {'req/s':>6} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} "
+         f"{'ITL p95':>8} {'ok':>5} {'fail':>4} {'tok/req':>7} {'wall s':>6} {'load1':>5} {'psi10':>5}")
     print(h)
     for L in levels:
-        print(f"{L['clients']:>7} {_f(L['tok_s']):>8} {_f(L['req_s'], 2):>6} {_ms(L['ttft_p50']):>7}ms "
+        print(f"{L['clients']:>7} {_f(L['tok_s']):>8} {_f(L.get('decode_tok_s')):>7} {_f(L['req_s'], 2):>6} "
+              f"{_ms(L['ttft_p50']):>7}ms "
               f"{_ms(L['ttft_p95']):>7}ms {_ms(L['itl_p50']):>6}ms {_ms(L['itl_p95']):>6}ms {L['requests_ok']:>5} "
               f"{L['failed']:>4} {_f(L['tokens_per_request']):>7} {_f(L['wall_s']):>6} {_f(L['load1'], 2):>5} {_f(L.get('cpu_psi10_end')):>5}")
         for e in L["errors"]:
@@ -514,10 +637,16 @@ def _ratio(x, y, nd=2):
 
 def print_compare(la: str, lb: str, A: list[dict], B: list[dict]):
     print(f"\nside by side: A = {la}, B = {lb} (ratios A/B)")
-    print(f"{'clients':>7} | {'tok/s A':>8} {'tok/s B':>8} {'A/B':>5} | {'TTFT50 A':>9} {'TTFT50 B':>9} {'A/B':>5} | "
-          f"{'ITL50 A':>8} {'ITL50 B':>8} {'A/B':>5} | {'fail A/B':>8}")
-    for x, y in zip(A, B):
+    print(f"{'clients':>7} | {'tok/s A':>8} {'tok/s B':>8} {'A/B':>5} | {'dec/s A':>8} {'dec/s B':>8} {'A/B':>5} | "
+          f"{'TTFT50 A':>9} {'TTFT50 B':>9} {'A/B':>5} | {'ITL50 A':>8} {'ITL50 B':>8} {'A/B':>5} | {'fail A/B':>8}")
+    byc = {y["clients"]: y for y in B}
+    for x in A:
+        y = byc.get(x["clients"])
+        if y is None:
+            continue
+        xd, yd = x.get("decode_tok_s"), y.get("decode_tok_s")
         print(f"{x['clients']:>7} | {_f(x['tok_s']):>8} {_f(y['tok_s']):>8} {_ratio(x['tok_s'], y['tok_s']):>5} | "
+              f"{_f(xd):>8} {_f(yd):>8} {_ratio(xd, yd):>5} | "
               f"{_ms(x['ttft_p50']):>7}ms {_ms(y['ttft_p50']):>7}ms {_ratio(x['ttft_p50'], y['ttft_p50']):>5} | "
               f"{_ms(x['itl_p50']):>6}ms {_ms(y['itl_p50']):>6}ms {_ratio(x['itl_p50'], y['itl_p50']):>5} | "
               f"{x['failed']:>3}/{y['failed']:<4}")
@@ -543,6 +672,9 @@ def main(argv=None) -> int:
     g.add_argument("-m", "--model", help="GGUF file: start `llamba serve` on it (on a free loopback port)")
     g.add_argument("--url", help="a running OpenAI-compatible server, e.g. http://127.0.0.1:8080")
     ap.add_argument("--compare-url", help="a second running server measured alternately with the first")
+    ap.add_argument("--compare-library", metavar="MODEL.gguf",
+                    help="compare with the library itself in this process (one caller on the main thread, "
+                         "-t threads; one-client levels only), measured alternately like --compare-url")
     ap.add_argument("--label", help="name of the first server in the output")
     ap.add_argument("--compare-label", help="name of the second server in the output")
     ap.add_argument("--api-key", help="sent as 'Authorization: Bearer KEY' to both servers")
@@ -588,6 +720,8 @@ def main(argv=None) -> int:
         if a.compare_url:
             B = Target(a.compare_url, a.compare_label or f"server@{a.compare_url}", a.api_key, a.timeout)
             targets.append(B)
+        elif a.compare_library:
+            targets.append(LibraryTarget(a.compare_library, a.threads, a.ctx))
         for t in targets:
             t.discover_model()
             for i in range(a.warmup):
@@ -608,13 +742,16 @@ def main(argv=None) -> int:
                 order = targets if li % 2 == 0 else targets[::-1]
                 for t in order:
                     L = run_level(t, n, a)
+                    if L is None:
+                        continue
                     report["servers"][t.label]["levels"].append(L)
                     print(f"  [{t.label}] {n} clients: {_f(L['tok_s'])} tok/s, TTFT p50 {_ms(L['ttft_p50'])} ms, "
                           f"ITL p50 {_ms(L['itl_p50'])} ms, {L['requests_ok']} ok, {L['failed']} failed, "
                           f"load1 {L['load1']}", file=sys.stderr)
         if a.long_prompt_probe or a.probe_only:
             for t in targets:
-                report["servers"][t.label]["probe"] = probe(t, a)
+                if not getattr(t, "in_process", False):
+                    report["servers"][t.label]["probe"] = probe(t, a)
         report["uptime_end"] = uptime()
 
         print(f"\nuptime at start: {report['uptime_start']}\nuptime at end:   {report['uptime_end']}")

@@ -509,6 +509,8 @@ class Gate:
 _GONE = ("gone", -1, None, 0)
 
 
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
+
 WRITE_THROUGH_S = 0.005  # a worker waits at most this long for the event loop to write the chunk it handed over
 
 
@@ -516,7 +518,7 @@ class _Pipe:
     """Events of one request's generations, from worker threads to the event loop. `limit` bounds the bytes not yet
     written to the client; a worker that would go over waits (`can_pause`, up to `stall` s) or stops (cancels)."""
 
-    def __init__(self, loop, limit: int, can_pause: bool, stall: float):
+    def __init__(self, loop, limit: int, can_pause: bool, stall: float, outbox=None):
         self.loop = loop
         self.q: asyncio.Queue = asyncio.Queue()
         self.cv = threading.Condition()
@@ -524,10 +526,19 @@ class _Pipe:
         self.limit, self.can_pause, self.stall = limit, can_pause, stall
         self.cancelled = False
         self.overflow = False
+        self.outbox = outbox if outbox is not None else _Outbox(loop)
+        self.host = None  # the engine whose thread runs this request's generation (Engine.spawn), if it does
+        self.parked = False  # its consumer waits for the client to read (then consumed() wakes the engine)
+
+    def _over(self, size: int) -> bool:
+        return bool(size and self.limit and self.buffered and self.buffered + size > self.limit)
 
     def put(self, item, size: int = 0) -> bool:
         """Worker thread: hand an event over; False means stop generating (cancelled or the client is not
         reading)."""
+        host = self.host
+        if host is not None and host.hosting():
+            return self._put_hosted(host, item, size)
         with self.cv:
             if size and self.limit and self.buffered and self.buffered + size > self.limit:
                 if not self.can_pause:
@@ -543,9 +554,7 @@ class _Pipe:
             if self.cancelled and size:
                 return False
             self.buffered += size
-        try:
-            self.loop.call_soon_threadsafe(self.q.put_nowait, item)
-        except RuntimeError:  # the loop is closed (shutdown)
+        if not self.outbox.send(self.q, item):  # the loop is closed (shutdown)
             self.cancel()
             return False
         if size and WRITE_THROUGH_S > 0:
@@ -561,16 +570,78 @@ class _Pipe:
                     self.cv.wait(left)
         return not self.cancelled
 
+    def _put_hosted(self, host, item, size: int) -> bool:
+        """put() from a consumer on the engine's thread: it never blocks the thread; waiting for a slow reader
+        parks the consumer (the engine steps the other sequences meanwhile)."""
+        if self._over(size):
+            if not self.can_pause:
+                self.cancelled = self.overflow = True
+            else:
+                deadline = time.monotonic() + self.stall
+                self.parked = True
+                try:
+                    host.park(lambda: self.cancelled or not self._over(size) or time.monotonic() >= deadline)
+                finally:
+                    self.parked = False
+                with self.cv:
+                    if not self.cancelled and self._over(size):
+                        self.cancelled = self.overflow = True
+        with self.cv:
+            if self.cancelled and size:
+                return False
+            self.buffered += size
+        if not self.outbox.send(self.q, item):
+            self.cancel()
+            return False
+        return not self.cancelled
+
     def consumed(self, size: int):
         if size:
             with self.cv:
                 self.buffered -= size
                 self.cv.notify_all()
+            if self.host is not None and self.parked:
+                self.host.wake()
 
     def cancel(self):
         with self.cv:
             self.cancelled = True
             self.cv.notify_all()
+        if self.host is not None:
+            self.host.wake()
+
+
+class _Outbox:
+    """Events from the generating side to the event loop, handed over in batches: one loop wake-up for all the
+    events that arrive before the loop gets to them (every stream's chunk of one engine step, say), not one per
+    event."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.items: list = []
+        self.scheduled = False
+
+    def send(self, q, item) -> bool:
+        with self.lock:
+            self.items.append((q, item))
+            if self.scheduled:
+                return True
+            self.scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed
+            with self.lock:
+                self.scheduled = False
+            return False
+        return True
+
+    def _drain(self):
+        with self.lock:
+            items, self.items = self.items, []
+            self.scheduled = False
+        for q, item in items:
+            q.put_nowait(item)
 
 
 class _Job:
@@ -610,6 +681,23 @@ class LlambaService:
                       "tokens_prompt": 0, "last_cancelled_n_gen": None}
         self.by_status: dict[tuple[str, int], int] = {}
         self.pipes: set = set()
+        self._outboxes: dict = {}
+        # generations run on the engine's thread when it has one of its own (see host_engine); False: on threads
+        self.host_consumers = True
+
+    def outbox(self, loop) -> _Outbox:
+        """The event loop's outbox (one per loop, shared by every request's pipe)."""
+        ob = self._outboxes.get(loop)
+        if ob is None:
+            ob = self._outboxes[loop] = _Outbox(loop)
+        return ob
+
+    def host_engine(self):
+        """The batching engine, when generations can run on its own thread (Engine.spawn), else None."""
+        if not self.host_consumers or not self.concurrent:
+            return None
+        eng = getattr(self.llm, "engine", None)
+        return eng if eng is not None and hasattr(eng, "can_host") and eng.can_host() else None
 
     def _bind_thread(self):
         """Numba's thread count is per calling thread: give the worker threads the model's."""
@@ -1199,7 +1287,8 @@ class _Run:
         self.created = int(time.time())
         loop = asyncio.get_running_loop()
         # a generation paused for a client that does not read holds its slot: for 30 s at most, then it is cut
-        self.pipe = _Pipe(loop, svc.stream_buffer if stream else 0, svc.concurrent, min(svc.timeout, 30.0))
+        self.pipe = _Pipe(loop, svc.stream_buffer if stream else 0, svc.concurrent, min(svc.timeout, 30.0),
+                          svc.outbox(loop))
         self.tasks: list[asyncio.Task] = []
         self.watcher = None
         self.gone = False
@@ -1217,6 +1306,17 @@ class _Run:
             svc.gate.release()
             return
         loop = asyncio.get_running_loop()
+        eng = svc.host_engine()
+        if eng is not None:  # the generation's per-token work runs on the engine's thread (Engine.spawn)
+            self.pipe.host = eng
+
+            def done(_err, loop=loop):
+                try:
+                    loop.call_soon_threadsafe(svc.gate.release)
+                except RuntimeError:  # the loop is closed (shutdown)
+                    pass
+            eng.spawn(svc.work, job, self.pipe, self.stream, self.rid, self.created, on_done=done)
+            return
         try:
             fut = loop.run_in_executor(svc.pool, svc.work, job, self.pipe, self.stream, self.rid, self.created)
         except RuntimeError:  # the pool is shut down
@@ -1371,11 +1471,15 @@ class GenerationResponse(Response):
 
     async def _write(self, send, data: bytes, more: bool) -> bool:
         """One write; False when the client has not taken it within the timeout (then the stream is dropped)."""
+        msg = {"type": "http.response.body", "body": data, "more_body": more}
         try:
-            await asyncio.wait_for(send({"type": "http.response.body", "body": data, "more_body": more}),
-                                   self.svc.timeout)
+            if _timeout is not None:  # (no task per write, as wait_for makes one)
+                async with _timeout(self.svc.timeout):
+                    await send(msg)
+            else:
+                await asyncio.wait_for(send(msg), self.svc.timeout)
             return True
-        except asyncio.TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):
             return False
 
 

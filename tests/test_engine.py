@@ -238,6 +238,89 @@ def test_short_prompt_step_carries_no_slice_of_a_long_prefill(tiny_llama):
     assert r_long.tokens() == want_long and r_short.tokens() == want_short
 
 
+def test_spawned_consumers_run_on_the_engine_thread(tiny_llama):
+    """Engine.spawn: consumers of requests (what `llamba serve` runs per generation) run on the engine's own thread
+    as greenlets that hand the thread back while they wait for tokens: several at once, streamed and whole, with
+    prompt scoring (a model call from the engine's thread), each with the output a single caller gets; a consumer
+    may also park on its own condition (a slow reader) and is resumed after `wake()`; errors reach on_done; when
+    the engine stops, parked consumers see their requests' errors and end."""
+    single = Llama(tiny_llama, n_ctx=512, verbose=False, seed=1)
+    prompts = ["hello world", "the quick brown fox", "once upon a time", "a b c d e f"]
+    want = [single(p, max_tokens=10, temperature=0 if i % 2 == 0 else 0.9, seed=7 + i)["choices"][0]["text"]
+            for i, p in enumerate(prompts)]
+    want_lp = single.prompt_logprobs(single.tokenize(b"the quick brown fox"), 2)
+    llm = Llama(tiny_llama, n_ctx=1024, verbose=False, seed=1, n_parallel=4)
+    eng = llm.engine
+    runner = threading.Thread(target=eng.run_forever, name="engine-main")
+    runner.start()
+    out, done, gate = {}, {}, threading.Event()
+    finished = threading.Event()
+
+    def consumer(i, p):
+        assert eng.hosting() and threading.current_thread() is runner
+        kw = dict(max_tokens=10, temperature=0 if i % 2 == 0 else 0.9, seed=7 + i)
+        if i % 2 == 0:
+            out[i] = "".join(c["choices"][0]["text"] for c in llm.create_completion(p, stream=True, **kw))
+        else:
+            out[i] = llm(p, **kw)["choices"][0]["text"]
+
+    def scorer():
+        out["lp"] = llm.prompt_logprobs(llm.tokenize(b"the quick brown fox"), 2)
+        eng.park(gate.is_set)  # parked on its own condition until another thread sets it and wakes the engine
+        out["after_gate"] = threading.current_thread().name
+
+    def failing():
+        raise ValueError("boom")
+
+    def on_done(key):
+        def f(err):
+            done[key] = err
+            if len(done) == len(prompts) + 2:
+                finished.set()
+        return f
+
+    try:
+        for _ in range(200):
+            if eng.elsewhere():
+                break
+            threading.Event().wait(0.01)
+        assert eng.can_host()
+        for i, p in enumerate(prompts):
+            eng.spawn(consumer, i, p, on_done=on_done(i))
+        eng.spawn(scorer, on_done=on_done("scorer"))
+        eng.spawn(failing, on_done=on_done("failing"))
+        for _ in range(6000):
+            if len(done) == len(prompts) + 1 and "scorer" not in done:
+                break
+            threading.Event().wait(0.01)
+        assert "scorer" not in done and out.get("lp") == want_lp  # parked, not finished
+        gate.set()
+        eng.wake()
+        assert finished.wait(600)
+        assert [out[i] for i in range(len(prompts))] == want
+        assert out["after_gate"] == "engine-main"
+        assert isinstance(done["failing"], ValueError)
+        assert all(done[k] is None for k in done if k != "failing")
+        # a consumer waiting for a request when the engine stops: the request's error ends it
+        req = eng.submit(llm.tokenize(b"hello"), max_tokens=10_000)
+        ended = threading.Event()
+        got = {}
+
+        def waiter():
+            try:
+                req.tokens()
+            except Exception as e:  # noqa: BLE001
+                got["err"] = e
+        eng.spawn(waiter, on_done=lambda err: ended.set())
+        threading.Event().wait(0.2)
+    finally:
+        eng.stop()
+        runner.join(timeout=30)
+    assert ended.wait(10) and ("err" in got or req.finish_reason is not None)
+    assert not runner.is_alive()
+    llm.close()
+
+
 def test_run_forever_steps_and_runs_model_calls_on_its_own_thread(tiny_llama):
     """`llamba serve` runs the engine on the main thread (Engine.run_forever) so that kernels run on one thread:
     requests from other threads only wait for their tokens, and other model work from those threads (embeddings,
