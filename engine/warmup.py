@@ -305,7 +305,8 @@ def _worker_main(argv) -> int:
     mine = keys[:1] if helpers and all(h is not None for h in helpers) else keys
     try:
         with CompileProgress() as prog:
-            prog.stage(1, 1, "matmul kernels, second process")
+            fams = "+".join(sorted({"K-quant" if k[0] else "block-32" for k in mine}))
+            prog.stage(1, 1, f"{fams} matmul kernels, another process")
             compile_fused(mine, prog)
     finally:
         for h in helpers:
