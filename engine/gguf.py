@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llamba.errors import GGUFError
-from llamba.kernels.traits import TYPES
+from llamba.kernels.traits import PLAIN_DTYPES, TYPES
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -37,9 +37,8 @@ _NP_DTYPES = {
 }
 _STRING, _ARRAY = 8, 9
 
-# plain (non-block) tensor types viewed with a numpy dtype
-_PLAIN_DTYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64,
-                 28: np.float64, 30: np.uint16}  # BF16 is viewed as raw uint16
+# plain (non-block) tensor types viewed with a numpy dtype (the registry's np_dtype; BF16 as raw uint16)
+_PLAIN_DTYPES = PLAIN_DTYPES
 
 _SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 

@@ -20,9 +20,8 @@ import numba
 import numpy as np
 
 from llamba.errors import GGUFError, TokenIdError
-from llamba.kernels import quants_simple as QS
 from llamba.kernels.quant import ops_for
-from llamba.kernels.traits import TYPES
+from llamba.kernels.traits import F32, TYPES
 from llamba.options import options_of
 
 GEMM_TILE_FLOATS = 1 << 19  # 2 MiB of float32 per dequantized weight tile
@@ -67,7 +66,7 @@ class Linear:
         self.w = w.reshape(self.rows, w.shape[-1])
         self.ops = ops_for(self.type_id, f"tensor '{name}'")
         self.model_types = model_types(gf)
-        if self.type_id == QS.Q8_0 and self.w.dtype == np.uint8 and repack_enabled(gf):
+        if self.ops.repack is not None and self.w.dtype == np.uint8 and repack_enabled(gf):
             key = ("q8_0p", name)
             self.wp = gf.derived.get(key) if hasattr(gf, "derived") else None
             if self.wp is None:
@@ -78,10 +77,10 @@ class Linear:
                     def release(r1):  # chunk by chunk, dropping the raw pages just copied: never both copies
                         gf.release(name, r1 * rb, since=done[0])
                         done[0] = r1 * rb
-                    self.wp = QS.repack_q8_0(self.w, REPACK_CHUNK_BYTES, release)
+                    self.wp = self.ops.repack(self.w, REPACK_CHUNK_BYTES, release)
                     gf.derived[key] = self.wp
                 else:
-                    self.wp = QS.repack_q8_0(self.w)
+                    self.wp = self.ops.repack(self.w)
         self.bias = None
         if bias_name and gf.has(bias_name):
             self.bias = np.ascontiguousarray(gf.tensor(bias_name), dtype=np.float32).reshape(-1)
@@ -97,7 +96,7 @@ class Linear:
         act = self.ops.act(np.ascontiguousarray(x, dtype=np.float32))
         wp = getattr(self, "wp", None)
         if wp is not None:
-            QS.matmul_q8_0p(wp, *act, out)
+            self.ops.matmul_packed(wp, *act, out)
         else:
             self.ops.matmul(self.w, *act, out)
         if self.bias is not None:
@@ -110,7 +109,7 @@ class Linear:
         T = x.shape[0]
         if out is None:
             out = np.empty((T, r1 - r0), dtype=np.float32)
-        if self.type_id == 0:  # F32: no dequantization needed
+        if self.type_id == F32:  # no dequantization needed
             np.matmul(x, self.w[r0:r1].T, out=out)
         else:
             tile = max(1, GEMM_TILE_FLOATS // self.cols)
@@ -139,9 +138,8 @@ def model_types(gf) -> frozenset:
         return derived[("model_types", repack)]
     tensors = getattr(gf, "tensors", None) or {}
     ts = {int(i.type_id) for i in tensors.values() if len(getattr(i, "ne", ())) >= 2}
-    if QS.Q8_0 in ts and repack:
-        ts.discard(QS.Q8_0)
-        ts.add(QS.Q8_0P)
+    if repack:  # repacked types as their packed kind (Q8_0 -> Q8_0P)
+        ts = {TYPES[t].packed if t in TYPES and TYPES[t].packed is not None else t for t in ts}
     ts = frozenset(ts)
     if derived is not None:
         derived[("model_types", repack)] = ts
@@ -178,10 +176,11 @@ class LinearGroup:
             idx = [i for i, lin in enumerate(self.lins) if lin.type_id in fam and lin.w.dtype == np.uint8]
             for j in range(0, len(idx), F.SLOTS):
                 part = idx[j:j + F.SLOTS]
-                # repacked Q8_0 weights go in as kind Q8_0P (they may share a call with raw block-32 weights)
+                # repacked weights go in as their packed kind (Q8_0: Q8_0P; they may share a call with raw ones)
                 wps = [getattr(self.lins[i], "wp", None) for i in part]
                 ws, kinds = F.pad([_readonly(self.lins[i].w if wp is None else wp) for i, wp in zip(part, wps)],
-                                  [self.lins[i].type_id if wp is None else QS.Q8_0P for i, wp in zip(part, wps)])
+                                  [self.lins[i].type_id if wp is None else self.lins[i].ops.packed_kind
+                                   for i, wp in zip(part, wps)])
                 rows = [self.lins[i].rows for i in part] + [0] * (F.SLOTS - len(part))
                 among = set().union(*(getattr(lin, "model_types", ()) for lin in self.lins))
                 self.calls.append((F.kernel_for(kinds, among), ws, kinds, part, rows))
@@ -257,7 +256,7 @@ class Embedding:
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         wp = self._derived.get(("q8_0p", self.name)) if self._derived is not None else None
         if wp is not None:
-            QS.dequant_rows_q8_0p(wp, ids, out)
+            self.ops.dequant_rows_packed(wp, ids, out)
         else:
             self.ops.dequant(np.ascontiguousarray(self.w[ids]), out)
         return out

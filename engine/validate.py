@@ -24,6 +24,7 @@ import re
 import numpy as np
 
 from llamba.errors import GGUFError
+from llamba.kernels import traits as _traits
 
 MAX_LAYERS = 4096
 MAX_EMBD = 1 << 17
@@ -81,7 +82,7 @@ _KEYS = {
     "rope.dimension_sections": ("sections", 0, MAX_HEAD_DIM),
 }
 
-_FLOAT_TYPES = (0, 1)  # F32, F16: what vectors (norms, biases, factors) are read as
+_FLOAT_TYPES = (_traits.F32, _traits.F16)  # what vectors (norms, biases, factors) are read as
 
 
 def _short(v, limit: int = 60) -> str:
@@ -367,7 +368,7 @@ def _check_tensors(gf, cfg):
         if len(alts[0]) == 1 and not name.endswith("_shexp.weight") and info.type_id not in _FLOAT_TYPES:
             # vectors (norms, biases, ssm_a, factors) are read as float32 values
             raise _fail(gf, f"tensor '{name}' (a vector) has type {TYPES[info.type_id].name}, expected F32 or F16")
-        if name.endswith("ssm_conv1d.weight") and info.type_id != 0:
+        if name.endswith("ssm_conv1d.weight") and info.type_id != _traits.F32:
             raise _fail(gf, f"tensor '{name}' has type {TYPES[info.type_id].name}, expected F32")
     factors = ["rope_factors_long.weight", "rope_factors_short.weight"] if cfg.arch == "phi3" else []
     if gf.has("rope_freqs.weight") and cfg.arch not in ("qwen35", "qwen35moe"):

@@ -37,14 +37,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from llamba.kernels.traits import TYPES
+from llamba.kernels.traits import DEVICE, KVALUES_IQ4NL, TYPES
 
 QK_K = 256
-KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
-# ggml type id -> the name used in the CUDA kernel names (mmv_<name>, deqrows_<name>)
-CUDA_TYPES = {0: "f32", 1: "f16", 30: "bf16", 2: "q4_0", 3: "q4_1", 6: "q5_0", 7: "q5_1", 8: "q8_0",
-              20: "iq4_nl", 10: "q2_k", 11: "q3_k", 12: "q4_k", 13: "q5_k", 14: "q6_k", 23: "iq4_xs"}
+# ggml type id -> the name used in the CUDA kernel names (mmv_<name>, deqrows_<name>, the device function
+# deq_<name>) and in the xp dequantizer _xp_<name> below: the registry's `device` field (llamba.kernels.traits)
+CUDA_TYPES = DEVICE
 
 MMV_NT = 8  # tokens per matvec pass (the weights are read once per MMV_NT tokens)
 MMV_WARPS = 4  # output rows per 128-thread block (one warp per row)
@@ -135,7 +134,7 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
     return r;
 }
 
-__constant__ signed char KV_IQ4NL[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+__constant__ signed char KV_IQ4NL[16] = {@KVALUES_IQ4NL@};  // traits.KVALUES_IQ4NL
 
 // ---- element j of one GGUF block at b (docs/numerics.md), float operation order of gguf-py
 __device__ __forceinline__ float deq_f32(const u8* b, int j) { return __uint_as_float(rd32(b)); }
@@ -509,7 +508,7 @@ def _type_geometry(type_id: int) -> tuple[int, int]:
     return t.block_elems, t.block_bytes
 
 
-CUDA_SOURCE = _CUDA_HEADER + "".join(
+CUDA_SOURCE = _CUDA_HEADER.replace("@KVALUES_IQ4NL@", ", ".join(str(int(v)) for v in KVALUES_IQ4NL)) + "".join(
     _CUDA_PER_TYPE.format(name=name, qk=_type_geometry(tid)[0], bb=_type_geometry(tid)[1])
     for tid, name in CUDA_TYPES.items()) + _CUDA_OPS
 
@@ -569,100 +568,143 @@ def _k4_scale_min(xp, s):
     return sc, mn
 
 
+# xp dequantizers, one per device type: _xp_<name>(xp, b) with b the (R, blocks, block bytes) uint8 view -> float32
+# values (R, blocks, ...) in element order (F32/F16/BF16: `b` is the (R, row bytes) view, see dequantize_xp)
+
+def _xp_f32(xp, b):
+    return xp.ascontiguousarray(b).view(xp.float32)
+
+
+def _xp_f16(xp, b):
+    return xp.ascontiguousarray(b).view(xp.float16).astype(xp.float32)
+
+
+def _xp_bf16(xp, b):
+    u = xp.ascontiguousarray(b).view(xp.uint16).astype(xp.uint32) << 16
+    return u.view(xp.float32)
+
+
+def _xp_q4_0(xp, b):
+    d = _f16(xp, b[..., 0:2])[..., None]
+    return d * (_nibbles(xp, b[..., 2:18]) - 8).astype(xp.float32)
+
+
+def _xp_iq4_nl(xp, b):
+    d = _f16(xp, b[..., 0:2])[..., None]
+    return d * xp.asarray(KVALUES_IQ4NL.astype(np.float32))[_nibbles(xp, b[..., 2:18])]
+
+
+def _xp_q4_1(xp, b):
+    d, m = _f16(xp, b[..., 0:2])[..., None], _f16(xp, b[..., 2:4])[..., None]
+    return d * _nibbles(xp, b[..., 4:20]).astype(xp.float32) + m
+
+
+def _xp_q5_0(xp, b):
+    d = _f16(xp, b[..., 0:2])[..., None]
+    q = _nibbles(xp, b[..., 6:22]) | (_high_bits(xp, b[..., 2:6]) << 4)
+    return d * (q - 16).astype(xp.float32)
+
+
+def _xp_q5_1(xp, b):
+    d, m = _f16(xp, b[..., 0:2])[..., None], _f16(xp, b[..., 2:4])[..., None]
+    q = _nibbles(xp, b[..., 8:24]) | (_high_bits(xp, b[..., 4:8]) << 4)
+    return d * q.astype(xp.float32) + m
+
+
+def _xp_q8_0(xp, b):
+    d = _f16(xp, b[..., 0:2])[..., None]
+    return d * xp.ascontiguousarray(b[..., 2:34]).view(xp.int8).astype(xp.float32)
+
+
+def _xp_q2_k(xp, b):  # scales[16], qs[64], d, dmin
+    f32, R = xp.float32, b.shape[0]
+    sc = b[..., 0:16].astype(xp.int32)
+    qs = b[..., 16:80].astype(xp.int32).reshape(R, -1, 2, 1, 32)  # [n][l] -> shifted by 2j
+    shifts = (2 * xp.arange(4, dtype=xp.int32)).reshape(1, 1, 1, 4, 1)
+    q = ((qs >> shifts) & 3).reshape(R, -1, 16, 16).astype(f32)  # groups of 16 in element order
+    d, dmin = _f16(xp, b[..., 80:82])[..., None], _f16(xp, b[..., 82:84])[..., None]
+    dl = (d * (sc & 15).astype(f32))[..., None]
+    ml = (dmin * (sc >> 4).astype(f32))[..., None]
+    return dl * q - ml
+
+
+def _xp_q3_k(xp, b):  # hmask[32], qs[64], scales[12], d
+    f32, R = xp.float32, b.shape[0]
+    hm = b[..., 0:32].astype(xp.int32)
+    qs = b[..., 32:96].astype(xp.int32).reshape(R, -1, 2, 1, 32)
+    shifts = (2 * xp.arange(4, dtype=xp.int32)).reshape(1, 1, 1, 4, 1)
+    low = (qs >> shifts) & 3  # (R, nb, n, j, l)
+    i32 = xp.int32
+    hbit = (4 * xp.arange(2, dtype=i32)).reshape(1, 1, 2, 1, 1) + xp.arange(4, dtype=i32).reshape(1, 1, 1, 4, 1)
+    hb = (hm.reshape(R, -1, 1, 1, 32) >> hbit) & 1
+    q = (low - 4 * (1 - hb)).reshape(R, -1, 16, 16).astype(f32)
+    s = b[..., 96:108].astype(xp.int32)
+    k = xp.arange(16)
+    low4 = xp.where(k < 8, s[..., k % 8] & 15, s[..., k % 8] >> 4)
+    high2 = (s[..., 8 + (k % 4)] >> (2 * (k // 4))) & 3
+    sc = ((low4 | (high2 << 4)) - 32).astype(f32)
+    d = _f16(xp, b[..., 108:110])[..., None]
+    return (d * sc)[..., None] * q
+
+
+def _xp_q45_k(xp, b, five):  # Q4_K / Q5_K: d, dmin, scales[12], (qh[32],) qs[128]
+    f32, R = xp.float32, b.shape[0]
+    d, dmin = _f16(xp, b[..., 0:2])[..., None], _f16(xp, b[..., 2:4])[..., None]
+    sc, mn = _k4_scale_min(xp, b[..., 4:16])
+    qs_off = 48 if five else 16
+    qs = b[..., qs_off:qs_off + 128].astype(xp.int32).reshape(R, -1, 4, 1, 32)
+    q = (qs >> (4 * xp.arange(2, dtype=xp.int32)).reshape(1, 1, 1, 2, 1)) & 15  # (R, nb, c, half, l)
+    if five:
+        qh = b[..., 16:48].astype(xp.int32).reshape(R, -1, 1, 1, 32)
+        i32 = xp.int32
+        kk = (2 * xp.arange(4, dtype=i32)).reshape(1, 1, 4, 1, 1) + xp.arange(2, dtype=i32).reshape(1, 1, 1, 2, 1)
+        q = q + 16 * ((qh >> kk) & 1)
+    q = q.reshape(R, -1, 8, 32).astype(f32)
+    return (d * sc)[..., None] * q - (dmin * mn)[..., None]
+
+
+def _xp_q4_k(xp, b):
+    return _xp_q45_k(xp, b, False)
+
+
+def _xp_q5_k(xp, b):
+    return _xp_q45_k(xp, b, True)
+
+
+def _xp_q6_k(xp, b):  # ql[128], qh[64], scales[16] int8, d
+    f32, R = xp.float32, b.shape[0]
+    ql = b[..., 0:128].astype(xp.int32).reshape(R, -1, 2, 2, 32)  # [h][g&1][l]
+    qh = b[..., 128:192].astype(xp.int32).reshape(R, -1, 2, 1, 32)  # [h][l]
+    lo = xp.concatenate([ql & 15, ql >> 4], axis=2 + 1)  # (R, nb, h, 4: g=0,1 low nibbles, g=2,3 high)
+    hi = (qh >> (2 * xp.arange(4, dtype=xp.int32)).reshape(1, 1, 1, 4, 1)) & 3
+    q = ((lo | (hi << 4)) - 32).reshape(R, -1, 16, 16).astype(f32)
+    sc = xp.ascontiguousarray(b[..., 192:208]).view(xp.int8).astype(f32)
+    d = _f16(xp, b[..., 208:210])[..., None]
+    return (d * sc)[..., None] * q
+
+
+def _xp_iq4_xs(xp, b):  # d, scales_h u16, scales_l[4], qs[128]
+    f32, R = xp.float32, b.shape[0]
+    d = _f16(xp, b[..., 0:2])[..., None]
+    sh = b[..., 2].astype(xp.int32) | (b[..., 3].astype(xp.int32) << 8)
+    ib = xp.arange(8, dtype=xp.int32)
+    sl = b[..., 4:8].astype(xp.int32)[..., ib // 2]
+    ls = ((sl >> (4 * (ib % 2))) & 15) | (((sh[..., None] >> (2 * ib)) & 3) << 4)
+    dl = (d * (ls - 32).astype(f32))[..., None]
+    q = _nibbles(xp, b[..., 8:136].reshape(R, -1, 8, 16))
+    return dl * xp.asarray(KVALUES_IQ4NL.astype(np.float32))[q]
+
+
 def dequantize_xp(xp, type_id: int, raw, cols: int):
     """GGUF block bytes raw (R, row_bytes) uint8 -> float32 (R, cols), gguf-py's formulas and float order."""
     R = raw.shape[0]
-    f32 = xp.float32
-    if type_id == 0:
-        return xp.ascontiguousarray(raw).view(f32).reshape(R, cols)
-    if type_id == 1:
-        return xp.ascontiguousarray(raw).view(xp.float16).astype(f32).reshape(R, cols)
-    if type_id == 30:
-        u = xp.ascontiguousarray(raw).view(xp.uint16).astype(xp.uint32) << 16
-        return u.view(f32).reshape(R, cols)
-    qk, bb = _type_geometry(type_id)
-    b = raw.reshape(R, cols // qk, bb)
-    if type_id in (2, 20):  # Q4_0, IQ4_NL
-        d = _f16(xp, b[..., 0:2])[..., None]
-        q = _nibbles(xp, b[..., 2:18])
-        if type_id == 2:
-            v = (q - 8).astype(f32)
-        else:
-            v = xp.asarray(np.array(KVALUES_IQ4NL, np.float32))[q]
-        y = d * v
-    elif type_id == 3:  # Q4_1
-        d, m = _f16(xp, b[..., 0:2])[..., None], _f16(xp, b[..., 2:4])[..., None]
-        y = d * _nibbles(xp, b[..., 4:20]).astype(f32) + m
-    elif type_id == 6:  # Q5_0
-        d = _f16(xp, b[..., 0:2])[..., None]
-        q = _nibbles(xp, b[..., 6:22]) | (_high_bits(xp, b[..., 2:6]) << 4)
-        y = d * (q - 16).astype(f32)
-    elif type_id == 7:  # Q5_1
-        d, m = _f16(xp, b[..., 0:2])[..., None], _f16(xp, b[..., 2:4])[..., None]
-        q = _nibbles(xp, b[..., 8:24]) | (_high_bits(xp, b[..., 4:8]) << 4)
-        y = d * q.astype(f32) + m
-    elif type_id == 8:  # Q8_0
-        d = _f16(xp, b[..., 0:2])[..., None]
-        y = d * xp.ascontiguousarray(b[..., 2:34]).view(xp.int8).astype(f32)
-    elif type_id == 10:  # Q2_K: scales[16], qs[64], d, dmin
-        sc = b[..., 0:16].astype(xp.int32)
-        qs = b[..., 16:80].astype(xp.int32).reshape(R, -1, 2, 1, 32)  # [n][l] -> shifted by 2j
-        shifts = (2 * xp.arange(4, dtype=xp.int32)).reshape(1, 1, 1, 4, 1)
-        q = ((qs >> shifts) & 3).reshape(R, -1, 16, 16).astype(f32)  # groups of 16 in element order
-        d, dmin = _f16(xp, b[..., 80:82])[..., None], _f16(xp, b[..., 82:84])[..., None]
-        dl = (d * (sc & 15).astype(f32))[..., None]
-        ml = (dmin * (sc >> 4).astype(f32))[..., None]
-        y = dl * q - ml
-    elif type_id == 11:  # Q3_K: hmask[32], qs[64], scales[12], d
-        hm = b[..., 0:32].astype(xp.int32)
-        qs = b[..., 32:96].astype(xp.int32).reshape(R, -1, 2, 1, 32)
-        shifts = (2 * xp.arange(4, dtype=xp.int32)).reshape(1, 1, 1, 4, 1)
-        low = (qs >> shifts) & 3  # (R, nb, n, j, l)
-        i32 = xp.int32
-        hbit = (4 * xp.arange(2, dtype=i32)).reshape(1, 1, 2, 1, 1) + xp.arange(4, dtype=i32).reshape(1, 1, 1, 4, 1)
-        hb = (hm.reshape(R, -1, 1, 1, 32) >> hbit) & 1
-        q = (low - 4 * (1 - hb)).reshape(R, -1, 16, 16).astype(f32)
-        s = b[..., 96:108].astype(xp.int32)
-        k = xp.arange(16)
-        low4 = xp.where(k < 8, s[..., k % 8] & 15, s[..., k % 8] >> 4)
-        high2 = (s[..., 8 + (k % 4)] >> (2 * (k // 4))) & 3
-        sc = ((low4 | (high2 << 4)) - 32).astype(f32)
-        d = _f16(xp, b[..., 108:110])[..., None]
-        y = (d * sc)[..., None] * q
-    elif type_id in (12, 13):  # Q4_K, Q5_K
-        d, dmin = _f16(xp, b[..., 0:2])[..., None], _f16(xp, b[..., 2:4])[..., None]
-        sc, mn = _k4_scale_min(xp, b[..., 4:16])
-        qs_off = 16 if type_id == 12 else 48
-        qs = b[..., qs_off:qs_off + 128].astype(xp.int32).reshape(R, -1, 4, 1, 32)
-        q = (qs >> (4 * xp.arange(2, dtype=xp.int32)).reshape(1, 1, 1, 2, 1)) & 15  # (R, nb, c, half, l)
-        if type_id == 13:
-            qh = b[..., 16:48].astype(xp.int32).reshape(R, -1, 1, 1, 32)
-            i32 = xp.int32
-            kk = (2 * xp.arange(4, dtype=i32)).reshape(1, 1, 4, 1, 1) + xp.arange(2, dtype=i32).reshape(1, 1, 1, 2, 1)
-            q = q + 16 * ((qh >> kk) & 1)
-        q = q.reshape(R, -1, 8, 32).astype(f32)
-        y = (d * sc)[..., None] * q - (dmin * mn)[..., None]
-    elif type_id == 14:  # Q6_K: ql[128], qh[64], scales[16] int8, d
-        ql = b[..., 0:128].astype(xp.int32).reshape(R, -1, 2, 2, 32)  # [h][g&1][l]
-        qh = b[..., 128:192].astype(xp.int32).reshape(R, -1, 2, 1, 32)  # [h][l]
-        lo = xp.concatenate([ql & 15, ql >> 4], axis=2 + 1)  # (R, nb, h, 4: g=0,1 low nibbles, g=2,3 high)
-        hi = (qh >> (2 * xp.arange(4, dtype=xp.int32)).reshape(1, 1, 1, 4, 1)) & 3
-        q = ((lo | (hi << 4)) - 32).reshape(R, -1, 16, 16).astype(f32)
-        sc = xp.ascontiguousarray(b[..., 192:208]).view(xp.int8).astype(f32)
-        d = _f16(xp, b[..., 208:210])[..., None]
-        y = (d * sc)[..., None] * q
-    elif type_id == 23:  # IQ4_XS: d, scales_h u16, scales_l[4], qs[128]
-        d = _f16(xp, b[..., 0:2])[..., None]
-        sh = b[..., 2].astype(xp.int32) | (b[..., 3].astype(xp.int32) << 8)
-        ib = xp.arange(8, dtype=xp.int32)
-        sl = b[..., 4:8].astype(xp.int32)[..., ib // 2]
-        ls = ((sl >> (4 * (ib % 2))) & 15) | (((sh[..., None] >> (2 * ib)) & 3) << 4)
-        dl = (d * (ls - 32).astype(f32))[..., None]
-        q = _nibbles(xp, b[..., 8:136].reshape(R, -1, 8, 16))
-        y = dl * xp.asarray(np.array(KVALUES_IQ4NL, np.float32))[q]
-    else:
+    name = CUDA_TYPES.get(type_id)
+    if name is None:
         raise NotImplementedError(f"no device dequantization for tensor type {TYPES[type_id].name}")
-    return y.astype(f32, copy=False).reshape(R, cols)
+    qk, bb = _type_geometry(type_id)
+    b = raw if qk == 1 else raw.reshape(R, cols // qk, bb)
+    y = globals()[f"_xp_{name}"](xp, b)
+    return y.astype(xp.float32, copy=False).reshape(R, cols)
 
 
 class XpKernels:

@@ -10,9 +10,10 @@ matrices that read the same input.
 * ``mode 2``: f(x) = silu(x) * x2                                    (``ops.swiglu``)
 * ``mode 3``: f(x) = gelu_tanh(x) * x2                               (``ops.geglu_tanh``)
 
-and the matrices may mix types: the block-32 types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, and Q8_0 repacked at
-load: kind ``quants_simple.Q8_0P``, weight ``repack_q8_0(W)`` of shape (8-row groups, group bytes); one Q8_0/Q8_1
-activation quantization shared by all of them) and the K-quants (Q2_K..Q6_K, IQ4_XS; one Q8_K quantization).
+and the matrices may mix types of one family (the registry's ``fused`` field, ``llamba.kernels.traits``): the
+block-32 types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, and Q8_0 repacked at load: kind ``traits.Q8_0P``, weight
+``repack_q8_0(W)`` of shape (8-row groups, group bytes); one Q8_0/Q8_1 activation quantization shared by all of
+them) or the K-quants (Q2_K..Q6_K, IQ4_XS; one Q8_K quantization).
 Every number is computed by the same float32 operations as the unfused path (``f`` as in ``llamba.kernels.ops``,
 the activation quantizers and the matmul kernels of ``quants_simple``/``quants_k``), so the results are
 bit-identical to ``Linear(f(x))`` for each matrix, row by row (the tests check this against the numpy twins).
@@ -30,47 +31,21 @@ from numba import njit, prange
 
 from llamba.kernels import quants_k as QKm
 from llamba.kernels import quants_simple as QS
+from llamba.kernels.dispatch import call_by_kind
 from llamba.kernels.ops import _gelu1, _rms_scale, _silu1
+from llamba.kernels.traits import FAMILIES, Q8_0P
 
 
-BLOCK32 = (QS.Q4_0, QS.Q4_1, QS.Q5_0, QS.Q5_1, QS.Q8_0, QS.IQ4_NL)
-KQUANTS = (QKm.Q2_K, QKm.Q3_K, QKm.Q4_K, QKm.Q5_K, QKm.Q6_K, QKm.IQ4_XS)
+# the fused families, from the type registry (each type's ``fused`` field)
+BLOCK32 = FAMILIES["block32"]
+KQUANTS = FAMILIES["kquants"]
 SUPPORTED = frozenset(BLOCK32 + KQUANTS)
-# type ids as plain module constants: Numba resolves a comparison of a constant `kind` with these (not with a
-# module attribute such as QS.Q4_0) before typing, and prunes the other types' branches
-_Q4_0 = QS.Q4_0
-_Q4_1 = QS.Q4_1
-_Q5_0 = QS.Q5_0
-_Q5_1 = QS.Q5_1
-_Q8_0P = QS.Q8_0P
-_Q8_0 = QS.Q8_0
-_IQ4_NL = QS.IQ4_NL
-_Q2_K = QKm.Q2_K
-_Q3_K = QKm.Q3_K
-_Q4_K = QKm.Q4_K
-_Q5_K = QKm.Q5_K
-_Q6_K = QKm.Q6_K
-_IQ4_XS = QKm.IQ4_XS
+# a plain module constant: Numba resolves a comparison of a constant `kind` with it before typing
+_Q8_0P = Q8_0P
 _QK = 32
 _QK_K = 256
 MAX_T = 9  # the tests check every batch size up to here (two whole tiles of 4 rows and a partial one)
 _PREP_PAR_MIN = 4096  # SwiGLU/GeGLU inputs at least this many values are transformed in parallel
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _rows_k(kind, w, rb, qs, d, bsums, out, r0, r1):
-    if kind == _Q4_K:
-        QKm._rows_q4_k(w, rb, qs, d, bsums, out, r0, r1)
-    elif kind == _Q6_K:
-        QKm._rows_q6_k(w, rb, qs, d, bsums, out, r0, r1)
-    elif kind == _Q5_K:
-        QKm._rows_q5_k(w, rb, qs, d, bsums, out, r0, r1)
-    elif kind == _Q3_K:
-        QKm._rows_q3_k(w, rb, qs, d, bsums, out, r0, r1)
-    elif kind == _Q2_K:
-        QKm._rows_q2_k(w, rb, qs, d, bsums, out, r0, r1)
-    else:
-        QKm._rows_iq4_xs(w, rb, qs, d, bsums, out, r0, r1)
 
 
 @njit(cache=True, nogil=True)
@@ -110,14 +85,10 @@ def _prep(mode, x, x2, norm_w, rsc, t, j0, j1, xin, need32, needk, qs, d, s, asu
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _units(kind, kfam, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res):
-    """8-row units g0..g1-1 of one matrix of type ``kind``: a compile-time constant here (see ``_make``), so only
-    that type's dot-product code is compiled into the kernel."""
-    if kfam:
-        wf = w.reshape(w.size)
-        for g in range(g0, g1):
-            _rows_k(kind, wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
-    elif kind == _Q8_0P:
+def _units(kind, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res):
+    """8-row units g0..g1-1 of one block-32 matrix of type ``kind``: a compile-time constant here (see ``_make``),
+    so only that type's dot-product code is compiled into the kernel."""
+    if kind == _Q8_0P:
         qf = qs.reshape(T * n)
         sf = asum.reshape(T * nb)
         df = d.reshape(T * nb)
@@ -161,65 +132,30 @@ def _units(kind, kfam, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk,
 
 
 def _make_units(kind):
-    """The units of one matrix of type ``kind`` as a kernel of its own (``kind`` a closure constant, so only that
-    type's code is in it); the fused kernels call it once per matrix. Separate kernels keep Numba's inlining (which
-    copies the inlined IR block by block, in time growing with the square of its size) small, and are cached and
-    compiled on their own."""
-    kfam = kind in KQUANTS
-
+    """The units of one block-32 matrix of type ``kind`` as a kernel of its own (``kind`` a closure constant, so only
+    that type's code is in it); the fused kernels call it once per matrix. Separate kernels keep Numba's inlining
+    (which copies the inlined IR block by block, in time growing with the square of its size) small, and are cached
+    and compiled on their own."""
     def units(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res):
-        _units(kind, kfam, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+        _units(kind, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
     units.__name__ = units.__qualname__ = f"units_{kind}"  # its own cache index file (see _make)
     return njit(cache=True, nogil=True)(units)
 
 
-_u_q4_0, _u_q4_1, _u_q5_0, _u_q5_1, _u_q8_0, _u_iq4_nl, _u_q8_0p = (
-    _make_units(k) for k in BLOCK32 + (QS.Q8_0P,))
-_u_q2_k, _u_q3_k, _u_q4_k, _u_q5_k, _u_q6_k, _u_iq4_xs = (_make_units(k) for k in KQUANTS)
+# units_b32(kind, w, o, ...): the unit kernel of a block-32 type (or repacked Q8_0), one per registry entry
+_units_b32 = call_by_kind({k: _make_units(k) for k in BLOCK32 + (Q8_0P,)}, name="units_b32")
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _units_any(kind, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res):
-    """The units of one matrix of type ``kind`` (a constant where the fused kernels call this: one branch is left):
-    the block-32 types' unit kernel, the K-quants' row kernels in place."""
-    if kind == _Q4_0:
-        _u_q4_0(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    elif kind == _Q4_1:
-        _u_q4_1(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    elif kind == _Q5_0:
-        _u_q5_0(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    elif kind == _Q5_1:
-        _u_q5_1(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    elif kind == _Q8_0:
-        _u_q8_0(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    elif kind == _IQ4_NL:
-        _u_iq4_nl(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    elif kind == _Q8_0P:
-        _u_q8_0p(w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
-    elif kind == _Q2_K:  # K-quants: their row kernels are separate already (a unit kernel measured slower)
+def _units_any(kind, kfam, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res):
+    """The units of one matrix of type ``kind`` (a constant where the fused kernels call this, as is the family
+    ``kfam``): the block-32 types' unit kernel, the K-quants' row kernels in place."""
+    if kfam:  # K-quants: their row kernels are separate already (a unit kernel measured slower)
         wf = w.reshape(w.size)
         for g in range(g0, g1):
-            QKm._rows_q2_k(wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
-    elif kind == _Q3_K:  # K-quants: their row kernels are separate already (a unit kernel measured slower)
-        wf = w.reshape(w.size)
-        for g in range(g0, g1):
-            QKm._rows_q3_k(wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
-    elif kind == _Q4_K:  # K-quants: their row kernels are separate already (a unit kernel measured slower)
-        wf = w.reshape(w.size)
-        for g in range(g0, g1):
-            QKm._rows_q4_k(wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
-    elif kind == _Q5_K:  # K-quants: their row kernels are separate already (a unit kernel measured slower)
-        wf = w.reshape(w.size)
-        for g in range(g0, g1):
-            QKm._rows_q5_k(wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
-    elif kind == _Q6_K:  # K-quants: their row kernels are separate already (a unit kernel measured slower)
-        wf = w.reshape(w.size)
-        for g in range(g0, g1):
-            QKm._rows_q6_k(wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
-    elif kind == _IQ4_XS:  # K-quants: their row kernels are separate already (a unit kernel measured slower)
-        wf = w.reshape(w.size)
-        for g in range(g0, g1):
-            QKm._rows_iq4_xs(wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
+            QKm.rows_k(kind, wf, rb_i, qk, dk, bsk, o, g * 8, min(rows_i, g * 8 + 8))
+    else:
+        _units_b32(kind, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
 
 
 def _make(kfam, k0, k1, k2, k3):
@@ -309,13 +245,13 @@ def _make(kfam, k0, k1, k2, k3):
                 g1 = min(G, (max(hi - acc, 0) + rb_i - 1) // rb_i)
                 acc += G * rb_i
                 if kind == k0:
-                    _units_any(k0, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+                    _units_any(k0, kfam, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
                 elif k1 >= 0 and kind == k1:
-                    _units_any(k1, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+                    _units_any(k1, kfam, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
                 elif k2 >= 0 and kind == k2:
-                    _units_any(k2, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+                    _units_any(k2, kfam, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
                 elif k3 >= 0 and kind == k3:
-                    _units_any(k3, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
+                    _units_any(k3, kfam, w, o, rows_i, rb_i, g0, g1, T, n, nb, qs, d, s, asum, qk, dk, bsk, res)
 
     # a name of its own, so a cache index file of its own: Numba names a kernel's index and data files after its
     # qualified name, and two processes saving different entries of one index at once may both number their data
@@ -340,7 +276,7 @@ def kernel_key(kinds, among=()) -> tuple:
     if len(fam) != 1:
         raise ValueError("a fused call takes block-32 weights or K-quant weights, not both")
     kfam = fam.pop()
-    mine = KQUANTS if kfam else BLOCK32 + (QS.Q8_0P,)
+    mine = KQUANTS if kfam else BLOCK32 + (Q8_0P,)
     bad = kinds - set(mine)
     if bad:
         raise ValueError(f"no fused kernel for type(s) {sorted(bad)}")

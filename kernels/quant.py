@@ -1,17 +1,19 @@
-"""Dispatch over tensor types: one place that maps a ggml type id to its dequantizer, its activation
-quantizer (the type's vec_dot_type, docs/numerics.md) and its quantized matmul kernel.
+"""Dispatch over tensor types: maps a ggml type id to its dequantizer, its activation quantizer (the type's
+vec_dot_type, docs/numerics.md) and its quantized matmul kernel -- read from the type registry
+(``llamba.kernels.traits``: the entry names the module holding ``dequant_<key>``/``matmul_<key>``).
 
 Model code never branches on a quant type; `llamba.layers.Linear` calls `ops_for(type_id)` once.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from llamba.errors import UnsupportedError
-from llamba.kernels.traits import TYPES
+from llamba.kernels.traits import ACT_MODULE, TYPES, TypeTraits
 
 
 @dataclass(frozen=True)
@@ -21,35 +23,50 @@ class QuantOps:
     matmul: Callable  # (w, *act, out (T, rows) f32) -> None
     act: Callable  # x (T, n) f32 -> tuple of activation arrays in the vec_dot_type format
     block_elems: int
+    # weights repacked at load (traits `packed`): kind id of the packed layout, repack(w, chunk_bytes, done) -> wp,
+    # matmul_packed(wp, *act, out) and dequant_rows_packed(wp, ids, out); None for the other types
+    packed_kind: int | None = None
+    repack: Callable | None = None
+    matmul_packed: Callable | None = None
+    dequant_rows_packed: Callable | None = None
 
 
-_REGISTRY: dict[int, QuantOps] | None = None
-_MODULES = ("quants_simple", "quants_k")
+_REGISTRY: dict[int, QuantOps] = {}
 
 
-def _build() -> dict[int, QuantOps]:
-    import importlib
-    mods = [importlib.import_module(f"llamba.kernels.{m}") for m in _MODULES]
-    acts = {k: v for mod in mods for k, v in mod.ACT.items()}
-    reg = {}
-    for mod in mods:
-        for tid, (deq, mm) in mod.KERNELS.items():
-            t = TYPES[tid]
-            reg[tid] = QuantOps(tid, deq, mm, acts[t.vec_dot_type], t.block_elems)
-    return reg
+def kernel_module(t: TypeTraits):
+    """The module of ``llamba.kernels`` holding the CPU kernels of type ``t``."""
+    return importlib.import_module(f"llamba.kernels.{t.kernels}")
+
+
+def ref_module(t: TypeTraits):
+    """The module of ``llamba.kernels.ref`` holding the numpy twins of type ``t``."""
+    return importlib.import_module(f"llamba.kernels.ref.{t.ref}")
+
+
+def _build(t: TypeTraits) -> QuantOps:
+    mod = kernel_module(t)
+    act = importlib.import_module(f"llamba.kernels.{ACT_MODULE[t.vec_dot_type]}").ACT[t.vec_dot_type]
+    extra = {}
+    if t.packed is not None:
+        extra = dict(packed_kind=t.packed, repack=getattr(mod, f"repack_{t.key}"),
+                     matmul_packed=getattr(mod, f"matmul_{t.key}p"),
+                     dequant_rows_packed=getattr(mod, f"dequant_rows_{t.key}p"))
+    return QuantOps(t.type_id, getattr(mod, f"dequant_{t.key}"), getattr(mod, f"matmul_{t.key}"), act,
+                    t.block_elems, **extra)
 
 
 def ops_for(type_id: int, what: str = "tensor") -> QuantOps:
-    global _REGISTRY
-    if _REGISTRY is None:
-        _REGISTRY = _build()
     ops = _REGISTRY.get(type_id)
-    if ops is None:
-        t = TYPES.get(type_id)
+    if ops is not None:
+        return ops
+    t = TYPES.get(type_id)
+    if t is None or not t.supported:
         name = t.name if t else f"id {type_id}"
-        have = ", ".join(sorted(TYPES[i].name for i in _REGISTRY))
+        have = ", ".join(sorted(u.name for u in TYPES.values() if u.supported))
         raise UnsupportedError(f"{what} uses tensor type {name}, which llamba does not support "
                                f"(supported: {have}); use a GGUF quantized to one of those")
+    ops = _REGISTRY[type_id] = _build(t)
     return ops
 
 
@@ -58,11 +75,8 @@ def dequantize(w: np.ndarray, type_id: int) -> np.ndarray:
     ops = ops_for(type_id)
     if w.ndim == 1:
         w = w.reshape(1, -1)
-    if TYPES[type_id].block_elems == 1:
-        ncols = w.shape[1]
-    else:
-        t = TYPES[type_id]
-        ncols = w.shape[1] // t.block_bytes * t.block_elems
+    t = TYPES[type_id]
+    ncols = w.shape[1] if t.block_elems == 1 else w.shape[1] // t.block_bytes * t.block_elems
     out = np.empty((w.shape[0], ncols), dtype=np.float32)
     ops.dequant(w, out)
     return out

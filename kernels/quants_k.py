@@ -1,6 +1,7 @@
 """Numba kernels for the 256-element super-block quant types (K-quants and IQ4_XS), formats and arithmetic: docs/numerics.md.
 
-Types: Q2_K (10), Q3_K (11), Q4_K (12), Q5_K (13), Q6_K (14), IQ4_XS (23); activation format Q8_K.
+Types: the registry entries (``llamba.kernels.traits``) with ``kernels="quants_k"``: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+IQ4_XS; activation format Q8_K.
 
 Public API (plain Python functions validating shapes; the work happens in ``@njit`` kernels):
 
@@ -51,16 +52,18 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-__all__ = [
-    "dequant_q2_k", "dequant_q3_k", "dequant_q4_k", "dequant_q5_k", "dequant_q6_k", "dequant_iq4_xs",
-    "matmul_q2_k", "matmul_q3_k", "matmul_q4_k", "matmul_q5_k", "matmul_q6_k", "matmul_iq4_xs",
+from llamba.kernels.dispatch import by_kind, call_by_kind
+from llamba.kernels.traits import IQ4_XS, KVALUES_IQ4NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, TYPES, in_module
+
+# the types handled here: the registry entries with kernels="quants_k"; the per-type parts of the kernels are the
+# branches on ``kind`` in _emit_vals/_emit_scales/_D_OFF/_block_term/_dequant_k (IR-building or constant-folded)
+_TYPES = in_module("quants_k")
+QK_K = 256
+BLOCK_BYTES = {t.type_id: t.block_bytes for t in _TYPES}
+
+__all__ = [f"{op}_{t.key}" for op in ("dequant", "matmul") for t in _TYPES] + [
     "act_q8_K", "KERNELS", "ACT", "QK_K", "BLOCK_BYTES", "KVALUES_IQ4NL",
 ]
-
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS = 10, 11, 12, 13, 14, 23
-QK_K = 256
-BLOCK_BYTES = {Q2_K: 84, Q3_K: 110, Q4_K: 144, Q5_K: 176, Q6_K: 210, IQ4_XS: 136}
-KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 
 _U = np.uint64  # index cast: unsigned indices carry no wraparound check
 _NACC = 2  # independent int32 vector accumulators in a super-block dot product
@@ -185,7 +188,7 @@ def _emit_mdot(b, mcv, bp):
 
 
 def _load_unpacked(context, b, sig, args):
-    """The 8 weight chunks and 8 chunk scale vectors stored by _unpack_dot_* in vals and sc."""
+    """The 8 weight chunks and 8 chunk scale vectors stored by _unpack_dot in vals and sc."""
     zero = ir.Constant(_I64, 0)
     wp = _ptr(context, b, sig.args[0], args[0], zero, types.int64, _vt(_I8, 32))
     sp = _ptr(context, b, sig.args[1], args[1], zero, types.int64, _vt(_I16, 16))
@@ -439,12 +442,8 @@ def _make_unpack_dot(kind):
     return unpack_dot
 
 
-_unpack_dot_q2_k = _make_unpack_dot(Q2_K)
-_unpack_dot_q3_k = _make_unpack_dot(Q3_K)
-_unpack_dot_q4_k = _make_unpack_dot(Q4_K)
-_unpack_dot_q5_k = _make_unpack_dot(Q5_K)
-_unpack_dot_q6_k = _make_unpack_dot(Q6_K)
-_unpack_dot_iq4_xs = _make_unpack_dot(IQ4_XS)
+# _unpack_dot(kind, w, o, vals, sc, mc, aq, aoff, bsums, boff)
+_unpack_dot = by_kind({t.type_id: _make_unpack_dot(t.type_id) for t in _TYPES}, name="_unpack_dot")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -534,18 +533,7 @@ def _rows(kind, w, rb, qs, d, bsums, out, r_start, r_end):
                 o = r * rb + b * bb
                 ao = t0 * n + b * QK_K
                 bo = t0 * ns + b * 16
-                if kind == Q4_K:
-                    dw, dm, isum, m = _unpack_dot_q4_k(w, o, vals, sc, mc, qs, ao, bsums, bo)
-                elif kind == Q6_K:
-                    dw, dm, isum, m = _unpack_dot_q6_k(w, o, vals, sc, mc, qs, ao, bsums, bo)
-                elif kind == Q5_K:
-                    dw, dm, isum, m = _unpack_dot_q5_k(w, o, vals, sc, mc, qs, ao, bsums, bo)
-                elif kind == Q3_K:
-                    dw, dm, isum, m = _unpack_dot_q3_k(w, o, vals, sc, mc, qs, ao, bsums, bo)
-                elif kind == Q2_K:
-                    dw, dm, isum, m = _unpack_dot_q2_k(w, o, vals, sc, mc, qs, ao, bsums, bo)
-                else:
-                    dw, dm, isum, m = _unpack_dot_iq4_xs(w, o, vals, sc, mc, qs, ao, bsums, bo)
+                dw, dm, isum, m = _unpack_dot(kind, w, o, vals, sc, mc, qs, ao, bsums, bo)
                 out[_U(t0), _U(r)] += _block_term(kind, d[_U(t0), _U(b)], dw, dm, isum, m)
                 t = t0 + 1
                 while t + 4 <= t1:
@@ -577,34 +565,18 @@ def _rows(kind, w, rb, qs, d, bsums, out, r_start, r_end):
                     t += 1
 
 
-@njit(cache=True, nogil=True)
-def _rows_q2_k(w, rb, qs, d, bsums, out, r_start, r_end):
-    _rows(Q2_K, w, rb, qs, d, bsums, out, r_start, r_end)
+def _make_rows(kind):
+    """``_rows`` for one type as a function of its own (``kind`` a closure constant): called by the matmul driver
+    and by the fused kernels (``rows_k``)."""
+    def rows(w, rb, qs, d, bsums, out, r_start, r_end):
+        _rows(kind, w, rb, qs, d, bsums, out, r_start, r_end)
+    rows.__name__ = rows.__qualname__ = f"rows_{TYPES[kind].key}"  # its own cache index file (see fused._make)
+    return njit(cache=True, nogil=True)(rows)
 
 
-@njit(cache=True, nogil=True)
-def _rows_q3_k(w, rb, qs, d, bsums, out, r_start, r_end):
-    _rows(Q3_K, w, rb, qs, d, bsums, out, r_start, r_end)
-
-
-@njit(cache=True, nogil=True)
-def _rows_q4_k(w, rb, qs, d, bsums, out, r_start, r_end):
-    _rows(Q4_K, w, rb, qs, d, bsums, out, r_start, r_end)
-
-
-@njit(cache=True, nogil=True)
-def _rows_q5_k(w, rb, qs, d, bsums, out, r_start, r_end):
-    _rows(Q5_K, w, rb, qs, d, bsums, out, r_start, r_end)
-
-
-@njit(cache=True, nogil=True)
-def _rows_q6_k(w, rb, qs, d, bsums, out, r_start, r_end):
-    _rows(Q6_K, w, rb, qs, d, bsums, out, r_start, r_end)
-
-
-@njit(cache=True, nogil=True)
-def _rows_iq4_xs(w, rb, qs, d, bsums, out, r_start, r_end):
-    _rows(IQ4_XS, w, rb, qs, d, bsums, out, r_start, r_end)
+# rows_k(kind, w, rb, qs, d, bsums, out, r_start, r_end): the row function of type ``kind`` (a constant)
+ROWS = {t.type_id: _make_rows(t.type_id) for t in _TYPES}
+rows_k = call_by_kind(ROWS, name="rows_k")
 
 
 def _make_mm_kernel(kind):
@@ -618,18 +590,7 @@ def _make_mm_kernel(kind):
         for c in prange(nch):
             r0 = c * rows // nch
             r1 = (c + 1) * rows // nch
-            if kind == Q4_K:
-                _rows_q4_k(w, rb, qs, d, bsums, out, r0, r1)
-            elif kind == Q6_K:
-                _rows_q6_k(w, rb, qs, d, bsums, out, r0, r1)
-            elif kind == Q5_K:
-                _rows_q5_k(w, rb, qs, d, bsums, out, r0, r1)
-            elif kind == Q3_K:
-                _rows_q3_k(w, rb, qs, d, bsums, out, r0, r1)
-            elif kind == Q2_K:
-                _rows_q2_k(w, rb, qs, d, bsums, out, r0, r1)
-            elif kind == IQ4_XS:
-                _rows_iq4_xs(w, rb, qs, d, bsums, out, r0, r1)
+            rows_k(kind, w, rb, qs, d, bsums, out, r0, r1)
     mm.__name__ = mm.__qualname__ = f"mm_k_{kind}"  # its own cache index file (see fused._make)
     return njit(cache=True, nogil=True, parallel=True)(mm)
 
@@ -663,12 +624,8 @@ def _make_mm(kind, name):
     return matmul
 
 
-matmul_q2_k = _make_mm(Q2_K, "q2_k")
-matmul_q3_k = _make_mm(Q3_K, "q3_k")
-matmul_q4_k = _make_mm(Q4_K, "q4_k")
-matmul_q5_k = _make_mm(Q5_K, "q5_k")
-matmul_q6_k = _make_mm(Q6_K, "q6_k")
-matmul_iq4_xs = _make_mm(IQ4_XS, "iq4_xs")
+for _t in _TYPES:  # matmul_q2_k, ..., matmul_iq4_xs
+    globals()[f"matmul_{_t.key}"] = _make_mm(_t.type_id, _t.key)
 
 # --------------------------------------------------------------------------------------------------
 # dequantization (float operation order of gguf-py's dequantize_blocks, for bit-exactness)
@@ -769,12 +726,8 @@ def _make_dequant(kind, name):
     return dequant
 
 
-dequant_q2_k = _make_dequant(Q2_K, "q2_k")
-dequant_q3_k = _make_dequant(Q3_K, "q3_k")
-dequant_q4_k = _make_dequant(Q4_K, "q4_k")
-dequant_q5_k = _make_dequant(Q5_K, "q5_k")
-dequant_q6_k = _make_dequant(Q6_K, "q6_k")
-dequant_iq4_xs = _make_dequant(IQ4_XS, "iq4_xs")
+for _t in _TYPES:  # dequant_q2_k, ..., dequant_iq4_xs
+    globals()[f"dequant_{_t.key}"] = _make_dequant(_t.type_id, _t.key)
 
 # --------------------------------------------------------------------------------------------------
 # Q8_K activation quantizer (llama.cpp quantize_row_q8_K)
@@ -853,12 +806,5 @@ def act_q8_K(x):
     return qs, d, bsums
 
 
-KERNELS = {
-    Q2_K: (dequant_q2_k, matmul_q2_k),
-    Q3_K: (dequant_q3_k, matmul_q3_k),
-    Q4_K: (dequant_q4_k, matmul_q4_k),
-    Q5_K: (dequant_q5_k, matmul_q5_k),
-    Q6_K: (dequant_q6_k, matmul_q6_k),
-    IQ4_XS: (dequant_iq4_xs, matmul_iq4_xs),
-}
+KERNELS = {t.type_id: (globals()[f"dequant_{t.key}"], globals()[f"matmul_{t.key}"]) for t in _TYPES}
 ACT = {"q8_K": act_q8_K}

@@ -1,6 +1,8 @@
 """Numba kernels for the block-32 quant types and the plain float types (formats and arithmetic: docs/numerics.md).
 
-Types: F32 (0), F16 (1), BF16 (30), Q4_0 (2), Q4_1 (3), Q5_0 (6), Q5_1 (7), Q8_0 (8), IQ4_NL (20).
+Types: those of the type registry (``llamba.kernels.traits``) with ``kernels="quants_simple"``: F32, F16, BF16 and
+the block-32 types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL), whose kernels are all generated from their entry's block
+layout (``traits.Block32``: byte offsets of d, m, the codes and the fifth bits, the bias, a value table).
 
 Public API (every name below is a plain Python function; the work happens in ``@njit`` kernels):
 
@@ -15,6 +17,9 @@ Public API (every name below is a plain Python function; the work happens in ``@
   float32, blocks in order, no FMA.  Float types: 32 lane partial sums ``acc[j] += w[32k+j]*x[32k+j]``
   in order of k, then the fixed tree ``acc[:16]+acc[16:]``, ... down to one lane.
 * ``KERNELS = {type_id: (dequant_fn, matmul_fn)}``, ``ACT = {vec_dot_type: act_fn}``.
+* Per-type kernels are built in loops over the registry's block-32 entries and reached through compile-time
+  dispatchers (``llamba.kernels.dispatch.by_kind``: ``_rows8(kind, ...)``, ``_pack8``, ``_rows8t``, ``_tile4_any``,
+  ``_unpack``), ``kind`` being a closure constant of the per-type kernels.
 * ``repack_q8_0(w) -> wp``, ``matmul_q8_0p(wp, qs, d, out)``: Q8_0 weights stored once in the transposed 8-row
   layout the T > 1 kernels otherwise build on every call (kind id ``Q8_0P``; 272 bytes per 8 rows and block, the
   raw size), bit-identical to ``matmul_q8_0``.  ``llamba.layers.Linear`` repacks its Q8_0 weights at load unless
@@ -61,21 +66,22 @@ from numba import njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-__all__ = [
-    "dequant_f32", "dequant_f16", "dequant_bf16", "dequant_q4_0", "dequant_q4_1", "dequant_q5_0",
-    "dequant_q5_1", "dequant_q8_0", "dequant_iq4_nl",
-    "matmul_f32", "matmul_f16", "matmul_bf16", "matmul_q4_0", "matmul_q4_1", "matmul_q5_0",
-    "matmul_q5_1", "matmul_q8_0", "matmul_iq4_nl",
+from llamba.kernels.dispatch import by_kind
+from llamba.kernels.traits import (BF16, F16, F32, IQ4_NL, KVALUES_IQ4NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,  # noqa: F401
+                                   Q8_0P, TYPES, in_module)
+
+# the types handled here (traits registry entries with kernels="quants_simple"); the block-32 ones are those with a
+# block layout, from which every per-type kernel below is generated
+_TYPES = in_module("quants_simple")
+
+__all__ = [f"{op}_{t.key}" for op in ("dequant", "matmul") for t in _TYPES] + [
     "act_q8_0", "act_q8_1", "act_f32", "act_f16", "act_bf16",
-    "repack_q8_0", "matmul_q8_0p", "Q8_0P",
+    "repack_q8_0", "matmul_q8_0p", "dequant_rows_q8_0p", "Q8_0P",
     "KERNELS", "ACT", "KVALUES_IQ4NL",
 ]
-
-# ggml type ids handled here
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL, BF16 = 0, 1, 2, 3, 6, 7, 8, 20, 30
+_B32 = {t.type_id: t.layout for t in _TYPES if t.layout is not None}
 QK = 32
-BLOCK_BYTES = {Q4_0: 18, Q4_1: 20, Q5_0: 22, Q5_1: 24, Q8_0: 34, IQ4_NL: 18}
-KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+BLOCK_BYTES = {k: TYPES[k].block_bytes for k in _B32}
 
 _ACT_PAR_MIN = 1 << 16  # activation quantization: values below which it runs on one thread
 _PF_GROUPS = 4  # decode matmul: prefetch the weight rows this many 8-row groups ahead
@@ -192,28 +198,30 @@ def _lut16(builder, idx16, table):
 # Unpacked weights are stored as unsigned bytes u = q + BIAS[kind] (u in 0..255), so that one
 # u8 x s8 dot product (VNNI vpdpbusd where available) serves every type:
 #   sum_j q_j a_j = sum_j u_j a_j - BIAS * sum_j a_j      (exact in int32)
-BIAS = {Q4_0: 8, Q4_1: 0, Q5_0: 16, Q5_1: 0, Q8_0: 128, IQ4_NL: 128}
-_KV_U8 = (KVALUES_IQ4NL.astype(np.int32) + 128).astype(np.uint8)
+BIAS = {k: lay.bias for k, lay in _B32.items()}
 
 
 def _block_u(kind, builder, p):
-    """IR: the 32 unsigned values u = q + BIAS[kind] of the block whose first byte is at i8* ``p``."""
+    """IR: the 32 unsigned values u = q + BIAS[kind] of the block whose first byte is at i8* ``p``, read as the
+    type's block layout (``traits.Block32``) says."""
+    lay = _B32[kind]
+
     def at(off, ty):
         return builder.bitcast(builder.gep(p, [ir.Constant(_I64, off)]), ty.as_pointer())
-    if kind == Q8_0:
-        return builder.xor(_load(builder, at(2, _vt(_I8, 32))), _splat(_I8, 32, 0x80))
-    if kind == IQ4_NL:
-        qs = _load(builder, at(2, _vt(_I8, 16)))
+    if lay.bits == 8:  # signed bytes: u = q + 128 = q ^ 0x80
+        if lay.bias != 128:
+            raise ValueError(f"8-bit block layout of type {kind} needs bias 128")
+        return builder.xor(_load(builder, at(lay.qs, _vt(_I8, 32))), _splat(_I8, 32, 0x80))
+    if lay.values is not None:  # 4-bit codes into a value table: u = table[code] + bias
+        table = [int(v) + lay.bias for v in lay.values]
+        qs = _load(builder, at(lay.qs, _vt(_I8, 16)))
         lo = builder.and_(qs, _splat(_I8, 16, 15))
         hi = builder.lshr(qs, _splat(_I8, 16, 4))
-        return builder.shuffle_vector(_lut16(builder, lo, _KV_U8), _lut16(builder, hi, _KV_U8), _idx(*range(32)))
-    if kind in (Q4_0, Q4_1):
-        return _nibbles(builder, _load(builder, at(2 if kind == Q4_0 else 4, _vt(_I8, 16))))
-    if kind in (Q5_0, Q5_1):
-        qh_off, qs_off = (2, 6) if kind == Q5_0 else (4, 8)
-        q = _nibbles(builder, _load(builder, at(qs_off, _vt(_I8, 16))))
-        return builder.or_(q, _high_bits(builder, _load(builder, at(qh_off, _I32))))
-    raise ValueError(kind)
+        return builder.shuffle_vector(_lut16(builder, lo, table), _lut16(builder, hi, table), _idx(*range(32)))
+    q = _nibbles(builder, _load(builder, at(lay.qs, _vt(_I8, 16))))
+    if lay.qh is not None:  # fifth bit of each code
+        q = builder.or_(q, _high_bits(builder, _load(builder, at(lay.qh, _I32))))
+    return q
 
 
 def _make_unpack(kind):
@@ -230,12 +238,7 @@ def _make_unpack(kind):
     return unpack
 
 
-_unpack_q4_0 = _make_unpack(Q4_0)
-_unpack_q4_1 = _make_unpack(Q4_1)
-_unpack_q5_0 = _make_unpack(Q5_0)
-_unpack_q5_1 = _make_unpack(Q5_1)
-_unpack_q8_0 = _make_unpack(Q8_0)
-_unpack_iq4_nl = _make_unpack(IQ4_NL)
+_unpack = by_kind({k: _make_unpack(k) for k in _B32}, name="_unpack")  # _unpack(kind, src, src_off, dst, dst_off)
 
 
 def _udot(builder, uv, av):
@@ -312,8 +315,9 @@ def _make_rows8(kind):
     The same float32 operations per row as the T > 1 paths (``_make_tile4``, ``_make_rows8t``) and the
     numpy twin."""
     bb = BLOCK_BYTES[kind]
-    has_min = kind in (Q4_1, Q5_1)
-    bias = BIAS[kind]
+    lay = _B32[kind]
+    has_min = lay.has_min
+    bias = lay.bias
 
     @intrinsic
     def rows8(typingctx, w, r0, nr, aq, asum, ad, as_, nb, res):
@@ -361,10 +365,10 @@ def _make_rows8(kind):
                 if bias:
                     bs = builder.mul(builder.load(builder.gep(sp, [b]), align=4), ir.Constant(_I32, bias))
                     isum = builder.sub(isum, splat8(bs))
-                term = builder.fmul(builder.fmul(field(0, bo), splat8(builder.load(builder.gep(dap, [b]), align=4))),
+                term = builder.fmul(builder.fmul(field(lay.d, bo), splat8(builder.load(builder.gep(dap, [b]), align=4))),
                                     builder.sitofp(isum, v8f))
                 if has_min:
-                    term = builder.fadd(term, builder.fmul(field(2, bo),
+                    term = builder.fadd(term, builder.fmul(field(lay.m, bo),
                                                            splat8(builder.load(builder.gep(sap, [b]), align=4))))
                 builder.store(builder.fadd(builder.load(slot), term), slot)
             builder.store(builder.load(slot), _ptr(context, builder, sig.args[8], args[8], zero, types.int64, v8f),
@@ -374,12 +378,8 @@ def _make_rows8(kind):
     return rows8
 
 
-_rows8_q4_0 = _make_rows8(Q4_0)
-_rows8_q4_1 = _make_rows8(Q4_1)
-_rows8_q5_0 = _make_rows8(Q5_0)
-_rows8_q5_1 = _make_rows8(Q5_1)
-_rows8_q8_0 = _make_rows8(Q8_0)
-_rows8_iq4_nl = _make_rows8(IQ4_NL)
+# _rows8(kind, w, r0, nr, aq, asum, ad, as_, nb, res)
+_rows8 = by_kind({k: _make_rows8(k) for k in _B32}, name="_rows8")
 
 
 # --- T > 1: 8 weight rows x up to 4 activation rows per step, weights transposed once per 8-row group ---
@@ -434,7 +434,8 @@ def _make_pack8(kind):
     vbuf[256b + 32s : +32] is dword s of row k's block, and the scales d (mins m) of the 8 rows as
     dbuf[8b : 8b+8] (mbuf) float32."""
     bb = BLOCK_BYTES[kind]
-    has_min = kind in (Q4_1, Q5_1)
+    lay = _B32[kind]
+    has_min = lay.has_min
 
     @intrinsic
     def pack8(typingctx, w, r0, nr, nb, vbuf, dbuf, mbuf):
@@ -468,20 +469,16 @@ def _make_pack8(kind):
                 vb = builder.mul(b, ir.Constant(_I64, 8))
                 for j in range(8):
                     builder.store(vs[j], builder.gep(vp, [builder.add(vb, ir.Constant(_I64, j))]), align=1)
-                builder.store(field(0, bo), builder.gep(dp, [b]), align=4)
+                builder.store(field(lay.d, bo), builder.gep(dp, [b]), align=4)
                 if has_min:
-                    builder.store(field(2, bo), builder.gep(mp, [b]), align=4)
+                    builder.store(field(lay.m, bo), builder.gep(mp, [b]), align=4)
             return context.get_dummy_value()
         return types.none(w, r0, nr, nb, vbuf, dbuf, mbuf), codegen
     return pack8
 
 
-_pack8_q4_0 = _make_pack8(Q4_0)
-_pack8_q4_1 = _make_pack8(Q4_1)
-_pack8_q5_0 = _make_pack8(Q5_0)
-_pack8_q5_1 = _make_pack8(Q5_1)
-_pack8_q8_0 = _make_pack8(Q8_0)
-_pack8_iq4_nl = _make_pack8(IQ4_NL)
+# _pack8(kind, w, r0, nr, nb, vbuf, dbuf, mbuf)
+_pack8 = by_kind({k: _make_pack8(k) for k in _B32}, name="_pack8")
 
 
 def _make_tile4(has_min, bias):
@@ -565,8 +562,9 @@ def _make_rows8t(kind, nt):
     unpacked and transposed in registers and used at once for the nt rows; no buffer).  Same operations per
     (t, r) as the other paths.  out[t, r0+k] for t < nt, k < nr (out addressed flat, row length rows)."""
     bb = BLOCK_BYTES[kind]
-    has_min = kind in (Q4_1, Q5_1)
-    bias = BIAS[kind]
+    lay = _B32[kind]
+    has_min = lay.has_min
+    bias = lay.bias
 
     @intrinsic
     def rows8t(typingctx, w, r0, nr, aq, n, asum, ad, as_, nb, out, rows):
@@ -608,8 +606,8 @@ def _make_rows8t(kind, nt):
                 bo = builder.mul(b, ir.Constant(_I64, bb))
                 _prefetch_step(builder, pfbase, b, bb)
                 vs = _transpose8(builder, [_block_u(kind, builder, builder.gep(rps[k], [bo])) for k in range(8)])
-                dv = field(0, bo)
-                mv = field(2, bo) if has_min else None
+                dv = field(lay.d, bo)
+                mv = field(lay.m, bo) if has_min else None
                 ab = builder.mul(b, ir.Constant(_I64, 32))
                 for i in range(nt):
                     si = builder.add(builder.mul(ir.Constant(_I64, i), nbv), b)
@@ -634,19 +632,16 @@ def _make_rows8t(kind, nt):
     return rows8t
 
 
-_rows8t2_q4_0, _rows8t3_q4_0, _rows8t4_q4_0 = (_make_rows8t(Q4_0, 2), _make_rows8t(Q4_0, 3), _make_rows8t(Q4_0, 4))
-_rows8t2_q4_1, _rows8t3_q4_1, _rows8t4_q4_1 = (_make_rows8t(Q4_1, 2), _make_rows8t(Q4_1, 3), _make_rows8t(Q4_1, 4))
-_rows8t2_q5_0, _rows8t3_q5_0, _rows8t4_q5_0 = (_make_rows8t(Q5_0, 2), _make_rows8t(Q5_0, 3), _make_rows8t(Q5_0, 4))
-_rows8t2_q5_1, _rows8t3_q5_1, _rows8t4_q5_1 = (_make_rows8t(Q5_1, 2), _make_rows8t(Q5_1, 3), _make_rows8t(Q5_1, 4))
-_rows8t2_q8_0, _rows8t3_q8_0, _rows8t4_q8_0 = (_make_rows8t(Q8_0, 2), _make_rows8t(Q8_0, 3), _make_rows8t(Q8_0, 4))
-_rows8t2_iq4_nl, _rows8t3_iq4_nl, _rows8t4_iq4_nl = (_make_rows8t(IQ4_NL, 2), _make_rows8t(IQ4_NL, 3), _make_rows8t(IQ4_NL, 4))
+# _rows8t(kind, nt, w, r0, nr, aq, n, asum, ad, as_, nb, out, rows), nt in 2..4
+_rows8t = by_kind({(k, nt): _make_rows8t(k, nt) for k in _B32 for nt in (2, 3, 4)}, keys=2, name="_rows8t")
 
-
-_tile4 = {(hm, bias): _make_tile4(hm, bias) for hm, bias in ((False, 8), (True, 0), (False, 16), (False, 128))}
-_tile4_b8 = _tile4[(False, 8)]
-_tile4_min = _tile4[(True, 0)]
-_tile4_b16 = _tile4[(False, 16)]
-_tile4_b128 = _tile4[(False, 128)]
+# _tile4(kind, vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows): one tile kernel per
+# (has_min, bias), shared by the types with the same pair
+_TILE4_BY_FORMAT = {}
+for _lay in _B32.values():
+    if (_lay.has_min, _lay.bias) not in _TILE4_BY_FORMAT:
+        _TILE4_BY_FORMAT[(_lay.has_min, _lay.bias)] = _make_tile4(_lay.has_min, _lay.bias)
+_tile4_any = by_kind({k: _TILE4_BY_FORMAT[(lay.has_min, lay.bias)] for k, lay in _B32.items()}, name="_tile4_any")
 
 
 # --- Q8_0 repacked at load (``repack_q8_0``): the transposed 8-row layout stored once, no per-call unpacking ---
@@ -657,7 +652,6 @@ _tile4_b128 = _tile4[(False, 128)]
 # the 8 rows' fp16 scales of block b (converted to float32 exactly, in registers).  272 bytes per 8 rows and
 # block: the size of the raw Q8_0 blocks.
 
-Q8_0P = 1008  # not a ggml type: the kind id of repacked Q8_0 weights
 PACK_BB = 272  # packed bytes per (8-row group, block)
 
 
@@ -671,7 +665,7 @@ def _repack8_q8_0(typingctx, w, r0, nr, nb, dst, g):
         nrv = context.cast(builder, args[2], sig.args[2], types.int64)
         n = context.cast(builder, args[3], sig.args[3], types.int64)
         gv = context.cast(builder, args[5], sig.args[5], types.int64)
-        rb = builder.mul(n, ir.Constant(_I64, 34))
+        rb = builder.mul(n, ir.Constant(_I64, BLOCK_BYTES[Q8_0]))
         rps = _row_ptrs8(builder, wp, r0v, nrv, rb)
         base = builder.gep(_ptr(context, builder, sig.args[4], args[4], zero, types.int64, _I8),
                            [builder.mul(gv, builder.mul(n, ir.Constant(_I64, PACK_BB)))])
@@ -679,7 +673,7 @@ def _repack8_q8_0(typingctx, w, r0, nr, nb, dst, g):
         dp = builder.bitcast(builder.gep(base, [builder.mul(n, ir.Constant(_I64, 256))]), _vt(_I16, 8).as_pointer())
         with cgutils.for_range(builder, n) as loop:
             b = loop.index
-            bo = builder.mul(b, ir.Constant(_I64, 34))
+            bo = builder.mul(b, ir.Constant(_I64, BLOCK_BYTES[Q8_0]))
             vs = _transpose8(builder, [_block_u(Q8_0, builder, builder.gep(rps[k], [bo])) for k in range(8)])
             vb = builder.mul(b, ir.Constant(_I64, 8))
             for j in range(8):
@@ -992,86 +986,41 @@ def _chunks(n_items, nthreads):
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, inline="always")
-def _bias(kind):
-    if kind == Q4_0:
-        return 8
-    if kind == Q5_0:
-        return 16
-    if kind == Q8_0 or kind == IQ4_NL:
-        return 128
-    return 0
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _scales_row(kind, wr, dw, mw):
-    """d (and m for Q4_1/Q5_1) of every block of one quantized weight row, as float32."""
-    nb = dw.shape[0]
-    if kind == Q4_1:
-        for b in range(nb):
-            dw[b] = _f16_at(wr, b * 20)
-            mw[b] = _f16_at(wr, b * 20 + 2)
-    elif kind == Q5_1:
-        for b in range(nb):
-            dw[b] = _f16_at(wr, b * 24)
-            mw[b] = _f16_at(wr, b * 24 + 2)
-    elif kind == Q5_0:
-        for b in range(nb):
-            dw[b] = _f16_at(wr, b * 22)
-    elif kind == Q8_0:
-        for b in range(nb):
-            dw[b] = _f16_at(wr, b * 34)
-    else:  # Q4_0, IQ4_NL
-        for b in range(nb):
-            dw[b] = _f16_at(wr, b * 18)
-
-
-@njit(cache=True, nogil=True)
-def _unpack_row(kind, wr, u, nb):
-    """u[32b + j] = q + BIAS (uint8) for every block b < nb of one quantized weight row."""
-    if kind == Q4_0:
-        for b in range(nb):
-            _unpack_q4_0(wr, b * 18, u, b * QK)
-    elif kind == Q4_1:
-        for b in range(nb):
-            _unpack_q4_1(wr, b * 20, u, b * QK)
-    elif kind == Q5_0:
-        for b in range(nb):
-            _unpack_q5_0(wr, b * 22, u, b * QK)
-    elif kind == Q5_1:
-        for b in range(nb):
-            _unpack_q5_1(wr, b * 24, u, b * QK)
-    elif kind == Q8_0:
-        for b in range(nb):
-            _unpack_q8_0(wr, b * 34, u, b * QK)
-    else:  # IQ4_NL
-        for b in range(nb):
-            _unpack_iq4_nl(wr, b * 18, u, b * QK)
-
-
-
 # --------------------------------------------------------------------------------------------------
 # dequantization
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _dequant_quant(w, kind, out, nthreads):
-    rows, ncols = out.shape
-    nb = ncols // QK
-    has_min = kind == Q4_1 or kind == Q5_1
-    bias = _bias(kind)
-    nch = _chunks(rows, 4 * nthreads)
-    for c in prange(nch):
-        u = np.empty(ncols, np.uint8)
-        dw = np.empty(nb, np.float32)
-        mw = np.zeros(nb, np.float32)
-        for r in range(c * rows // nch, (c + 1) * rows // nch):
-            _scales_row(kind, w[r], dw, mw)
-            _unpack_row(kind, w[r], u, nb)
-            orow = out[r]
-            for b in range(nb):
-                _dequant_block(u, b * QK, bias, dw[b], mw[b], has_min, orow, b * QK)
+def _make_dequant_kernel(kind):
+    """The dequantization kernel of one block-32 type (its layout's byte offsets and bias closure constants)."""
+    lay = _B32[kind]
+    bb = BLOCK_BYTES[kind]
+    d_off = lay.d
+    m_off = lay.m if lay.has_min else 0
+    has_min = lay.has_min
+    bias = lay.bias
+
+    def dq(w, out, nthreads):
+        rows, ncols = out.shape
+        nb = ncols // QK
+        nch = _chunks(rows, 4 * nthreads)
+        for c in prange(nch):
+            u = np.empty(ncols, np.uint8)
+            dw = np.empty(nb, np.float32)
+            mw = np.zeros(nb, np.float32)
+            for r in range(c * rows // nch, (c + 1) * rows // nch):
+                wr = w[r]
+                for b in range(nb):  # d (and m) of every block, as float32
+                    dw[b] = _f16_at(wr, b * bb + d_off)
+                    if has_min:
+                        mw[b] = _f16_at(wr, b * bb + m_off)
+                for b in range(nb):  # u[32b + j] = q + BIAS (uint8)
+                    _unpack(kind, wr, b * bb, u, b * QK)
+                orow = out[r]
+                for b in range(nb):
+                    _dequant_block(u, b * QK, bias, dw[b], mw[b], has_min, orow, b * QK)
+    dq.__name__ = dq.__qualname__ = f"dequant_quant_{kind}"  # its own cache index file (see fused._make)
+    return njit(cache=True, nogil=True, parallel=True)(dq)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -1100,20 +1049,19 @@ def _check_quant(w, out, kind):
 
 
 def _make_dequant(kind, name):
+    kern = _make_dequant_kernel(kind)
+
     def dequant(w, out):
-        _dequant_quant(_check_quant(w, out, kind), kind, out, numba.get_num_threads())
+        kern(_check_quant(w, out, kind), out, numba.get_num_threads())
         return out
     dequant.__name__ = dequant.__qualname__ = f"dequant_{name}"
     dequant.__doc__ = f"Dequantize a {name.upper()} weight (uint8 (rows, row_bytes)) into out float32 (rows, ncols)."
     return dequant
 
 
-dequant_q4_0 = _make_dequant(Q4_0, "q4_0")
-dequant_q4_1 = _make_dequant(Q4_1, "q4_1")
-dequant_q5_0 = _make_dequant(Q5_0, "q5_0")
-dequant_q5_1 = _make_dequant(Q5_1, "q5_1")
-dequant_q8_0 = _make_dequant(Q8_0, "q8_0")
-dequant_iq4_nl = _make_dequant(IQ4_NL, "iq4_nl")
+# dequant_<key> for every block-32 type of the registry (dequant_q4_0, ..., dequant_iq4_nl)
+for _k in _B32:
+    globals()[f"dequant_{TYPES[_k].key}"] = _make_dequant(_k, TYPES[_k].key)
 
 
 def dequant_f32(w, out):
@@ -1251,22 +1199,6 @@ def act_bf16(x):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _rows8(kind, w, r0, nr, aq, asum, ad, as_, nb, res):
-    if kind == Q4_0:
-        _rows8_q4_0(w, r0, nr, aq, asum, ad, as_, nb, res)
-    elif kind == Q4_1:
-        _rows8_q4_1(w, r0, nr, aq, asum, ad, as_, nb, res)
-    elif kind == Q5_0:
-        _rows8_q5_0(w, r0, nr, aq, asum, ad, as_, nb, res)
-    elif kind == Q5_1:
-        _rows8_q5_1(w, r0, nr, aq, asum, ad, as_, nb, res)
-    elif kind == Q8_0:
-        _rows8_q8_0(w, r0, nr, aq, asum, ad, as_, nb, res)
-    else:
-        _rows8_iq4_nl(w, r0, nr, aq, asum, ad, as_, nb, res)
-
-
-@njit(cache=True, nogil=True, inline="always")
 def _block_sums(aq, t, asum):
     for b in range(asum.shape[0]):
         s = 0
@@ -1374,76 +1306,12 @@ def _mm_quant(w, kind, aq, ad, as_, out, nthreads):
 
 @njit(cache=True, nogil=True, inline="always")
 def _rows8t_any(kind, nt, w, r0, nr, aq, n, asum, ad, as_, nb, out, rows):
-    if kind == Q4_0:
-        if nt == 2:
-            _rows8t2_q4_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-        elif nt == 3:
-            _rows8t3_q4_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-        else:
-            _rows8t4_q4_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-    elif kind == Q4_1:
-        if nt == 2:
-            _rows8t2_q4_1(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-        elif nt == 3:
-            _rows8t3_q4_1(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-        else:
-            _rows8t4_q4_1(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-    elif kind == Q5_0:
-        if nt == 2:
-            _rows8t2_q5_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-        elif nt == 3:
-            _rows8t3_q5_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-        else:
-            _rows8t4_q5_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-    elif kind == Q5_1:
-        if nt == 2:
-            _rows8t2_q5_1(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-        elif nt == 3:
-            _rows8t3_q5_1(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-        else:
-            _rows8t4_q5_1(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-    elif kind == Q8_0:
-        if nt == 2:
-            _rows8t2_q8_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-        elif nt == 3:
-            _rows8t3_q8_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-        else:
-            _rows8t4_q8_0(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-    elif kind == IQ4_NL:
-        if nt == 2:
-            _rows8t2_iq4_nl(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-        elif nt == 3:
-            _rows8t3_iq4_nl(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-        else:
-            _rows8t4_iq4_nl(w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _pack8(kind, w, r0, nr, nb, vbuf, dbuf, mbuf):
-    if kind == Q4_0:
-        _pack8_q4_0(w, r0, nr, nb, vbuf, dbuf, mbuf)
-    elif kind == Q4_1:
-        _pack8_q4_1(w, r0, nr, nb, vbuf, dbuf, mbuf)
-    elif kind == Q5_0:
-        _pack8_q5_0(w, r0, nr, nb, vbuf, dbuf, mbuf)
-    elif kind == Q5_1:
-        _pack8_q5_1(w, r0, nr, nb, vbuf, dbuf, mbuf)
-    elif kind == Q8_0:
-        _pack8_q8_0(w, r0, nr, nb, vbuf, dbuf, mbuf)
+    if nt == 2:
+        _rows8t(kind, 2, w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
+    elif nt == 3:
+        _rows8t(kind, 3, w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
     else:
-        _pack8_iq4_nl(w, r0, nr, nb, vbuf, dbuf, mbuf)
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _tile4_any(kind, vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows):
-    if kind == Q4_0:
-        _tile4_b8(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows)
-    elif kind == Q4_1 or kind == Q5_1:
-        _tile4_min(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows)
-    elif kind == Q5_0:
-        _tile4_b16(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows)
-    else:  # Q8_0, IQ4_NL
-        _tile4_b128(vbuf, dbuf, mbuf, aq, t0, nt, n, asum, ad, as_, nb, out, r0, nr, rows)
+        _rows8t(kind, 4, w, r0, nr, aq, n, asum, ad, as_, nb, out, rows)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -1577,12 +1445,10 @@ def _make_mm_q8_1(kind, name):
     return matmul
 
 
-matmul_q4_0 = _make_mm_q8_0(Q4_0, "q4_0")
-matmul_q5_0 = _make_mm_q8_0(Q5_0, "q5_0")
-matmul_q8_0 = _make_mm_q8_0(Q8_0, "q8_0")
-matmul_iq4_nl = _make_mm_q8_0(IQ4_NL, "iq4_nl")
-matmul_q4_1 = _make_mm_q8_1(Q4_1, "q4_1")
-matmul_q5_1 = _make_mm_q8_1(Q5_1, "q5_1")
+# matmul_<key> for every block-32 type of the registry, by its activation format (q8_0: (qs, d), q8_1: (qs, d, s))
+_MM_BY_ACT = {"q8_0": _make_mm_q8_0, "q8_1": _make_mm_q8_1}
+for _k in _B32:
+    globals()[f"matmul_{TYPES[_k].key}"] = _MM_BY_ACT[TYPES[_k].vec_dot_type](_k, TYPES[_k].key)
 
 # --------------------------------------------------------------------------------------------------
 # float matmul (F32 / F16 / BF16 weights)
@@ -1658,16 +1524,8 @@ def matmul_bf16(w, x, out):
 # registries
 # --------------------------------------------------------------------------------------------------
 
-KERNELS = {
-    F32: (dequant_f32, matmul_f32),
-    F16: (dequant_f16, matmul_f16),
-    BF16: (dequant_bf16, matmul_bf16),
-    Q4_0: (dequant_q4_0, matmul_q4_0),
-    Q4_1: (dequant_q4_1, matmul_q4_1),
-    Q5_0: (dequant_q5_0, matmul_q5_0),
-    Q5_1: (dequant_q5_1, matmul_q5_1),
-    Q8_0: (dequant_q8_0, matmul_q8_0),
-    IQ4_NL: (dequant_iq4_nl, matmul_iq4_nl),
-}
+# {type_id: (dequant_fn, matmul_fn)} of the registry's types with kernels here (llamba.kernels.quant.ops_for reads
+# the same names through the registry)
+KERNELS = {t.type_id: (globals()[f"dequant_{t.key}"], globals()[f"matmul_{t.key}"]) for t in _TYPES}
 
 ACT = {"q8_0": act_q8_0, "q8_1": act_q8_1, "f32": act_f32, "f16": act_f16, "bf16": act_bf16}

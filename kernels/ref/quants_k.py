@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from llamba.kernels.traits import KVALUES_IQ4NL as _KV
+
 QK_K = 256
-KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int64)
+KVALUES_IQ4NL = _KV.astype(np.int64)  # the registry's table (llamba.kernels.traits), widened
 
 
 def _blocks(raw, block_bytes):

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from llamba.kernels.traits import KVALUES_IQ4NL  # noqa: F401  (the registry's table: one copy)
+
 QK = 32
-KVALUES_IQ4NL = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
 
 
 # ------------------------------------------------------------------ helpers
