@@ -229,6 +229,30 @@ def start_fused_worker(path: str | None = None, keys=None):
         return None
 
 
+def _prep_args():
+    """Arguments with exactly the types the fused kernels of both families pass their shared helper ``fused._prep``
+    (a no-op call: no elements, no quantization)."""
+    import numpy as np
+    x = np.zeros((1, 32), np.float32)
+    nw = np.zeros(32, np.float32)
+    nw.flags.writeable = False
+    i8, f32, i32 = (np.zeros((1, 1), t) for t in (np.int8, np.float32, np.int32))
+    n = x.shape[1]
+    return (1, x, x, nw, np.zeros(1, np.float32), 0, n - n, n - n, np.empty_like(x), False, False, i8, f32, f32, i32,
+            i8, f32, i32)
+
+
+def compile_shared_prep() -> bool:
+    """Compile (or load) ``fused._prep`` before the processes that compile the two families' fused kernels start, so
+    that they load it rather than both compiling it. False when that failed (they compile it then)."""
+    try:
+        from llamba.kernels import fused as F
+        F._prep(*_prep_args())
+        return True
+    except Exception:  # noqa: BLE001 - a changed helper: each fused kernel's compile makes its own
+        return False
+
+
 def compile_fused(keys, progress: CompileProgress | None = None) -> int:
     from llamba.kernels import fused as F
     n = 0
@@ -301,10 +325,14 @@ def _worker_main(argv) -> int:
     # a model with kernels of both families (block-32 and K-quant weights: most K-quant mixes): each in a process of
     # its own, so that the two cores share three compiles (this one's, the other family's, the first process's rest
     # of a forward pass) rather than one process compiling both families while the first one waits for it
-    helpers = [start_fused_worker(keys=[k]) for k in keys[1:]] if len(keys) > 1 else []
-    mine = keys[:1] if helpers and all(h is not None for h in helpers) else keys
+    helpers = []
     try:
         with CompileProgress() as prog:
+            prog.stage(1, 1, "matmul kernels, another process")
+            if len(keys) > 1 and not all(fused_cached(k) for k in keys):
+                compile_shared_prep()  # the helper loads the kernel both families call instead of compiling it too
+                helpers = [start_fused_worker(keys=[k]) for k in keys[1:]]
+            mine = keys[:1] if helpers and all(h is not None for h in helpers) else keys
             fams = "+".join(sorted({"K-quant" if k[0] else "block-32" for k in mine}))
             prog.stage(1, 1, f"{fams} matmul kernels, another process")
             compile_fused(mine, prog)

@@ -180,6 +180,14 @@ def test_second_process_compiles_the_signature_a_model_calls(tmp_path):
     for key in keys:
         fn = F.kernel_for(key[1])
         assert tuple(numba.typeof(a) for a in _fused_args(key)) in [tuple(s) for s in fn.signatures]
+    # and the helper both families' kernels call, which a first run's worker compiles before starting the other
+    # family's process (a signature of its own would be compiled for nothing)
+    # (the kernels above came from, or went to, the disk cache: so did the helper's signature they use)
+    from llamba.warmup import _prep_args, compile_shared_prep
+    P = F._prep
+    sig = tuple(numba.typeof(a) for a in _prep_args())
+    assert P._cache._index_key(sig, P.targetctx.codegen()) in P._cache._cache_file._load_index()
+    assert compile_shared_prep() and [tuple(s) for s in P.signatures] == [sig]
 
 
 def test_worker_splits_the_two_families_over_two_processes(monkeypatch):
@@ -198,8 +206,12 @@ def test_worker_splits_the_two_families_over_two_processes(monkeypatch):
     monkeypatch.setattr("llamba.gguf.GGUFFile", lambda path: path)
     monkeypatch.setattr(W, "start_fused_worker", lambda path=None, keys=None: started.append(keys) or Proc())
     monkeypatch.setattr(W, "compile_fused", lambda keys, prog=None: compiled.append(list(keys)) or len(keys))
+    monkeypatch.setattr(W, "fused_cached", lambda key: False)
+    preps = []
+    monkeypatch.setattr(W, "compile_shared_prep", lambda: preps.append(len(started)) or True)
     assert W._worker_main(["--model", "m.gguf"]) == 0
     assert started == [[kk]] and compiled == [[k32]] and waited == [True]
+    assert preps == [0]  # the kernel both families share, compiled before the helper starts
     started.clear(), compiled.clear(), waited.clear()
     assert W._worker_main(["--keys", "1:12,14"]) == 0  # one key: no helper
     assert started == [] and compiled == [[kk]]
