@@ -56,7 +56,7 @@ from llamba.kernels.dispatch import by_kind, call_by_kind
 from llamba.kernels.traits import IQ4_XS, KVALUES_IQ4NL, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, TYPES, in_module
 
 # the types handled here: the registry entries with kernels="quants_k"; the per-type parts of the kernels are the
-# branches on ``kind`` in _emit_vals/_emit_scales/_D_OFF/_block_term/_dequant_k (IR-building or constant-folded)
+# branches on ``kind`` in _emit_vals/_emit_scales/_D_OFF/_block_term/_make_dequant_k (IR-building or constant-folded)
 _TYPES = in_module("quants_k")
 QK_K = 256
 BLOCK_BYTES = {t.type_id: t.block_bytes for t in _TYPES}
@@ -632,85 +632,90 @@ for _t in _TYPES:  # matmul_q2_k, ..., matmul_iq4_xs
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _dequant_k(w2, kind, out):
-    rows, ncols = out.shape
-    nb = ncols // QK_K
-    rb = w2.shape[1]
-    w = w2.reshape(w2.size)
-    bb = rb // nb
-    for r in prange(rows):
-        sc = np.empty(16, np.int32)
-        mn = np.empty(16, np.int32)
-        for b in range(nb):
-            o = r * rb + b * bb
-            y0 = b * QK_K
-            if kind == Q2_K:
-                d = _f16(w, o + 80)
-                dmin = _f16(w, o + 82)
-                for g in range(16):
-                    s = w[_U(o + g)]
-                    dl = d * np.float32(s & np.uint8(15))
-                    ml = dmin * np.float32(s >> np.uint8(4))
-                    h = g >> 3
-                    j = (g >> 1) & 3
-                    l0 = 16 * (g & 1)
-                    for l in range(16):
-                        q = (w[_U(o + 16 + 32 * h + l0 + l)] >> np.uint8(2 * j)) & np.uint8(3)
-                        out[r, _U(y0 + 16 * g + l)] = dl * np.float32(q) - ml
-            elif kind == Q3_K:
-                d = _f16(w, o + 108)
-                for g in range(16):
-                    lo4 = (w[_U(o + 96 + (g & 7))] >> np.uint8(4 * (g >> 3))) & np.uint8(15)
-                    hi2 = (w[_U(o + 104 + (g & 3))] >> np.uint8(2 * (g >> 2))) & np.uint8(3)
-                    dl = d * np.float32(np.int32(lo4 | (hi2 << np.uint8(4))) - 32)
-                    h = g >> 3
-                    j = (g >> 1) & 3
-                    l0 = 16 * (g & 1)
-                    for l in range(16):
-                        low = np.int32((w[_U(o + 32 + 32 * h + l0 + l)] >> np.uint8(2 * j)) & np.uint8(3))
-                        hb = np.int32((w[_U(o + l0 + l)] >> np.uint8(4 * h + j)) & np.uint8(1))
-                        out[r, _U(y0 + 16 * g + l)] = dl * np.float32(low - 4 + 4 * hb)
-            elif kind == Q4_K or kind == Q5_K:
-                d = _f16(w, o)
-                dmin = _f16(w, o + 2)
-                _scale_min_k4(w, o + 4, sc, mn)
-                qo = o + 16 if kind == Q4_K else o + 48
-                for k in range(8):
-                    dl = d * np.float32(sc[k])
-                    ml = dmin * np.float32(mn[k])
-                    sh = np.uint8(4 * (k & 1))
-                    for l in range(32):
-                        q = (w[_U(qo + 32 * (k >> 1) + l)] >> sh) & np.uint8(15)
-                        if kind == Q5_K:
-                            q |= ((w[_U(o + 16 + l)] >> np.uint8(k)) & np.uint8(1)) << np.uint8(4)
-                        out[r, _U(y0 + 32 * k + l)] = dl * np.float32(q) - ml
-            elif kind == Q6_K:
-                d = _f16(w, o + 208)
-                for g in range(16):
-                    dl = d * np.float32(np.int8(w[_U(o + 192 + g)]))
-                    h = g >> 3
-                    k = (g >> 1) & 3
-                    l0 = 16 * (g & 1)
-                    for l in range(16):
-                        ql = w[_U(o + 64 * h + 32 * (k & 1) + l0 + l)] >> np.uint8(4 * (k >> 1))
-                        qh = (w[_U(o + 128 + 32 * h + l0 + l)] >> np.uint8(2 * k)) & np.uint8(3)
-                        q = np.int32((ql & np.uint8(15)) | (qh << np.uint8(4))) - 32
-                        out[r, _U(y0 + 16 * g + l)] = dl * np.float32(q)
-            else:  # IQ4_XS
-                d = _f16(w, o)
-                sh = np.int32(w[_U(o + 2)]) | (np.int32(w[_U(o + 3)]) << 8)
-                for ib in range(8):
-                    ls = np.int32((w[_U(o + 4 + (ib >> 1))] >> np.uint8(4 * (ib & 1))) & np.uint8(15))
-                    ls |= ((sh >> (2 * ib)) & 3) << 4
-                    dl = d * np.float32(ls - 32)
-                    for j in range(16):
-                        q = w[_U(o + 8 + 16 * ib + j)]
-                        out[r, _U(y0 + 32 * ib + j)] = dl * np.float32(KVALUES_IQ4NL[q & np.uint8(15)])
-                        out[r, _U(y0 + 32 * ib + 16 + j)] = dl * np.float32(KVALUES_IQ4NL[q >> np.uint8(4)])
+def _make_dequant_k(kind):
+    """The dequantization kernel of one type (``kind`` a closure constant: only its branch is compiled)."""
+    def dequant_k(w2, out):
+        rows, ncols = out.shape
+        nb = ncols // QK_K
+        rb = w2.shape[1]
+        w = w2.reshape(w2.size)
+        bb = rb // nb
+        for r in prange(rows):
+            sc = np.empty(16, np.int32)
+            mn = np.empty(16, np.int32)
+            for b in range(nb):
+                o = r * rb + b * bb
+                y0 = b * QK_K
+                if kind == Q2_K:
+                    d = _f16(w, o + 80)
+                    dmin = _f16(w, o + 82)
+                    for g in range(16):
+                        s = w[_U(o + g)]
+                        dl = d * np.float32(s & np.uint8(15))
+                        ml = dmin * np.float32(s >> np.uint8(4))
+                        h = g >> 3
+                        j = (g >> 1) & 3
+                        l0 = 16 * (g & 1)
+                        for l in range(16):
+                            q = (w[_U(o + 16 + 32 * h + l0 + l)] >> np.uint8(2 * j)) & np.uint8(3)
+                            out[r, _U(y0 + 16 * g + l)] = dl * np.float32(q) - ml
+                elif kind == Q3_K:
+                    d = _f16(w, o + 108)
+                    for g in range(16):
+                        lo4 = (w[_U(o + 96 + (g & 7))] >> np.uint8(4 * (g >> 3))) & np.uint8(15)
+                        hi2 = (w[_U(o + 104 + (g & 3))] >> np.uint8(2 * (g >> 2))) & np.uint8(3)
+                        dl = d * np.float32(np.int32(lo4 | (hi2 << np.uint8(4))) - 32)
+                        h = g >> 3
+                        j = (g >> 1) & 3
+                        l0 = 16 * (g & 1)
+                        for l in range(16):
+                            low = np.int32((w[_U(o + 32 + 32 * h + l0 + l)] >> np.uint8(2 * j)) & np.uint8(3))
+                            hb = np.int32((w[_U(o + l0 + l)] >> np.uint8(4 * h + j)) & np.uint8(1))
+                            out[r, _U(y0 + 16 * g + l)] = dl * np.float32(low - 4 + 4 * hb)
+                elif kind == Q4_K or kind == Q5_K:
+                    d = _f16(w, o)
+                    dmin = _f16(w, o + 2)
+                    _scale_min_k4(w, o + 4, sc, mn)
+                    qo = o + 16 if kind == Q4_K else o + 48
+                    for k in range(8):
+                        dl = d * np.float32(sc[k])
+                        ml = dmin * np.float32(mn[k])
+                        sh = np.uint8(4 * (k & 1))
+                        for l in range(32):
+                            q = (w[_U(qo + 32 * (k >> 1) + l)] >> sh) & np.uint8(15)
+                            if kind == Q5_K:
+                                q |= ((w[_U(o + 16 + l)] >> np.uint8(k)) & np.uint8(1)) << np.uint8(4)
+                            out[r, _U(y0 + 32 * k + l)] = dl * np.float32(q) - ml
+                elif kind == Q6_K:
+                    d = _f16(w, o + 208)
+                    for g in range(16):
+                        dl = d * np.float32(np.int8(w[_U(o + 192 + g)]))
+                        h = g >> 3
+                        k = (g >> 1) & 3
+                        l0 = 16 * (g & 1)
+                        for l in range(16):
+                            ql = w[_U(o + 64 * h + 32 * (k & 1) + l0 + l)] >> np.uint8(4 * (k >> 1))
+                            qh = (w[_U(o + 128 + 32 * h + l0 + l)] >> np.uint8(2 * k)) & np.uint8(3)
+                            q = np.int32((ql & np.uint8(15)) | (qh << np.uint8(4))) - 32
+                            out[r, _U(y0 + 16 * g + l)] = dl * np.float32(q)
+                else:  # IQ4_XS
+                    d = _f16(w, o)
+                    sh = np.int32(w[_U(o + 2)]) | (np.int32(w[_U(o + 3)]) << 8)
+                    for ib in range(8):
+                        ls = np.int32((w[_U(o + 4 + (ib >> 1))] >> np.uint8(4 * (ib & 1))) & np.uint8(15))
+                        ls |= ((sh >> (2 * ib)) & 3) << 4
+                        dl = d * np.float32(ls - 32)
+                        for j in range(16):
+                            q = w[_U(o + 8 + 16 * ib + j)]
+                            out[r, _U(y0 + 32 * ib + j)] = dl * np.float32(KVALUES_IQ4NL[q & np.uint8(15)])
+                            out[r, _U(y0 + 32 * ib + 16 + j)] = dl * np.float32(KVALUES_IQ4NL[q >> np.uint8(4)])
+    dequant_k.__name__ = dequant_k.__qualname__ = f"dequant_k_{kind}"  # its own cache index file (see fused._make)
+    return njit(cache=True, nogil=True, parallel=True)(dequant_k)
 
 
 def _make_dequant(kind, name):
+    kern = _make_dequant_k(kind)
+
     def dequant(w, out):
         rows, ncols = out.shape
         if ncols % QK_K or w.dtype != np.uint8 or w.shape != (rows, ncols // QK_K * BLOCK_BYTES[kind]):
@@ -718,7 +723,7 @@ def _make_dequant(kind, name):
         if out.dtype != np.float32 or not out.flags.c_contiguous:
             raise ValueError("out must be a C-contiguous float32 array")
         if out.size:
-            _dequant_k(np.ascontiguousarray(w), kind, out)
+            kern(np.ascontiguousarray(w), out)
         return out
     dequant.__name__ = dequant.__qualname__ = f"dequant_{name}"
     dequant.__doc__ = (f"Dequantize a {name.upper()} weight w uint8 (rows, row_bytes) into out float32 "

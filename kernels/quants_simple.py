@@ -907,9 +907,9 @@ def _make_fdot(wkind, nt):
     return fdot
 
 
-_fdot1_f32, _fdot4_f32 = _make_fdot(F32, 1), _make_fdot(F32, 4)
-_fdot1_f16, _fdot4_f16 = _make_fdot(F16, 1), _make_fdot(F16, 4)
-_fdot1_bf16, _fdot4_bf16 = _make_fdot(BF16, 1), _make_fdot(BF16, 4)
+# _fdot1(wkind, w, woff, x, o0, n, res), _fdot4(wkind, w, woff, x, o0, o1, o2, o3, n, res) for the float types
+_fdot1 = by_kind({k: _make_fdot(k, 1) for k in (F32, F16, BF16)}, name="_fdot1")
+_fdot4 = by_kind({k: _make_fdot(k, 4) for k in (F32, F16, BF16)}, name="_fdot4")
 
 # --------------------------------------------------------------------------------------------------
 # scalar helpers
@@ -1455,39 +1455,35 @@ for _k in _B32:
 # --------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _mm_float(w, wkind, x, out, nthreads):
-    """out[t, r] = dot(w[r], x[t]) (see ``_make_fdot`` for the fixed order); activation rows in groups
-    of 4 per weight-row pass (the last group repeats row T-1), T == 1 on its own."""
-    rows, n = w.shape
-    T = x.shape[0]
-    nch = _chunks(rows, nthreads)
-    for c in prange(nch):
-        res = np.zeros(4, np.float32)
-        for r in range(c * rows // nch, (c + 1) * rows // nch):
-            wo = r * n
-            if T == 1:
-                if wkind == F32:
-                    _fdot1_f32(w, wo, x, 0, n, res)
-                elif wkind == F16:
-                    _fdot1_f16(w, wo, x, 0, n, res)
-                else:
-                    _fdot1_bf16(w, wo, x, 0, n, res)
-                out[0, r] = res[0]
-                continue
-            for t0 in range(0, T, 4):
-                o0 = t0 * n
-                o1 = min(t0 + 1, T - 1) * n
-                o2 = min(t0 + 2, T - 1) * n
-                o3 = min(t0 + 3, T - 1) * n
-                if wkind == F32:
-                    _fdot4_f32(w, wo, x, o0, o1, o2, o3, n, res)
-                elif wkind == F16:
-                    _fdot4_f16(w, wo, x, o0, o1, o2, o3, n, res)
-                else:
-                    _fdot4_bf16(w, wo, x, o0, o1, o2, o3, n, res)
-                for k in range(min(4, T - t0)):
-                    out[t0 + k, r] = res[k]
+def _make_mm_float(wkind):
+    """The float matmul kernel of one float type (``wkind`` a closure constant)."""
+    def mm(w, x, out, nthreads):
+        """out[t, r] = dot(w[r], x[t]) (see ``_make_fdot`` for the fixed order); activation rows in groups
+        of 4 per weight-row pass (the last group repeats row T-1), T == 1 on its own."""
+        rows, n = w.shape
+        T = x.shape[0]
+        nch = _chunks(rows, nthreads)
+        for c in prange(nch):
+            res = np.zeros(4, np.float32)
+            for r in range(c * rows // nch, (c + 1) * rows // nch):
+                wo = r * n
+                if T == 1:
+                    _fdot1(wkind, w, wo, x, 0, n, res)
+                    out[0, r] = res[0]
+                    continue
+                for t0 in range(0, T, 4):
+                    o0 = t0 * n
+                    o1 = min(t0 + 1, T - 1) * n
+                    o2 = min(t0 + 2, T - 1) * n
+                    o3 = min(t0 + 3, T - 1) * n
+                    _fdot4(wkind, w, wo, x, o0, o1, o2, o3, n, res)
+                    for k in range(min(4, T - t0)):
+                        out[t0 + k, r] = res[k]
+    mm.__name__ = mm.__qualname__ = f"mm_float_{wkind}"  # its own cache index file (see fused._make)
+    return njit(cache=True, nogil=True, parallel=True)(mm)
+
+
+_MM_FLOAT = {k: _make_mm_float(k) for k in (F32, F16, BF16)}
 
 
 def _check_float_mm(w, x, out):
@@ -1502,21 +1498,21 @@ def _check_float_mm(w, x, out):
 def matmul_f32(w, x, out):
     """out[t, r] = W[r] . x[t] for an F32 weight (rows, n) and act_f32 activations; float32, fixed order."""
     x = _check_float_mm(w, x, out)
-    _mm_float(np.ascontiguousarray(w, dtype=np.float32), F32, x, out, numba.get_num_threads())
+    _MM_FLOAT[F32](np.ascontiguousarray(w, dtype=np.float32), x, out, numba.get_num_threads())
     return out
 
 
 def matmul_f16(w, x, out):
     """out[t, r] = W[r] . x[t] for an F16 weight (float16 (rows, n)) and act_f16 activations."""
     x = _check_float_mm(w, x, out)
-    _mm_float(np.ascontiguousarray(w).view(np.uint16), F16, x, out, numba.get_num_threads())
+    _MM_FLOAT[F16](np.ascontiguousarray(w).view(np.uint16), x, out, numba.get_num_threads())
     return out
 
 
 def matmul_bf16(w, x, out):
     """out[t, r] = W[r] . x[t] for a BF16 weight (uint16 bits (rows, n)) and act_bf16 activations."""
     x = _check_float_mm(w, x, out)
-    _mm_float(np.ascontiguousarray(w).view(np.uint16), BF16, x, out, numba.get_num_threads())
+    _MM_FLOAT[BF16](np.ascontiguousarray(w).view(np.uint16), x, out, numba.get_num_threads())
     return out
 
 
