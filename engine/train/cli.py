@@ -24,6 +24,10 @@ def add_parser(sub, add_model_args):
     p.add_argument("--reg-weight", type=float, default=0.5,
                    help="weight of EAGLE's feature loss: the head's post-norm hidden regressed onto the trunk's "
                         "hidden at the same position (relative squared error; 0: off; default 0.5)")
+    p.add_argument("--chain-weight", type=float, default=0.0,
+                   help="weight of a second pass per step in which each row gets the head's own hidden of the row "
+                        "before instead of the trunk's (what a chained draft at position 2+ sees; doubles the cost "
+                        "of a step; 0: off, the default)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
     p.add_argument("--data-frac", type=float, default=0.45,
                    help="share of the budget spent making data (default 0.45)")

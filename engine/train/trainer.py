@@ -275,7 +275,11 @@ def train_main(a) -> int:
     if state is not None:
         print(f"mtp-train: resuming from {ckpt} (epoch {state['epoch']}, step {state['step']}, "
               f"{_fmt_t(state['elapsed'])} trained)", file=sys.stderr)
-        train, held = state["train"], state["held"]
+        if "train" in state:  # (older checkpoints hold the data themselves)
+            train, held = state["train"], state["held"]
+        else:
+            dd = torch.load(ckpt + ".data", weights_only=False)
+            train, held = dd["train"], dd["held"]
         held_from = state.get("held_from")
         elapsed0 = state["elapsed"]
     else:
@@ -372,14 +376,19 @@ def train_main(a) -> int:
     reserve = min(90.0, 0.08 * budget)  # writing + the final check
     t_end = t_start + budget - reserve - elapsed0  # a resumed run has the rest of the budget
 
-    def save(tag=""):
-        torch.save({"train": train, "held": held, "tensors": head.numpy_tensors(), "opt": opt.state_dict(),
+    def save(tag=""):  # the data (hundreds of MB) is saved once, next to the checkpoint, not every epoch
+        if not os.path.exists(ckpt + ".data"):
+            torch.save({"train": train, "held": held}, ckpt + ".data.tmp")
+            os.replace(ckpt + ".data.tmp", ckpt + ".data")
+        torch.save({"tensors": head.numpy_tensors(), "opt": opt.state_dict(),
                     "step": step, "epoch": epoch, "draft_vocab": dv, "held_from": held_from,
                     "elapsed": elapsed0 + clock() - t_start}, ckpt + ".tmp")
         os.replace(ckpt + ".tmp", ckpt)
 
     stop_file = a.output + ".stop"  # created by the user: finish the epoch's step, write the head, check it
     if state is None:
+        if os.path.exists(ckpt + ".data"):  # left by another run: not this run's data
+            os.remove(ckpt + ".data")
         save()  # the data phase is not repeated when resumed
     peak_lr = a.lr
     warm = 30
@@ -402,6 +411,10 @@ def train_main(a) -> int:
                 loss = loss_fn(lg, ids, lp, mask)
                 if a.reg_weight > 0:
                     loss = loss + a.reg_weight * reg_fn(hid, hn, mask)
+                if a.chain_weight > 0:  # draft position 2: h is the head's own hidden of the row before
+                    hp2 = torch.cat([torch.zeros_like(hid[:, :1]), hid[:, :-1].detach()], dim=1)
+                    lg2, _ = head(emb, hp2)
+                    loss = loss + a.chain_weight * loss_fn(lg2, ids, lp, mask)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
