@@ -372,6 +372,9 @@ class Llama:
                              is_eog=self.tokenizer.is_eog, lock=self.session.lock, n_threads=self.n_threads,
                              spare_core_rows=spare_core_rows)
         self.session.executor = self.engine  # model calls run on the engine's thread when it has one
+        # the session's users take the engine's lock (the same lock, parked for by consumers on the engine's
+        # thread instead of blocking it: scheduler.HostedLock)
+        self.session.lock = self.engine.lock
         self.concurrent = True
 
     @property

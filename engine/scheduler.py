@@ -147,6 +147,56 @@ class Request:
         return list(self.output)
 
 
+class HostedLock:
+    """A lock (threading.Lock or RLock) that a consumer hosted on an engine's thread (Engine.spawn) waits for by
+    parking, not by blocking: the thread that holds it may be waiting for that engine's thread (a model call it
+    lends through Engine.call), which a blocked engine thread would never run. Anywhere else it is the lock."""
+
+    def __init__(self, lock, engine=None):
+        self._lock = lock.inner if isinstance(lock, HostedLock) else lock
+        self.engine = engine
+
+    @property
+    def inner(self):
+        return self._lock
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(False):
+            return True
+        eng = self.engine
+        if not blocking or eng is None or not eng.hosting():
+            return self._lock.acquire(blocking, timeout) if blocking else False
+        deadline = None if timeout is None or timeout < 0 else time.monotonic() + timeout
+        got = []
+
+        def ready():
+            if self._lock.acquire(False):
+                got.append(True)
+                return True
+            return deadline is not None and time.monotonic() >= deadline
+
+        eng.park(ready)
+        return bool(got)
+
+    def release(self):
+        self._lock.release()
+
+    def _is_owned(self) -> bool:
+        f = getattr(self._lock, "_is_owned", None)
+        return f() if f is not None else self._lock.locked()
+
+    def locked(self) -> bool:
+        f = getattr(self._lock, "locked", None)
+        return f() if f is not None else False
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
 class _Run:
     """A running request on its sequence."""
 
@@ -214,7 +264,9 @@ class Engine:
             from llamba.speculative.ngram import NgramProposer
             self._ngram = NgramProposer(draft_max=max(1, self.draft_max))
         self.has_rec = bool(model.rec_shapes())
-        self.lock = lock or threading.RLock()  # held for each step (other users of the model take it too)
+        # held for each step (other users of the model take it too); a consumer hosted on the engine's thread that
+        # finds it taken parks until it is free instead of blocking the thread (see HostedLock)
+        self.lock = HostedLock(lock or threading.RLock(), self)
         # kernel threads of a step: Numba's thread count is per calling thread, and steps run in whichever thread
         # waits for tokens, so each step sets it (None: leave the caller's)
         self.n_threads = n_threads

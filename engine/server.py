@@ -69,6 +69,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 
 from llamba.errors import ContextOverflowError, LlambaError
+from llamba.textstream import find_stop
 
 DEFAULT_MAX_BODY = 1 << 20
 MAX_LOGPROBS = 20  # most alternatives per token a request may ask for (OpenAI: 20 for chat)
@@ -675,7 +676,10 @@ class LlambaService:
         self.timeout = float(timeout) if timeout else 600.0
         self.pool = ThreadPoolExecutor(self.slots, thread_name_prefix="llamba-gen", initializer=self._bind_thread)
         self.prep_pool = ThreadPoolExecutor(2, thread_name_prefix="llamba-prep", initializer=self._bind_thread)
-        self.exclusive = threading.Lock()  # embeddings / prompt scoring: not through the batching engine
+        # embeddings / prompt scoring: not through the batching engine (a generation on the engine's thread that
+        # finds it taken parks until it is free: the holder may be waiting for that thread)
+        from llamba.scheduler import HostedLock
+        self.exclusive = HostedLock(threading.Lock(), getattr(llm, "engine", None))
         self.created = int(time.time())
         self.stats = {"requests": 0, "completed": 0, "cancelled": 0, "errors": 0, "tokens_generated": 0,
                       "tokens_prompt": 0, "last_cancelled_n_gen": None}
@@ -988,7 +992,7 @@ class LlambaService:
                         finish = "stop"
                         break
                     text += dec.decode(llm.detokenize([t]))
-                    hit = _find_stop(text, stops)
+                    hit = find_stop(text, stops)
                     if hit is not None:
                         text, finish = text[:hit], "stop"
                         while gen and starts[-1] >= hit:  # tokens wholly inside the stop string
@@ -1255,11 +1259,6 @@ class LlambaService:
         if info["cancelled"]:
             self.stats["cancelled"] += 1
             self.stats["last_cancelled_n_gen"] = info["n_gen"]
-
-
-def _find_stop(text: str, stops) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
 
 
 def _prom_escape(s: str) -> str:

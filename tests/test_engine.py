@@ -321,6 +321,53 @@ def test_spawned_consumers_run_on_the_engine_thread(tiny_llama):
     llm.close()
 
 
+def test_hosted_consumer_parks_for_a_lock_whose_holder_needs_the_engine(tiny_llama):
+    """A thread that holds the model lock lends it to the engine's thread for its model calls (Engine.call); a
+    consumer hosted on that thread (Engine.spawn) that wants the lock meanwhile (prompt scoring) must park, not
+    block the thread: blocking would leave the holder's call unrun forever (a deadlock)."""
+    single = Llama(tiny_llama, n_ctx=512, verbose=False, seed=1)
+    want_lp = single.prompt_logprobs(single.tokenize(b"the quick brown fox"), 2)
+    single.session.reset()
+    want_rows = single.session.eval(single.tokenize(b"abc"), logits="all")
+    llm = Llama(tiny_llama, n_ctx=1024, verbose=False, seed=1, n_parallel=2)
+    eng = llm.engine
+    runner = threading.Thread(target=eng.run_forever, name="engine-main")
+    runner.start()
+    out, holding, release, done = {}, threading.Event(), threading.Event(), threading.Event()
+
+    def holder():
+        with llm.session.lock:
+            holding.set()
+            release.wait(60)
+            llm.session.reset()
+            out["rows"] = llm.session.eval(llm.tokenize(b"abc"), logits="all")  # runs on the engine's thread
+
+    def scorer():
+        out["lp"] = llm.prompt_logprobs(llm.tokenize(b"the quick brown fox"), 2)
+
+    try:
+        for _ in range(200):
+            if eng.elsewhere():
+                break
+            threading.Event().wait(0.01)
+        h = threading.Thread(target=holder)
+        h.start()
+        assert holding.wait(60)
+        eng.spawn(scorer, on_done=lambda err: (out.__setitem__("err", err), done.set()))
+        threading.Event().wait(0.3)
+        assert "lp" not in out  # parked while the lock is held
+        release.set()
+        h.join(120)
+        assert not h.is_alive() and done.wait(120)
+        assert out["err"] is None and out["lp"] == want_lp
+        assert np.array_equal(out["rows"], want_rows)
+    finally:
+        release.set()
+        eng.stop()
+        runner.join(timeout=30)
+    llm.close()
+
+
 def test_run_forever_steps_and_runs_model_calls_on_its_own_thread(tiny_llama):
     """`llamba serve` runs the engine on the main thread (Engine.run_forever) so that kernels run on one thread:
     requests from other threads only wait for their tokens, and other model work from those threads (embeddings,
