@@ -32,7 +32,7 @@ from llamba.compute import CPU
 from llamba.errors import GGUFError, LlambaError
 from llamba.kv_cache import Batch
 from llamba.layers import Linear, norm_weight
-from llamba.models.base import GEMM_MIN_BATCH, AttentionBlock, BaseModel, Head
+from llamba.models.base import AttentionBlock, BaseModel, Head
 
 HEAD_ARCH = "llamba-mtp-head"
 P = "mtp_head."
@@ -68,10 +68,9 @@ def head_config(cfg, n_head: int, n_head_kv: int, n_ff: int):
                                n_head_kv=ext(cfg.n_head_kv, n_head_kv), n_ff=ext(cfg.n_ff, n_ff), swa_layers=swa)
 
 
-def _rows_linear(src: Linear, ids: np.ndarray, name: str) -> Linear:
+def _rows_linear(src: Linear, ids: np.ndarray, name: str, repack: bool) -> Linear:
     """A Linear made of rows `ids` of `src` (quantized rows are independent: blocks run along the input)."""
     from llamba.kernels import quants_simple as QS
-    from llamba.layers import repack_enabled
     lin = object.__new__(Linear)
     lin.name = name
     lin.type_id = src.type_id
@@ -81,7 +80,7 @@ def _rows_linear(src: Linear, ids: np.ndarray, name: str) -> Linear:
     lin.ops = src.ops
     lin.bias = None if src.bias is None else src.bias[ids].copy()
     lin.wp = None
-    if lin.type_id == QS.Q8_0 and lin.w.dtype == np.uint8 and repack_enabled():
+    if lin.type_id == QS.Q8_0 and lin.w.dtype == np.uint8 and repack:
         lin.wp = QS.repack_q8_0(lin.w)
     return lin
 
@@ -123,7 +122,7 @@ class SidecarHead(BaseModel):
             if ids.min() < 0 or ids.max() >= cfg.n_vocab or np.unique(ids).shape[0] != ids.shape[0]:
                 raise MTPHeadError(f"{path}: mtp_head.draft_vocab holds ids outside 0..{cfg.n_vocab - 1} or twice")
             self.draft_vocab = ids
-            self.lm_head = Head(_rows_linear(trunk.output, ids, "output.draft"), ids.shape[0],
+            self.lm_head = Head(_rows_linear(trunk.output, ids, "output.draft", trunk.options.repack), ids.shape[0],
                                 cfg.final_logit_softcap)
         else:
             self.lm_head = trunk.out_layer.head
@@ -160,7 +159,7 @@ class SidecarHead(BaseModel):
         if b.n_rows == 0:
             return [np.empty((0, nv), dtype=np.float32) for _ in views]
         if gemm is None:
-            gemm = len(views) == 1 and b.n_rows >= GEMM_MIN_BATCH
+            gemm = len(views) == 1 and b.n_rows >= self.trunk.options.gemm_threshold
         be = self.be
         E = self.config.n_embd
         e = be.rms_norm(self.embed(b.tokens), self.enorm, self.eps)
