@@ -68,8 +68,9 @@ def head_config(cfg, n_head: int, n_head_kv: int, n_ff: int):
                                n_head_kv=ext(cfg.n_head_kv, n_head_kv), n_ff=ext(cfg.n_ff, n_ff), swa_layers=swa)
 
 
-def _rows_linear(src: Linear, ids: np.ndarray, name: str, repack: bool) -> Linear:
-    """A Linear made of rows `ids` of `src` (quantized rows are independent: blocks run along the input)."""
+def _rows_linear(src: Linear, ids: np.ndarray, name: str, repack: bool = False) -> Linear:
+    """A Linear made of rows `ids` of `src` (quantized rows are independent: blocks run along the input); with
+    `repack`, Q8_0 rows also get the packed layout (as the trunk's Options.repack says)."""
     from llamba.kernels import quants_simple as QS
     lin = object.__new__(Linear)
     lin.name = name
