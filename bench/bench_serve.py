@@ -111,6 +111,23 @@ PROMPTS = prompt_set()
 # ---------------------------------------------------------------- one streaming request
 
 
+def new_result() -> dict:
+    """One request's record (times from time.perf_counter)."""
+    return {"ok": False, "error": None, "t_send": None, "ttft": None, "gaps": [], "n_chunks": 0,
+            "completion_tokens": None, "prompt_tokens": None, "t_end": None, "first_event": None}
+
+
+def note_content(res: dict, now: float, t0: float, last) -> float:
+    """Count a chunk with content that arrived at `now`: the first sets ttft, later ones add their gap to the
+    previous one (`last`). Returns `now` (the new `last`)."""
+    res["n_chunks"] += 1
+    if res["ttft"] is None:
+        res["ttft"] = now - t0
+    else:
+        res["gaps"].append(now - last)
+    return now
+
+
 class Target:
     def __init__(self, url: str, label: str, api_key: str | None = None, timeout: float = 600.0):
         u = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
@@ -177,8 +194,7 @@ class Target:
     def stream(self, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
         """One streaming /v1/completions request. Returns {ok, error, t_send, ttft, gaps, n_chunks,
         completion_tokens, prompt_tokens, t_end} (times from time.perf_counter)."""
-        res = {"ok": False, "error": None, "t_send": None, "ttft": None, "gaps": [], "n_chunks": 0,
-               "completion_tokens": None, "prompt_tokens": None, "t_end": None, "first_event": None}
+        res = new_result()
         payload = json.dumps(self.body(prompt, max_tokens, True, extra)).encode()
         t0 = time.perf_counter()
         res["t_send"] = t0
@@ -206,12 +222,7 @@ class Target:
                 for ch in ev.get("choices") or []:
                     text += ch.get("text") or (ch.get("delta") or {}).get("content") or ""
                 if text:
-                    res["n_chunks"] += 1
-                    if res["ttft"] is None:
-                        res["ttft"] = now - t0
-                    else:
-                        res["gaps"].append(now - last)
-                    last = now
+                    last = note_content(res, now, t0, last)
                 u = ev.get("usage")
                 if isinstance(u, dict):
                     if u.get("completion_tokens") is not None:
@@ -251,8 +262,7 @@ class LibraryTarget:
         pass
 
     def stream(self, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
-        res = {"ok": False, "error": None, "t_send": None, "ttft": None, "gaps": [], "n_chunks": 0,
-               "completion_tokens": None, "prompt_tokens": None, "t_end": None, "first_event": None}
+        res = new_result()
         t0 = res["t_send"] = time.perf_counter()
         last = None
         try:
@@ -261,12 +271,7 @@ class LibraryTarget:
                 if res["first_event"] is None:
                     res["first_event"] = now - t0
                 if ch["choices"] and ch["choices"][0].get("text"):
-                    res["n_chunks"] += 1
-                    if res["ttft"] is None:
-                        res["ttft"] = now - t0
-                    else:
-                        res["gaps"].append(now - last)
-                    last = now
+                    last = note_content(res, now, t0, last)
             res["ok"] = True
         except Exception as e:  # noqa: BLE001
             res["error"] = f"{type(e).__name__}: {e}"

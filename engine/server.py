@@ -541,12 +541,12 @@ class _Pipe:
         if host is not None and host.hosting():
             return self._put_hosted(host, item, size)
         with self.cv:
-            if size and self.limit and self.buffered and self.buffered + size > self.limit:
+            if self._over(size):
                 if not self.can_pause:
                     self.cancelled = self.overflow = True
                 else:
                     deadline = time.monotonic() + self.stall
-                    while not self.cancelled and self.buffered and self.buffered + size > self.limit:
+                    while not self.cancelled and self._over(size):
                         left = deadline - time.monotonic()
                         if left <= 0:
                             self.cancelled = self.overflow = True

@@ -145,6 +145,14 @@ def stream_text(tokens: Iterable[int], tokenizer, stops: list[str] | None = None
     pending = ""
     total = 0  # characters decoded so far (yielded + pending)
     gen: list[int] = []
+
+    def stop_in_pending():
+        """Where a stop string starts in the pending text (its tokens' logprobs up to there released), or None."""
+        hit = find_stop(pending, stops)
+        if hit is not None and rec is not None:
+            rec.emitted(total - len(pending) + hit)
+        return hit
+
     try:
         for tok in tokens:
             if out_tokens is not None and not is_eog(tok):
@@ -168,10 +176,8 @@ def stream_text(tokens: Iterable[int], tokenizer, stops: list[str] | None = None
             total += len(piece)
             pending += piece
             if stops:
-                hit = find_stop(pending, stops)
+                hit = stop_in_pending()
                 if hit is not None:
-                    if rec is not None:
-                        rec.emitted(total - len(pending) + hit)
                     yield pending[:hit], "stop"
                     return
                 safe = len(pending) - partial_stop_len(pending, stops)
@@ -189,10 +195,8 @@ def stream_text(tokens: Iterable[int], tokenizer, stops: list[str] | None = None
         total += len(tail)
         pending += tail
         if stops:
-            hit = find_stop(pending, stops)
+            hit = stop_in_pending()
             if hit is not None:
-                if rec is not None:
-                    rec.emitted(total - len(pending) + hit)
                 yield pending[:hit], "stop"
                 return
         if rec is not None:

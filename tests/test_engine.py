@@ -238,6 +238,18 @@ def test_short_prompt_step_carries_no_slice_of_a_long_prefill(tiny_llama):
     assert r_long.tokens() == want_long and r_short.tokens() == want_short
 
 
+def _run_forever_in_thread(eng) -> threading.Thread:
+    """Start `eng.run_forever` in a thread named engine-main (as `llamba serve` runs it on its main thread) and wait
+    until it steps there."""
+    runner = threading.Thread(target=eng.run_forever, name="engine-main")
+    runner.start()
+    for _ in range(200):
+        if eng.elsewhere():
+            break
+        threading.Event().wait(0.01)
+    return runner
+
+
 def test_spawned_consumers_run_on_the_engine_thread(tiny_llama):
     """Engine.spawn: consumers of requests (what `llamba serve` runs per generation) run on the engine's own thread
     as greenlets that hand the thread back while they wait for tokens: several at once, streamed and whole, with
@@ -251,8 +263,7 @@ def test_spawned_consumers_run_on_the_engine_thread(tiny_llama):
     want_lp = single.prompt_logprobs(single.tokenize(b"the quick brown fox"), 2)
     llm = Llama(tiny_llama, n_ctx=1024, verbose=False, seed=1, n_parallel=4)
     eng = llm.engine
-    runner = threading.Thread(target=eng.run_forever, name="engine-main")
-    runner.start()
+    runner = _run_forever_in_thread(eng)
     out, done, gate = {}, {}, threading.Event()
     finished = threading.Event()
 
@@ -280,10 +291,6 @@ def test_spawned_consumers_run_on_the_engine_thread(tiny_llama):
         return f
 
     try:
-        for _ in range(200):
-            if eng.elsewhere():
-                break
-            threading.Event().wait(0.01)
         assert eng.can_host()
         for i, p in enumerate(prompts):
             eng.spawn(consumer, i, p, on_done=on_done(i))
@@ -331,8 +338,7 @@ def test_hosted_consumer_parks_for_a_lock_whose_holder_needs_the_engine(tiny_lla
     want_rows = single.session.eval(single.tokenize(b"abc"), logits="all")
     llm = Llama(tiny_llama, n_ctx=1024, verbose=False, seed=1, n_parallel=2)
     eng = llm.engine
-    runner = threading.Thread(target=eng.run_forever, name="engine-main")
-    runner.start()
+    runner = _run_forever_in_thread(eng)
     out, holding, release, done = {}, threading.Event(), threading.Event(), threading.Event()
 
     def holder():
@@ -346,10 +352,6 @@ def test_hosted_consumer_parks_for_a_lock_whose_holder_needs_the_engine(tiny_lla
         out["lp"] = llm.prompt_logprobs(llm.tokenize(b"the quick brown fox"), 2)
 
     try:
-        for _ in range(200):
-            if eng.elsewhere():
-                break
-            threading.Event().wait(0.01)
         h = threading.Thread(target=holder)
         h.start()
         assert holding.wait(60)
@@ -390,13 +392,8 @@ def test_run_forever_steps_and_runs_model_calls_on_its_own_thread(tiny_llama):
         return fwd(*a, **kw)
 
     llm.model.forward_batch, llm.model.forward = spy_batch, spy_fwd
-    runner = threading.Thread(target=eng.run_forever, name="engine-main")
-    runner.start()
+    runner = _run_forever_in_thread(eng)
     try:
-        for _ in range(200):
-            if eng.elsewhere():
-                break
-            threading.Event().wait(0.01)
         assert eng.elsewhere()
         out = {}
 
