@@ -45,7 +45,7 @@ _SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
 
 _PAR_MIN = 1 << 15  # below this many elements, elementwise kernels run serially (no thread start-up)
 _BLOCK = 4096  # elements per parallel block of the elementwise kernels
-_ATTN_SERIAL = 8192  # attention with at most this many (row, head, key) triples runs on one thread
+_ATTN_SERIAL = 2048  # attention with at most this many (row, head, key) triples runs on one thread
 _ATTN_CHUNKS = 64  # attention work items: (head h, rows t = c, c+n, c+2n, ...), about 64 of them
 
 
