@@ -452,12 +452,11 @@ def cmd_serve(a) -> int:
     url_host = f"[{host}]" if ":" in host else host
     print(f"llamba: serving {svc.alias} on http://{url_host}:{port} ({mode}; Ctrl-C stops)", file=sys.stderr,
           flush=True)
-    # the engine steps on this (the main) thread, where the model was loaded, and HTTP runs in another: with
-    # GNU OpenMP, kernels started from a second thread once the first has run any ran 2x slower (see
+    # HTTP and the engine share this (the main) thread, where the model was loaded: the engine steps as a task
+    # of the server's event loop (Engine.run_async), so per token no other thread of the server wakes up (kernels
+    # should also start from one thread: with GNU OpenMP a second kernel-launching thread ran 2x slower, see
     # Engine.run_forever); Ctrl-C or SIGTERM stop both
     import signal
-    import threading
-    http = threading.Thread(target=srv.serve_forever, name="llamba-http", daemon=True)
 
     def _term(signum, frame):
         raise KeyboardInterrupt
@@ -466,17 +465,11 @@ def cmd_serve(a) -> int:
         old_term = signal.signal(signal.SIGTERM, _term)
     except ValueError:  # not the main thread (cmd_serve called from elsewhere): the default handling
         old_term = None
-    http.start()
     try:
-        if llm.engine is not None:
-            llm.engine.run_forever(until=lambda: not http.is_alive())
-        else:
-            http.join()
+        srv.serve_forever(engine=llm.engine)
     except KeyboardInterrupt:
         print("", file=sys.stderr)
     finally:
-        srv.shutdown()
-        http.join(timeout=10)
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
         srv.server_close()

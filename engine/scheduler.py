@@ -283,6 +283,7 @@ class Engine:
         self._calls: deque = deque()  # (fn, args, kw, done, result, error) to run on the engine's thread
         self._spawned: deque = deque()  # (fn, args, on_done) to start as hosted consumers (spawn)
         self._hosted: dict = {}  # hosted consumer (greenlet) -> what it waits for (a predicate), None while it runs
+        self._aloop = self._aevent = None  # the event loop and its wake-up while the engine steps in it (run_async)
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "errors": 0, "prompt_tokens": 0,
                       "cached_tokens": 0, "generated_tokens": 0, "steps": 0, "batch_rows": 0, "drafted": 0,
                       "accepted": 0}
@@ -304,7 +305,7 @@ class Engine:
         with self._cv:
             self.waiting.append(req)
             self.stats["requests"] += 1
-            self._cv.notify()
+            self._notify()
         return req
 
     def start(self):
@@ -350,7 +351,7 @@ class Engine:
         item = [fn, args, kw, threading.Event(), None, None, not self.lock._is_owned()]
         with self._cv:
             self._calls.append(item)
-            self._cv.notify()
+            self._notify()
         while not item[3].wait(0.1):
             if self._thread is not th:  # the loop ended without taking it: run it here
                 with self._cv:
@@ -384,7 +385,7 @@ class Engine:
             raise LlambaError("hosted consumers need the greenlet package")
         with self._cv:
             self._spawned.append((fn, args, on_done))
-            self._cv.notify()
+            self._notify()
 
     def hosting(self) -> bool:
         """True in a consumer that runs on the engine's thread (spawn)."""
@@ -454,13 +455,6 @@ class Engine:
         while not self.lock.acquire(timeout=0.002):
             self._run_calls(lent_only=True)
 
-    def _serve_step(self):
-        self._acquire()
-        try:
-            return self._step()
-        finally:
-            self.lock.release()
-
     def _run_calls(self, error: BaseException | None = None, lent_only: bool = False):
         while True:
             with self._cv:
@@ -515,7 +509,26 @@ class Engine:
 
     def _wake(self):
         with self._cv:
-            self._cv.notify()
+            self._notify()
+
+    def _notify(self):
+        """Wake the stepping loop (the caller holds _cv): the thread waiting on _cv, or the event loop's task
+        (run_async), from its own thread or another."""
+        self._cv.notify()
+        ev = self._aevent
+        if ev is not None and not ev.is_set():
+            if threading.current_thread() is self._thread:
+                ev.set()
+            else:
+                try:
+                    self._aloop.call_soon_threadsafe(ev.set)
+                except RuntimeError:  # the loop is closed: the task is gone too
+                    pass
+
+    def _idle(self) -> bool:
+        """Nothing to do until something arrives (the caller holds _cv)."""
+        return not self._stop and not self.waiting and not self.running and not self._calls and \
+            not self._spawned and not (self._hosted and self._ready_consumers())
 
     def _loop(self, until=None):
         """The engine's own stepping loop (start's thread, or run_forever's caller) until stop() or `until()`."""
@@ -523,24 +536,96 @@ class Engine:
             while not self._stop and not (until is not None and until()):
                 self._run_consumers()
                 with self._cv:
-                    if not self._stop and not self.waiting and not self.running and not self._calls and \
-                            not self._spawned and not (self._hosted and self._ready_consumers()):
+                    if self._idle():
                         # parked consumers may wait for something else than a step (a client reading): look again
                         self._cv.wait(0.02 if self._hosted else None if until is None else 0.1)
                 self._run_calls()
                 if self._stop:
                     break
-                try:
-                    self._serve_step()
-                except KeyboardInterrupt:
-                    raise
-                except BaseException as e:  # noqa: BLE001 - never let the loop die: fail the running requests
-                    self._fail_all(e)
+                self._acquire()
+                self._step_held()
         finally:
-            self._fail_all(LlambaError("the engine stopped"))
-            self._run_calls(LlambaError("the engine stopped"))
-            if _gl is not None and threading.current_thread() is self._thread:
-                self._run_consumers()  # they see their requests' errors and end
+            self._wind_down()
+
+    async def run_async(self):
+        """Step as a task of the running asyncio event loop, on the loop's own thread, until stop().
+
+        `llamba serve` runs its HTTP server and the engine on one thread this way (the main thread, where the
+        model was loaded: see run_forever for why kernels should start from one thread): between two steps the
+        task yields to the loop, which reads requests and writes the chunks the step produced; the consumers
+        hosted on the engine's thread (spawn) run here too. So per token no thread but the engine's wakes up
+        on the server's side (with HTTP on a thread of its own, that thread woke per token and took a core from
+        the kernels' two-thread regions). Model work that other threads hand over (`call`) runs between steps,
+        and a thread holding the model lock never blocks the loop: the task polls for it.
+        A step blocks the loop for its duration (a few ms; a prompt chunk tens of ms)."""
+        import asyncio
+        if self._thread is not None:
+            raise LlambaError("the engine already runs in a thread")
+        self._stop = False
+        self._thread = threading.current_thread()
+        self._aloop = asyncio.get_running_loop()
+        self._aevent = asyncio.Event()
+        try:
+            while not self._stop:
+                self._run_consumers()
+                with self._cv:
+                    idle = self._idle()
+                    if idle:
+                        self._aevent.clear()
+                if idle:
+                    try:
+                        await asyncio.wait_for(self._aevent.wait(), 0.02 if self._hosted else None)
+                    except (TimeoutError, asyncio.TimeoutError):
+                        pass
+                    continue
+                self._run_calls()
+                if self._stop:
+                    break
+                while not self.lock.acquire(False):  # a thread holds it: run what it lends, let the loop run
+                    self._run_calls(lent_only=True)
+                    await asyncio.sleep(0.001)
+                self._step_held()
+                await self._yield_to_loop(asyncio)
+        finally:
+            self._aevent = self._aloop = None
+            try:
+                self._wind_down()
+            finally:
+                self._thread = None
+
+    async def _yield_to_loop(self, asyncio):
+        """The loop's turn between two steps: reads, new requests, and the writes of the chunks this step made.
+        A chunk goes out after a few loop iterations (outbox -> the request's queue -> its response task -> the
+        socket), so yield while callbacks are still queued (up to 16 iterations), else the chunk would wait for
+        the next step."""
+        loop = self._aloop
+        for _ in range(16):
+            await asyncio.sleep(0)
+            ready = getattr(loop, "_ready", None)  # (CPython's loops: the callbacks for the next iteration)
+            if ready is None:
+                await asyncio.sleep(0)
+                return
+            if not ready:
+                return
+
+    def _step_held(self):
+        """One step with the model lock already taken (released here); a failing step fails the running
+        requests, never the loop."""
+        try:
+            try:
+                self._step()
+            finally:
+                self.lock.release()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - never let the loop die: fail the running requests
+            self._fail_all(e)
+
+    def _wind_down(self):
+        self._fail_all(LlambaError("the engine stopped"))
+        self._run_calls(LlambaError("the engine stopped"))
+        if _gl is not None and threading.current_thread() is self._thread:
+            self._run_consumers()  # they see their requests' errors and end
 
     def _fail_all(self, e: BaseException):
         for run in list(self.running):

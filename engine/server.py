@@ -630,7 +630,10 @@ class _Outbox:
                 return True
             self.scheduled = True
         try:
-            self.loop.call_soon_threadsafe(self._drain)
+            if asyncio._get_running_loop() is self.loop:  # the loop's own thread (the engine steps in it)
+                self.loop.call_soon(self._drain)
+            else:
+                self.loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop is closed
             with self.lock:
                 self.scheduled = False
@@ -1900,12 +1903,27 @@ class LlambaServer:
         self.server_address = sock.getsockname()[:2]
         self._server = None
 
-    def serve_forever(self):
+    def serve_forever(self, engine=None):
+        """Serve until shutdown(). With `engine` (a llamba.scheduler.Engine without a thread of its own), the
+        engine steps in this thread's event loop too (Engine.run_async): HTTP and the engine share one thread,
+        and the engine stops when the server does."""
         import uvicorn
         logging.getLogger("uvicorn.error").addFilter(_QuietCut())
         config = uvicorn.Config(self.app, **self._kw)
-        self._server = uvicorn.Server(config)
-        self._server.run(sockets=[self.socket])
+        self._server = server = uvicorn.Server(config)
+        if engine is None:
+            server.run(sockets=[self.socket])
+            return
+
+        async def main():
+            task = asyncio.create_task(engine.run_async())
+            try:
+                await server.serve(sockets=[self.socket])
+            finally:
+                engine.stop()
+                await task
+
+        asyncio.run(main())
 
     def shutdown(self):
         if self._server is not None:

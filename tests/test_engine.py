@@ -238,10 +238,29 @@ def test_short_prompt_step_carries_no_slice_of_a_long_prefill(tiny_llama):
     assert r_long.tokens() == want_long and r_short.tokens() == want_short
 
 
-def _run_forever_in_thread(eng) -> threading.Thread:
-    """Start `eng.run_forever` in a thread named engine-main (as `llamba serve` runs it on its main thread) and wait
-    until it steps there."""
+def _run_forever_in_thread(eng, mode: str = "thread") -> threading.Thread:
+    """Start the engine's stepping loop in a thread named engine-main (as `llamba serve` runs it on its main thread)
+    and wait until it steps there. mode "thread": Engine.run_forever; "event-loop": Engine.run_async as a task of an
+    asyncio loop on that thread (how `llamba serve` runs it, beside the HTTP server), with a ticker task beside it
+    whose count (`runner.ticks`) shows the loop is not held up while the engine waits."""
     runner = threading.Thread(target=eng.run_forever, name="engine-main")
+    runner.ticks = [0]
+    if mode == "event-loop":
+        import asyncio
+
+        async def main():
+            async def ticker():
+                while True:
+                    await asyncio.sleep(0.005)
+                    runner.ticks[0] += 1
+            t = asyncio.create_task(ticker())
+            try:
+                await eng.run_async()
+            finally:
+                t.cancel()
+
+        runner = threading.Thread(target=lambda: asyncio.run(main()), name="engine-main")
+        runner.ticks = [0]
     runner.start()
     for _ in range(200):
         if eng.elsewhere():
@@ -250,7 +269,11 @@ def _run_forever_in_thread(eng) -> threading.Thread:
     return runner
 
 
-def test_spawned_consumers_run_on_the_engine_thread(tiny_llama):
+LOOP_MODES = pytest.mark.parametrize("mode", ["thread", "event-loop"])
+
+
+@LOOP_MODES
+def test_spawned_consumers_run_on_the_engine_thread(tiny_llama, mode):
     """Engine.spawn: consumers of requests (what `llamba serve` runs per generation) run on the engine's own thread
     as greenlets that hand the thread back while they wait for tokens: several at once, streamed and whole, with
     prompt scoring (a model call from the engine's thread), each with the output a single caller gets; a consumer
@@ -263,7 +286,7 @@ def test_spawned_consumers_run_on_the_engine_thread(tiny_llama):
     want_lp = single.prompt_logprobs(single.tokenize(b"the quick brown fox"), 2)
     llm = Llama(tiny_llama, n_ctx=1024, verbose=False, seed=1, n_parallel=4)
     eng = llm.engine
-    runner = _run_forever_in_thread(eng)
+    runner = _run_forever_in_thread(eng, mode)
     out, done, gate = {}, {}, threading.Event()
     finished = threading.Event()
 
@@ -328,7 +351,8 @@ def test_spawned_consumers_run_on_the_engine_thread(tiny_llama):
     llm.close()
 
 
-def test_hosted_consumer_parks_for_a_lock_whose_holder_needs_the_engine(tiny_llama):
+@LOOP_MODES
+def test_hosted_consumer_parks_for_a_lock_whose_holder_needs_the_engine(tiny_llama, mode):
     """A thread that holds the model lock lends it to the engine's thread for its model calls (Engine.call); a
     consumer hosted on that thread (Engine.spawn) that wants the lock meanwhile (prompt scoring) must park, not
     block the thread: blocking would leave the holder's call unrun forever (a deadlock)."""
@@ -338,7 +362,7 @@ def test_hosted_consumer_parks_for_a_lock_whose_holder_needs_the_engine(tiny_lla
     want_rows = single.session.eval(single.tokenize(b"abc"), logits="all")
     llm = Llama(tiny_llama, n_ctx=1024, verbose=False, seed=1, n_parallel=2)
     eng = llm.engine
-    runner = _run_forever_in_thread(eng)
+    runner = _run_forever_in_thread(eng, mode)
     out, holding, release, done = {}, threading.Event(), threading.Event(), threading.Event()
 
     def holder():
@@ -356,8 +380,11 @@ def test_hosted_consumer_parks_for_a_lock_whose_holder_needs_the_engine(tiny_lla
         h.start()
         assert holding.wait(60)
         eng.spawn(scorer, on_done=lambda err: (out.__setitem__("err", err), done.set()))
+        ticks = runner.ticks[0]
         threading.Event().wait(0.3)
         assert "lp" not in out  # parked while the lock is held
+        if mode == "event-loop":  # and the event loop runs meanwhile (the engine polls for the lock)
+            assert runner.ticks[0] > ticks
         release.set()
         h.join(120)
         assert not h.is_alive() and done.wait(120)
@@ -370,7 +397,8 @@ def test_hosted_consumer_parks_for_a_lock_whose_holder_needs_the_engine(tiny_lla
     llm.close()
 
 
-def test_run_forever_steps_and_runs_model_calls_on_its_own_thread(tiny_llama):
+@LOOP_MODES
+def test_run_forever_steps_and_runs_model_calls_on_its_own_thread(tiny_llama, mode):
     """`llamba serve` runs the engine on the main thread (Engine.run_forever) so that kernels run on one thread:
     requests from other threads only wait for their tokens, and other model work from those threads (embeddings,
     prompt log-probabilities: Session.eval) runs on the engine's thread through Engine.call, also when the caller
@@ -392,7 +420,7 @@ def test_run_forever_steps_and_runs_model_calls_on_its_own_thread(tiny_llama):
         return fwd(*a, **kw)
 
     llm.model.forward_batch, llm.model.forward = spy_batch, spy_fwd
-    runner = _run_forever_in_thread(eng)
+    runner = _run_forever_in_thread(eng, mode)
     try:
         assert eng.elsewhere()
         out = {}
