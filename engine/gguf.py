@@ -306,7 +306,9 @@ class _Part:
         except OSError as e:
             raise GGUFError(f"{path}: cannot open model file: {e.strerror}") from None
         with f:
-            size = os.fstat(f.fileno()).st_size
+            # the file's identity as opened (size, mtime, inode): keys derived data cached on disk (llamba.layers)
+            self.stat = os.fstat(f.fileno())
+            size = self.stat.st_size
             if size == 0:
                 raise GGUFError(f"{path}: file is empty; not a GGUF model")
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

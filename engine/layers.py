@@ -16,13 +16,20 @@ weights are not held twice; reading `w` faults them back in from the file.  The 
 """
 from __future__ import annotations
 
+import hashlib
+import mmap
+import os
+import re
+import tempfile
+import time
+
 import numba
 import numpy as np
 
 from llamba.errors import GGUFError, TokenIdError
 from llamba.kernels.quant import ops_for
 from llamba.kernels.traits import F32, TYPES
-from llamba.options import options_of
+from llamba.options import options_of, repack_cache_dir
 
 GEMM_TILE_FLOATS = 1 << 19  # 2 MiB of float32 per dequantized weight tile
 REPACK_CHUNK_BYTES = 8 << 20  # Q8_0 repacking: raw bytes per chunk (then those raw pages are dropped)
@@ -35,6 +42,177 @@ FUSED_MAX_T = 4  # every group takes the fused path at least up to here
 
 # LinearGroup input transforms (llamba.kernels.fused modes)
 IDENTITY, RMS_NORM, SWIGLU, GEGLU = 0, 1, 2, 3
+
+
+# The repacked-weight cache (llamba.options.repack_cache_dir): a repacked Q8_0 tensor of at least
+# REPACK_CACHE_MIN_BYTES is written once to <dir>/<model key>-<tensor key>.npy and memory-mapped read-only by later
+# loads (its pages are the page cache's: no copy, no anonymous page faults, shared between processes).  The model key
+# hashes the file's path, size, mtime and inode as opened (gguf `_Part.stat`) and REPACK_CACHE_FORMAT; the tensor
+# key its offset, shape and type.  A file is used only when its dtype, shape, contiguity and alignment are those of
+# `ops.packed_shape` and a few packed rows equal the raw rows they come from (`_packed_rows_match`); anything else
+# (missing, truncated, stale, unreadable) repacks as without a cache.  Files are written to a temporary name (space
+# reserved first: never a SIGBUS on a full disk) and renamed into place; the directory is kept under
+# REPACK_CACHE_MAX_BYTES by deleting the least recently used files of other models (a model that does not fit is
+# repacked at every load for its remaining tensors).  No failure of the cache (unwritable directory, full disk) is
+# an error: the weight is repacked in memory instead.
+REPACK_CACHE_FORMAT = 1  # bump when the packed layout (kernels.quants_simple, Q8_0P) changes
+REPACK_CACHE_MIN_BYTES = 4 << 20  # smaller tensors repack in a few milliseconds: no file for them
+REPACK_CACHE_MAX_BYTES = 4 << 30  # the directory's size limit
+REPACK_CACHE_CHECK_GROUPS = 8  # packed rows (of 8 weight rows) compared with the raw weight before a file is used
+_CACHE_NAME = re.compile(r"[0-9a-f]{20}-[0-9a-f]{20}\.npy")
+_TMP_PREFIX = ".tmp-repack-"
+_TMP_MAX_AGE = 3600.0  # seconds after which a temporary file is an abandoned write
+
+
+def _h(*parts) -> str:
+    return hashlib.sha256("\0".join(str(p) for p in parts).encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+def _cache_key(gf, info, ops, rows: int, rb: int) -> tuple[str, str] | None:
+    """(directory, file name) of a tensor's cache file; None without a cache or a file identity."""
+    d = repack_cache_dir()
+    part = gf.parts[info.part]
+    st = getattr(part, "stat", None)
+    if d is None or st is None:
+        return None
+    model = _h(REPACK_CACHE_FORMAT, os.path.realpath(part.path), st.st_size, st.st_mtime_ns, st.st_ino)
+    tensor = _h(ops.packed_kind, info.type_id, info.offset, info.nbytes, rows, rb)
+    return d, f"{model}-{tensor}.npy"
+
+
+def _packed_rows_match(w: np.ndarray, wp: np.ndarray) -> bool:
+    """A few packed rows of `wp` (the first, the last, some between) equal the Q8_0P layout of the raw rows of `w`
+    they hold (numpy, no kernel): catches a file of another tensor or model version, or one never fully written."""
+    rows, rb = w.shape
+    nb = rb // 34
+    G = wp.shape[0]
+    for g in sorted({0, G - 1, *(G * (2 * i + 1) // (2 * REPACK_CACHE_CHECK_GROUPS)
+                                for i in range(REPACK_CACHE_CHECK_GROUPS - 2))}):
+        raw = np.asarray(w[np.minimum(np.arange(8 * g, 8 * g + 8), rows - 1)]).reshape(8, nb, 34)
+        u = (raw[:, :, 2:] ^ np.uint8(0x80)).reshape(8, nb, 8, 4).transpose(1, 2, 0, 3).reshape(-1)
+        d = raw[:, :, :2].transpose(1, 0, 2).reshape(-1)
+        if not (np.array_equal(wp[g, :256 * nb], u) and np.array_equal(wp[g, 256 * nb:], d)):
+            return False
+    return True
+
+
+def _load_cached(path: str, w: np.ndarray, shape: tuple) -> np.ndarray | None:
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception:  # noqa: BLE001 - missing, truncated or not an .npy: repack
+        return None
+    if (not isinstance(a, np.ndarray) or a.dtype != np.uint8 or a.shape != shape or not a.flags.c_contiguous
+            or a.ctypes.data % 64):
+        return None
+    a = a.view(np.ndarray)  # a plain read-only array over the mapping (which it keeps open)
+    if not _packed_rows_match(w, a):
+        return None
+    try:
+        os.utime(path)  # recently used: the last to be evicted
+    except OSError:
+        pass
+    return a
+
+
+def _make_room(d: str, need: int, own: str) -> bool:
+    """Delete the least recently used cache files of other models (and abandoned temporary files) until `need`
+    more bytes fit under REPACK_CACHE_MAX_BYTES; False (nothing deleted but abandoned temporary files) when they
+    cannot. Only names this cache writes are touched; `own`: the model key of the files to keep."""
+    total, others, now = 0, [], time.time()
+    for e in os.scandir(d):
+        try:
+            if not e.is_file(follow_symlinks=False):
+                continue
+            st = e.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if e.name.startswith(_TMP_PREFIX):
+            if now - st.st_mtime > _TMP_MAX_AGE:
+                try:
+                    os.unlink(e.path)
+                except OSError:
+                    pass
+            else:
+                total += st.st_size  # another process writing
+        elif _CACHE_NAME.fullmatch(e.name):
+            total += st.st_size
+            if not e.name.startswith(own):
+                others.append((st.st_mtime, e.path, st.st_size))
+    if total - sum(size for _mt, _p, size in others) + need > REPACK_CACHE_MAX_BYTES:
+        return False  # does not fit even without the other models' files: keep them
+    for _mt, p, size in sorted(others):
+        if total + need <= REPACK_CACHE_MAX_BYTES:
+            break
+        try:
+            os.unlink(p)
+            total -= size
+        except OSError:
+            pass
+    return total + need <= REPACK_CACHE_MAX_BYTES
+
+
+def _write_cached(d: str, name: str, w: np.ndarray, ops, shape: tuple, done) -> bool:
+    """Repack `w` straight into a new cache file (a shared mapping of it): True once it is in place."""
+    size = shape[0] * shape[1]
+    hdr = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
+    fd = tmp = None
+    try:
+        os.makedirs(d, exist_ok=True)
+        if not hasattr(os, "posix_fallocate") or not _make_room(d, size + 4096, name.split("-")[0]):
+            return False
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=_TMP_PREFIX, suffix=".npy")
+        with os.fdopen(os.dup(fd), "wb") as f:
+            np.lib.format.write_array_header_1_0(f, hdr)  # padded to a multiple of 64 bytes
+            off = f.tell()
+        os.posix_fallocate(fd, off, size)  # the blocks exist before the mapping is written
+        mm = mmap.mmap(fd, off + size)
+        try:
+            out = np.frombuffer(mm, np.uint8, size, off).reshape(shape)
+            ops.repack_into(w, out, REPACK_CHUNK_BYTES, done)
+            del out
+        finally:
+            mm.close()
+        os.close(fd)
+        fd = None
+        os.replace(tmp, os.path.join(d, name))
+        tmp = None
+        return True
+    except Exception:  # noqa: BLE001 - unwritable directory, full disk, ...: repack in memory
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def repacked(gf, name: str, w: np.ndarray, ops, done=None) -> np.ndarray:
+    """The packed copy of GGUF tensor `name` (raw view `w`, (rows, row bytes)): from the repacked-weight cache
+    when it holds a valid one, else repacked (`ops.repack`, chunk by chunk, `done(rows so far)` after each) and
+    written to the cache for the next load when the tensor is large enough. Bit-identical either way."""
+    rows, rb = w.shape
+    key = None
+    if (ops.repack_into is not None and w.nbytes >= REPACK_CACHE_MIN_BYTES and hasattr(gf, "parts")
+            and hasattr(gf, "info")):
+        try:
+            key = _cache_key(gf, gf.info(name), ops, rows, rb)
+        except Exception:  # noqa: BLE001 - no identity for this file: no cache
+            key = None
+    if key is not None:
+        d, fname = key
+        shape = ops.packed_shape(rows, rb)
+        path = os.path.join(d, fname)
+        wp = _load_cached(path, w, shape)
+        if wp is not None:
+            return wp
+        if _write_cached(d, fname, w, ops, shape, done):
+            wp = _load_cached(path, w, shape)
+            if wp is not None:
+                return wp
+    return ops.repack(w, REPACK_CHUNK_BYTES, done)
 
 
 def repack_enabled(gf=None) -> bool:
@@ -77,7 +255,7 @@ class Linear:
                     def release(r1):  # chunk by chunk, dropping the raw pages just copied: never both copies
                         gf.release(name, r1 * rb, since=done[0])
                         done[0] = r1 * rb
-                    self.wp = self.ops.repack(self.w, REPACK_CHUNK_BYTES, release)
+                    self.wp = repacked(gf, name, self.w, self.ops, release)
                     gf.derived[key] = self.wp
                 else:
                     self.wp = self.ops.repack(self.w)

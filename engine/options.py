@@ -31,6 +31,7 @@ VARIABLES = {
     "LLAMBA_FAKE_DEVICES": "process: numpy stand-in GPUs for device discovery (llamba.backend)",
     "LLAMBA_FAKE_KERNELS": "process: kernels of the stand-in GPUs, xp (default) or host",
     "LLAMBA_CACHE": "directory the default (demo) model is assembled into (llamba.demo)",
+    "LLAMBA_REPACK_CACHE": "directory of repacked Q8_0 weights kept between runs (llamba.layers); 0/off: none",
     "XDG_CACHE_HOME": "parent of the default LLAMBA_CACHE",
     "TERM": "llamba chat: 'dumb' or unset turns line editing off",
     "RAY_ADDRESS": "llamba cluster: the Ray cluster to join",
@@ -155,6 +156,15 @@ def cache_home() -> str:
     """Where the default model is assembled: LLAMBA_CACHE, else $XDG_CACHE_HOME/llamba, else ~/.cache/llamba."""
     return env("LLAMBA_CACHE") or os.path.join(
         env("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "llamba")
+
+
+def repack_cache_dir() -> str | None:
+    """Where repacked Q8_0 weights are kept between runs (llamba.layers): LLAMBA_REPACK_CACHE, else
+    <cache_home()>/repacked; None when LLAMBA_REPACK_CACHE is 0/false/no/off (every load repacks)."""
+    v = (env("LLAMBA_REPACK_CACHE") or "").strip()
+    if v.lower() in _FALSE:
+        return None
+    return os.path.expanduser(v) if v else os.path.join(cache_home(), "repacked")
 
 
 # ---- command line

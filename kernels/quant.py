@@ -24,9 +24,13 @@ class QuantOps:
     act: Callable  # x (T, n) f32 -> tuple of activation arrays in the vec_dot_type format
     block_elems: int
     # weights repacked at load (traits `packed`): kind id of the packed layout, repack(w, chunk_bytes, done) -> wp,
-    # matmul_packed(wp, *act, out) and dequant_rows_packed(wp, ids, out); None for the other types
+    # matmul_packed(wp, *act, out) and dequant_rows_packed(wp, ids, out); None for the other types.
+    # packed_shape(rows, row_bytes): the shape of wp; repack_into(w, out, chunk_bytes, done): repack into a given
+    # C-contiguous uint8 array of that shape (e.g. a file mapping: llamba.layers' repacked-weight cache)
     packed_kind: int | None = None
     repack: Callable | None = None
+    packed_shape: Callable | None = None
+    repack_into: Callable | None = None
     matmul_packed: Callable | None = None
     dequant_rows_packed: Callable | None = None
 
@@ -50,10 +54,46 @@ def _build(t: TypeTraits) -> QuantOps:
     extra = {}
     if t.packed is not None:
         extra = dict(packed_kind=t.packed, repack=getattr(mod, f"repack_{t.key}"),
+                     packed_shape=_packed_shape(t, mod.PACK_BB), repack_into=_repack_into(t, mod),
                      matmul_packed=getattr(mod, f"matmul_{t.key}p"),
                      dequant_rows_packed=getattr(mod, f"dequant_rows_{t.key}p"))
     return QuantOps(t.type_id, getattr(mod, f"dequant_{t.key}"), getattr(mod, f"matmul_{t.key}"), act,
                     t.block_elems, **extra)
+
+
+def _packed_shape(t: TypeTraits, pack_bb: int):
+    def packed_shape(rows: int, row_bytes: int) -> tuple[int, int]:
+        """Shape of the packed copy of a (rows, row_bytes) weight: one row per 8 weight rows, pack_bb bytes per
+        block of them."""
+        return ((rows + 7) // 8, row_bytes // t.block_bytes * pack_bb)
+    return packed_shape
+
+
+def _repack_into(t: TypeTraits, mod):
+    kernel = getattr(mod, f"_repack_{t.key}_kernel")  # the kernel `repack_<key>` runs over its own fresh buffer
+    shape_of = _packed_shape(t, mod.PACK_BB)
+
+    def repack_into(w: np.ndarray, out: np.ndarray, chunk_bytes: int = 0, done=None) -> np.ndarray:
+        """`repack_<key>(w, chunk_bytes, done)` written into `out` (uint8, C-contiguous, writable, of shape
+        packed_shape(*w.shape)) instead of a new array; the same bytes. Returns out."""
+        rows, rb = w.shape
+        if w.dtype != np.uint8 or rb % t.block_bytes:
+            raise ValueError(f"not a {t.name} weight: {w.dtype}{w.shape}")
+        if (out.dtype != np.uint8 or out.shape != shape_of(rows, rb) or not out.flags.c_contiguous
+                or not out.flags.writeable):
+            raise ValueError(f"out must be a writable C-contiguous uint8 {shape_of(rows, rb)}, "
+                             f"got {out.dtype}{out.shape}")
+        nb = rb // t.block_bytes
+        if out.size:
+            w = np.ascontiguousarray(w)
+            step = rows if chunk_bytes <= 0 else max(8, chunk_bytes // max(rb, 1) // 8 * 8)
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                kernel(w[r0:r1], r1 - r0, nb, out[r0 // 8:(r1 + 7) // 8])
+                if done is not None:
+                    done(r1)
+        return out
+    return repack_into
 
 
 def ops_for(type_id: int, what: str = "tensor") -> QuantOps:
