@@ -11,6 +11,13 @@ arrays come from np.zeros (calloc: pages are mapped when first written), so unto
 Why blocks and not llama.cpp's per-token cells: the attention kernel reads whole runs of slots per block (same
 arithmetic, see kernels/ops.attention_paged), the free list is per block, and a single-sequence model is simply
 the one-block case (bs = n_ctx). Offloaded layers (llamba.offload) keep their pool arrays on their device.
+
+Prefix sharing (as vLLM's automatic prefix caching): a new sequence whose prompt begins with what an idle sequence
+holds takes that sequence's full blocks by reference (`SeqCache.fork`; the pool counts references) and a copy of
+the partial block, so both keep their cache. A shared block is never written: a sequence writes only at positions
+>= its n_past, the blocks it shares lie wholly below that, and `truncate` gives a sequence private copies of the
+shared blocks at or after the position it goes back to before anything can be written there. Sequences with
+recurrent state (DeltaNet) do not fork: that state is not per position.
 """
 from __future__ import annotations
 
@@ -45,6 +52,7 @@ class KVPool:
         self.k = {il: np.zeros((h, self.n_slots, dk), dtype=self.dtype) for il, (h, dk, dv) in layers.items()}
         self.v = {il: np.zeros((h, self.n_slots, dv), dtype=self.dtype) for il, (h, dk, dv) in layers.items()}
         self._free = list(range(self.n_blocks - 1, -1, -1))  # a stack: low block ids first
+        self._ref = [0] * self.n_blocks  # sequences holding each block (more than one: a shared prefix)
 
     @property
     def n_free(self) -> int:
@@ -59,10 +67,38 @@ class KVPool:
             raise KVExhaustedError(f"the KV cache is full: {n} more blocks of {self.bs} tokens needed, "
                                    f"{len(self._free)} of {self.n_blocks} free; raise the context size (-c)")
         out = [self._free.pop() for _ in range(n)]
+        for b in out:
+            self._ref[b] = 1
         return out
 
     def release(self, blocks: list[int]):
-        self._free.extend(reversed(blocks))
+        """Drop one reference to each block; a block no sequence holds any more goes back to the free list."""
+        for b in reversed(blocks):
+            r = self._ref[b] - 1
+            if r < 0:
+                raise LlambaError(f"KV block {b} released more often than it was taken")
+            self._ref[b] = r
+            if r == 0:
+                self._free.append(b)
+
+    def share(self, blocks: list[int]):
+        """One more reference to each block (a sequence that forks another's prefix)."""
+        for b in blocks:
+            if self._ref[b] < 1:
+                raise LlambaError(f"KV block {b} is free: it cannot be shared")
+            self._ref[b] += 1
+
+    def refs(self, b: int) -> int:
+        return self._ref[b]
+
+    def copy_block(self, dst: int, src: int, n: int | None = None):
+        """Copy the first n slots (all by default) of block src to block dst, in every layer."""
+        bs = self.bs
+        n = bs if n is None else n
+        d0, s0 = dst * bs, src * bs
+        for arrs in (self.k, self.v):
+            for a in arrs.values():
+                a[:, d0:d0 + n] = a[:, s0:s0 + n]
 
 
 class SeqCache:
@@ -108,6 +144,48 @@ class SeqCache:
             new = self.pool.alloc(need)
             self.table[len(self.blocks):len(self.blocks) + need] = new
             self.blocks.extend(new)
+
+    def can_fork(self) -> bool:
+        """Whether another sequence can share this one's prefix (fork): KV only, no recurrent state."""
+        return not self.rec
+
+    def fork(self, n: int) -> "SeqCache":
+        """A new sequence holding this one's first n positions (1 <= n <= n_past): the full blocks among them
+        shared, the last partial one copied into a block of its own (taken from the pool). This sequence keeps
+        everything it holds."""
+        if not self.can_fork():
+            raise LlambaError("a sequence with recurrent state cannot share its prefix")
+        if not 0 < n <= self.n_past:
+            raise ValueError(f"cannot fork {n} positions of a sequence holding {self.n_past}")
+        if self.mtp is not None and n > self.mtp.n_past:
+            raise ValueError(f"cannot fork {n} positions: the MTP head holds {self.mtp.n_past}")
+        pool = self.pool
+        k, m = divmod(n, pool.bs)
+        new = SeqCache(pool, self.n_ctx, None, mtp=self.mtp is not None)
+        blocks = self.blocks[:k]
+        if m:
+            dst = pool.alloc(1)[0]
+            pool.copy_block(dst, self.blocks[k], m)
+        pool.share(blocks)
+        new.blocks = blocks + ([dst] if m else [])
+        new.table[:len(new.blocks)] = new.blocks
+        new.n_past = n
+        new.tokens = self.tokens[:n]
+        if new.mtp is not None:
+            new.mtp.n_past = n
+        return new
+
+    def _own_from(self, p: int):
+        """Private copies of the shared blocks holding positions >= p (before anything is written there)."""
+        pool = self.pool
+        for i in range(p // pool.bs, len(self.blocks)):
+            b = self.blocks[i]
+            if pool.refs(b) > 1:
+                nb = pool.alloc(1)[0]
+                pool.copy_block(nb, b)
+                pool.release([b])
+                self.blocks[i] = nb
+                self.table[i] = nb
 
     def blocks_needed(self, n_pos: int) -> int:
         return max(0, -(-n_pos // self.pool.bs) - len(self.blocks))
@@ -177,6 +255,7 @@ class SeqCache:
         if self.mtp is not None and self.mtp.n_past > n + 1:
             self.mtp.n_past = min(self.mtp.n_past, n)
         self._shrink(n)
+        self._own_from(n if self.mtp is None else min(n, self.mtp.n_past))
 
     # ---- state copies (save_state / load_state, prefix copies between sequences)
     def kv_rows(self, il: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -185,6 +264,7 @@ class SeqCache:
         return self.pool.k[il][:, s].copy(), self.pool.v[il][:, s].copy()
 
     def set_kv_rows(self, il: int, k: np.ndarray, v: np.ndarray):
+        self._own_from(0)
         s = self.slots(0, k.shape[1])
         self.pool.k[il][:, s] = k
         self.pool.v[il][:, s] = v

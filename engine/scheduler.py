@@ -680,7 +680,11 @@ class Engine:
         return np.zeros((1, self.model.config.n_embd), dtype=np.float32)
 
     def _sequence_for(self, req: Request) -> tuple[SeqCache, int]:
-        """The idle sequence sharing the longest prefix with the prompt (truncated to it), or a fresh one."""
+        """A sequence for the request and how many of its prompt's positions it already holds: the idle sequence
+        sharing the longest prefix with the prompt, taken over when all it holds is that prefix (the next turn
+        of a chat), else forked (its full blocks shared, the partial one copied: the idle sequence keeps its
+        cache for whoever comes next, see kv_cache); a fresh one when nothing matches. Sequences with recurrent
+        state cannot fork: they are truncated to the prefix and taken over."""
         prompt = req.prompt
         best, best_n = None, 0
         if req.n_prompt_logprobs is None:  # prompt logprobs need every prompt row computed
@@ -688,12 +692,21 @@ class Engine:
                 n = _common_prefix(s.tokens, prompt, len(prompt) - 1)
                 if s.mtp is not None:
                     n = min(n, s.mtp.n_past)
-                if n > best_n and (s.can_truncate(n)):
+                if n > best_n and (s.can_fork() or s.can_truncate(n)):
                     best, best_n = key, n
         if best is not None:
-            seq = self.idle.pop(best)
-            seq.truncate(best_n)
-            return seq, best_n
+            src = self.idle[best]
+            if best_n < src.n_past and src.can_fork():
+                if best_n % self.pool.bs and self.pool.n_free < 1:  # room for the copy of the partial block
+                    self.idle.move_to_end(best)
+                    self._evict(1)
+                if best in self.idle and (best_n % self.pool.bs == 0 or self.pool.n_free >= 1):
+                    self.idle.move_to_end(best)  # (recently used: evicted last)
+                    return src.fork(best_n), best_n
+            if best in self.idle and src.can_truncate(best_n):
+                seq = self.idle.pop(best)
+                seq.truncate(best_n)
+                return seq, best_n
         return self.model.new_seq(self.pool, self.n_ctx_seq), 0
 
     def _park(self, seq: SeqCache):

@@ -142,6 +142,63 @@ def test_cancel_prefix_reuse_and_blocks_free(tiny_llama):
     assert eng.pool.n_free == eng.pool.n_blocks and not eng.running
 
 
+def test_fork_shares_full_blocks_and_copies_on_write():
+    """SeqCache.fork: the full blocks of the prefix are shared (counted references), the partial one copied; what
+    either sequence writes later never shows in the other; truncating into the shared part gives private copies;
+    every block comes back once both are released."""
+    pool = KVPool({0: (2, 4, 4)}, n_slots=64, block_size=4)
+    rng = np.random.default_rng(0)
+    a = SeqCache(pool, 64)
+    a.reserve(10)
+    a.n_past, a.tokens = 10, list(range(10))
+    sa = a.slots(0, 10)
+    pool.k[0][:, sa] = rng.integers(0, 60000, size=(2, 10, 4)).astype(pool.dtype)
+    pool.v[0][:, sa] = rng.integers(0, 60000, size=(2, 10, 4)).astype(pool.dtype)
+    k_a, v_a = a.kv_rows(0, 10)
+    b = a.fork(7)  # blocks 0 (positions 0-3) shared, positions 4-6 copied into a block of b's own
+    assert b.n_past == 7 and b.tokens == list(range(7))
+    assert b.blocks[0] == a.blocks[0] and pool.refs(a.blocks[0]) == 2
+    assert b.blocks[1] != a.blocks[1] and pool.refs(a.blocks[1]) == 1
+    k_b, v_b = b.kv_rows(0, 7)
+    np.testing.assert_array_equal(k_b, k_a[:, :7])
+    np.testing.assert_array_equal(v_b, v_a[:, :7])
+    # b writes its own positions 7..9: a's positions 7..9 are unchanged
+    b.reserve(10)
+    pool.k[0][:, b.slots(7, 3)] = 1
+    np.testing.assert_array_equal(a.kv_rows(0, 10)[0], k_a)
+    # a goes back into the shared block and writes there: b's prefix is unchanged
+    a.truncate(2)
+    assert pool.refs(b.blocks[0]) == 1 and a.blocks[0] != b.blocks[0]
+    np.testing.assert_array_equal(a.kv_rows(0, 2)[0], k_a[:, :2])
+    a.reserve(4)
+    pool.k[0][:, a.slots(2, 2)] = 2
+    np.testing.assert_array_equal(b.kv_rows(0, 7)[0], k_a[:, :7])
+    a.release()
+    b.release()
+    assert pool.n_free == pool.n_blocks and all(pool.refs(i) == 0 for i in range(pool.n_blocks))
+    with pytest.raises(ValueError):
+        a.fork(1)  # a holds nothing now
+
+
+def test_idle_sequences_survive_a_short_shared_prefix(tiny_llama):
+    """Prompts that share only a short prefix (a BOS token, a system prompt) fork the idle sequence instead of
+    truncating it: every earlier prompt still finds its whole prefix cached, and every output equals the
+    request's output alone."""
+    llm = Llama(tiny_llama, n_ctx=512, verbose=False, seed=1)
+    eng = Engine(llm.model, n_ctx=1024, n_parallel=2, block_size=16, lock=llm.session.lock)
+    prompts = [[1] + list(range(10 + 7 * i, 50 + 7 * i)) for i in range(3)]  # the same first token, then apart
+    want = [list(llm.generate(p, temp=0, max_tokens=6)) for p in prompts]
+    for rnd in range(2):
+        for p, w in zip(prompts, want):
+            r = eng.submit(p, _params(llm, 0, None), 6)
+            eng.run_until_done()
+            assert r.tokens() == w
+            assert r.n_cached == (len(p) - 1 if rnd else (1 if p is not prompts[0] else 0))
+    assert len(eng.idle) == 6
+    eng._evict(eng.pool.n_blocks)
+    assert eng.pool.n_free == eng.pool.n_blocks and not eng.idle
+
+
 def test_bad_token_id_is_refused_at_submit(tiny_llama):
     llm = Llama(tiny_llama, n_ctx=512, verbose=False, seed=1)
     eng = Engine(llm.model, n_ctx=1024, n_parallel=2, lock=llm.session.lock)
