@@ -343,8 +343,9 @@ class Llama:
             self.get_chat_template()  # a bad name or file fails here, not at the first chat
         if self.model is not None:
             # LLVM's code is only needed to compile or load kernels: hand its resident pages back (llamba.kernels._jit)
-            from llamba.kernels._jit import release_llvm_pages
-            release_llvm_pages()
+            # once the kernel loads of loading (and of a first generation right after) are over
+            from llamba.kernels._jit import release_llvm_pages_later
+            release_llvm_pages_later()
         self.load_time = time.perf_counter() - t0
         if verbose and not vocab_only:
             c = self.model.config
