@@ -238,26 +238,43 @@ class StrIndex:
 
     A dict over a 262k-entry vocabulary costs ~37 MiB (str objects, int objects, the table); this keeps 8-byte
     hashes, 4-byte ids and a bucket table (~4 MiB) and verifies a hit against the sequence itself. Buckets are
-    the low bits of Python's str hash; inside a bucket, entries are ordered so that among duplicate texts the
+    the low bits of the hash; inside a bucket, entries are ordered so that among duplicate texts the
     winner comes first: the last occurrence (`last_wins`, llama.cpp's token_to_id map, where a later token
-    overwrites) or the first (`merges`' std::unordered_map::emplace keeps the first rank)."""
+    overwrites) or the first (`merges`' std::unordered_map::emplace keeps the first rank).
+
+    The hash of a list's strings is Python's str hash; that of a StringArray's (a GGUF vocabulary: UTF-8 bytes) is
+    `_bytes_hash`, computed for all of them at once from the bytes (numpy), without making a str object of each
+    (a third of the cost of building the index of a 262k-entry vocabulary otherwise, on the time to first
+    token); a lookup hashes the UTF-8 encoding of the text it is given the same way."""
 
     __slots__ = ("get", "_n")
 
     def __init__(self, texts, last_wins: bool):
         n = len(texts)
-        strs = texts.tolist() if hasattr(texts, "tolist") else texts
-        hs = np.fromiter(map(hash, strs), dtype=np.int64, count=n)
-        del strs
+        blob = getattr(texts, "_blob", None)
+        if blob is not None and getattr(texts, "_offsets", None) is not None:
+            hs = _bytes_hashes(blob, texts._offsets())
+        else:
+            blob = None
+            strs = texts.tolist() if hasattr(texts, "tolist") else texts
+            hs = np.fromiter(map(hash, strs), dtype=np.int64, count=n)
+            del strs
         nbits = max(4, int(n).bit_length())  # 2^nbits buckets >= n: ~1 entry per bucket
         mask = (1 << nbits) - 1
-        keys = hs & mask
+        keys = hs & mask if blob is None else (hs & np.uint64(mask)).astype(np.int64)
+        # by bucket, then index (ascending: the first wins; descending: the last wins), in one sort of one key
         idx = np.arange(n, dtype=np.int64)
-        order = np.lexsort((-idx if last_wins else idx, keys))
-        bucket = np.searchsorted(keys[order], np.arange(mask + 2, dtype=np.int64)).astype(np.int32)
+        order = np.sort((keys << 32) | (((n - 1) - idx) if last_wins else idx)) & 0xFFFFFFFF
+        if last_wins:
+            order = (n - 1) - order
+        counts = np.bincount(keys, minlength=mask + 1)
+        bucket = np.zeros(mask + 2, np.int32)
+        np.cumsum(counts, out=bucket[1:])
         self._n = n
-        self.get = _make_get(texts, array("q", hs[order].tobytes()), array("i", order.astype(np.int32).tobytes()),
-                             array("i", bucket.tobytes()), mask)
+        hs_o = hs[order]
+        self.get = _make_get(texts, array("q" if blob is None else "Q", hs_o.tobytes()),
+                             array("i", order.astype(np.int32).tobytes()), array("i", bucket.tobytes()), mask,
+                             bytes_hash=blob is not None)
 
     def __contains__(self, text) -> bool:
         return self.get(text) is not None
@@ -266,11 +283,72 @@ class StrIndex:
         return self._n
 
 
-def _make_get(texts, hs, ids, bucket, mask):
+_HASH_MOD = 4294967291  # the largest prime below 2**32
+
+
+def _bytes_hash(b: bytes) -> int:
+    """StrIndex's hash of a StringArray's string: its UTF-8 bytes as a big-endian integer modulo _HASH_MOD."""
+    return int.from_bytes(b, "big") % _HASH_MOD
+
+
+def _bytes_hashes(blob: bytes, offs: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+    """_bytes_hash of every string blob[offs[i]:offs[i+1]] (uint64), vectorized: sum over a string's bytes of
+    byte * (256**distance to its end mod M), mod M, in chunks of about `chunk` bytes (bounded temporaries)."""
+    M = np.uint64(_HASH_MOD)
+    b8 = np.frombuffer(blob, np.uint8)
+    offs = np.asarray(offs, np.int64)
+    n = len(offs) - 1
+    out = np.zeros(max(n, 0), np.uint64)
+    if n <= 0 or not len(b8):
+        return out
+    lens = np.diff(offs)
+    pw = np.ones(1, np.uint64)  # pw[k] = 256**k mod M, doubling (each product < 2**64)
+    while len(pw) < int(lens.max()):
+        pw = np.concatenate([pw, pw * ((pw[-1] * np.uint64(256)) % M) % M])
+    i = 0
+    while i < n:
+        j = min(n, max(i + 1, int(np.searchsorted(offs, offs[i] + chunk, side="right")) - 1))
+        a, e = int(offs[i]), int(offs[j])
+        if e > a:
+            ln = lens[i:j]
+            dist = np.repeat(offs[i + 1:j + 1] - (a + 1), ln) - np.arange(e - a)  # bytes after this one in its string
+            terms = b8[a:e] * pw[dist] % M
+            nz = ln > 0
+            out[i:j][nz] = np.add.reduceat(terms, (offs[i:j] - a)[nz]) % M
+        i = j
+    return out
+
+
+def _make_get(texts, hs, ids, bucket, mask, bytes_hash: bool = False):
     """StrIndex.get(text, default=None) as a closure over its tables (the tokenizer's hot lookup: no attribute
-    reads). A StringArray is verified straight from its bytes (no per-item method call)."""
+    reads). A StringArray is verified straight from its bytes (no per-item method call); `bytes_hash`: `hs` holds
+    _bytes_hash values (a StringArray's), else Python's str hashes."""
     blob = getattr(texts, "_blob", None)
     offs = getattr(texts, "_offs", None) if blob is not None else None
+    if offs is not None and bytes_hash:
+        hits: dict = {}
+        M = _HASH_MOD
+        frombytes = int.from_bytes
+
+        def get(text: str, default=None):
+            i = hits.get(text)
+            if i is not None:
+                return i
+            tb = text.encode("utf-8", "surrogatepass")  # a lone surrogate matches nothing (the blob is valid UTF-8)
+            h = frombytes(tb, "big") % M
+            b = h & mask
+            k, e = bucket[b], bucket[b + 1]
+            while k < e:
+                if hs[k] == h:
+                    i = ids[k]
+                    if blob[offs[i]:offs[i + 1]] == tb:
+                        if len(hits) >= _HIT_CACHE:
+                            hits.clear()
+                        hits[text] = i
+                        return i
+                k += 1
+            return default
+        return get
     if offs is None:
         def get(text: str, default=None):
             h = hash(text)
