@@ -725,12 +725,17 @@ class Engine:
 
     def _reserve(self, run: _Run, n_pos: int) -> bool:
         """Take the blocks positions < n_pos need (evicting idle sequences first); False if they are not there."""
-        need = run.seq.blocks_needed(n_pos)
+        return self._room(run.seq, n_pos)
+
+    def _room(self, view, n_pos: int) -> bool:
+        """Slots for positions < n_pos of a sequence or its MTP view (evicting idle sequences first), without
+        preempting anyone: False when they are not there (the caller goes without drafts)."""
+        need = view.owner.blocks_needed(n_pos)
         if need > self.pool.n_free:
             self._evict(need)
         if need > self.pool.n_free:
             return False
-        run.seq.reserve(n_pos)
+        view.reserve(n_pos)
         return True
 
     def _preempt(self, keep: _Run | None = None) -> bool:
@@ -1021,10 +1026,9 @@ class Engine:
             return
         ok = []
         for c in cat:
-            try:
-                c[0].seq.mtp.reserve(c[0].seq.mtp.n_past + len(c[1]))
+            if self._room(c[0].seq.mtp, c[0].seq.mtp.n_past + len(c[1])):
                 ok.append(c)
-            except LlambaError:  # no room for the head's rows: this sequence decodes without drafts
+            else:  # no room for the head's rows: this sequence decodes without drafts
                 c[0].seq.mtp.n_past = min(c[0].seq.mtp.n_past, c[0].seq.n_past)
         cat = ok
         if not cat:
@@ -1041,7 +1045,8 @@ class Engine:
             run.drafts = [t]
             active.append(run)
         for _ in range(1, dl):
-            active = [r for r in active if r.seq.mtp.n_past + 1 < self.n_ctx_seq]
+            active = [r for r in active if r.seq.mtp.n_past + 1 < self.n_ctx_seq and
+                      self._room(r.seq.mtp, r.seq.mtp.n_past + 1)]
             if not active:
                 break
             outs = mtp.forward_batch([r.seq.mtp for r in active], [[r.drafts[-1]] for r in active],

@@ -86,6 +86,25 @@ def test_batch_invariance_qwen35_with_speculation(spec):
         assert eng.stats["drafted"] > 0 and eng.stats["accepted"] > 0
 
 
+def test_mtp_drafts_evict_idle_sequences_when_the_pool_is_full():
+    """The MTP head's rows need KV slots too (a draft can cross into a block the sequence does not hold yet): with
+    the pool full of idle prefix-cache sequences, the head's reservations evict them like the trunk's do, and no
+    request fails with "the KV cache is full" (one did through `llamba serve` on the padded fixture)."""
+    llm = Llama(FIXTURE, n_ctx=1024, verbose=False, seed=1)
+    texts = ["def main():", "import numpy as np\n", "class Foo:\n    def __init__(self", "for i in range(10):",
+             "# compute the sum", "x = [", "if __name__ ==", "def fib(n):\n", "while True:", "print("]
+    prompts = [llm.tokenize(t.encode(), add_bos=True) for t in texts]
+    alone = _alone(llm, prompts, [0.0] * len(prompts), [None] * len(prompts), [40] * len(prompts))
+    eng = Engine(llm.model, n_ctx=160, n_parallel=1, block_size=16, spec="mtp", draft_max=3, spec_rows=64,
+                 lock=llm.session.lock)
+    for rnd in range(3):
+        for p, want in zip(prompts, alone):
+            r = eng.submit(p, _params(llm, 0, None), 40)
+            eng.run_until_done()
+            assert r.error is None and r.tokens() == want
+    assert eng.stats["drafted"] > 0 and eng.stats["errors"] == 0
+
+
 def test_paged_attention_equals_contiguous():
     rng = np.random.default_rng(3)
     Hq, Hkv, d, bs = 4, 2, 32, 8
