@@ -71,3 +71,35 @@ def test_string_array_index_equals_list_index(last_wins):
         assert a.get(t) == b.get(t), t
         assert a.get(t) == a.get(t)  # again, from the hits cache
     assert a.get("\udc80", -1) == -1  # a lone surrogate (byte fallback lookups) matches nothing
+
+
+def test_elf_symbols_are_the_bitcode_modules_definitions():
+    """Kernels loaded from Numba's cache list their symbols from the object code's ELF symbol table instead of
+    parsing their bitcode (llamba.kernels._jit): the two give the same names, and a cached kernel loaded that way
+    runs."""
+    import struct
+    import sys
+    import llvmlite.binding as ll
+    from numba import njit
+    from llamba.kernels.text import gather_strings
+    data = np.frombuffer(struct.pack("<Q", 2) + b"hi" + struct.pack("<Q", 1) + b"!", np.uint8)
+    blob, offs, end = gather_strings(data, 0, 2, 100)  # (from the cache, or compiled)
+    assert blob.tobytes() == b"hi!" and offs.tolist() == [0, 2, 3] and end == len(data)
+
+    @njit(cache=False)
+    def f(x, n):
+        out = np.zeros(n, np.float64)
+        for i in range(n):
+            out[i] = np.sqrt(x[i % x.shape[0]]) + i
+        return out.sum()
+    assert f(np.arange(4.0), 10) == sum(np.sqrt(i % 4) + i for i in range(10))
+    _name, kind, (obj, bitcode) = next(iter(f.overloads.values())).library.serialize_using_object_code()
+    mod = ll.parse_bitcode(bitcode)
+    want = {g.name for gs in (mod.functions, mod.global_variables) for g in gs if not g.is_declaration}
+    got = _jit.elf_defined_symbols(obj)
+    if not sys.platform.startswith("linux"):
+        assert got is None or got == want
+    else:
+        assert got == want and len(want) > 2
+    assert _jit.elf_defined_symbols(b"not an object file" * 10) is None
+    assert _jit.elf_defined_symbols(obj[:100]) is None
