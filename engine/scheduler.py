@@ -1006,6 +1006,10 @@ class Engine:
         for run in self.running:
             if not run.committed or run.hidden is None:
                 continue
+            if dl == 0 and run.decoding:  # no drafts under this load: no catch-up for it either (as in _step)
+                run.committed, run.hidden, run.drafts = [], None, []
+                run.pending_h = self._zeros()
+                continue
             view = run.seq.mtp
             start = run.seq.n_past - len(run.committed)
             if view.n_past > start:
