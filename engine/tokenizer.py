@@ -164,6 +164,34 @@ def _to_bytes(s: str) -> bytes:
         return s.encode("utf-8", "surrogatepass")
 
 
+def _utf8_of(tokens, ids) -> dict:
+    """{i: _to_bytes(tokens[i])} for the ids; a StringArray's (valid UTF-8) straight from its bytes."""
+    blob = getattr(tokens, "_blob", None)
+    if blob is None:
+        return {i: _to_bytes(tokens[i]) for i in ids}
+    o = tokens._offs
+    return {i: blob[o[i]:o[i + 1]] for i in ids}
+
+
+def _contains(tokens, ids: np.ndarray, sub: str) -> np.ndarray:
+    """Booleans: `sub` (ASCII) occurs in tokens[i], for each i of ids; a StringArray's searched in its bytes (an
+    ASCII byte never occurs inside a multi-byte UTF-8 character, so a byte match is a text match)."""
+    blob = getattr(tokens, "_blob", None)
+    if blob is None or not sub.isascii():
+        return np.array([sub in tokens[i] for i in ids.tolist()], dtype=bool)
+    pat, pos, k = sub.encode(), [], blob.find(sub.encode())
+    while k >= 0:
+        pos.append(k)
+        k = blob.find(pat, k + 1)
+    offs = tokens._offsets()
+    pos = np.asarray(pos, dtype=np.int64)
+    tok = np.searchsorted(offs, pos, side="right") - 1
+    inside = pos + len(pat) <= offs[tok + 1]
+    has = np.zeros(len(offs) - 1, dtype=bool)
+    has[tok[inside]] = True
+    return has[np.asarray(ids, dtype=np.int64)]
+
+
 def _lenient_utf8_decode(b: bytes) -> str:
     """llama.cpp's unicode_cpts_from_utf8: structurally valid sequences decode (overlong and surrogate forms
     included), every other byte becomes U+FFFD."""
@@ -564,9 +592,8 @@ class Tokenizer:
         self.fim_rep_id = detect(self.fim_rep_id, _FIM_REP_TEXTS)
         self.fim_sep_id = detect(self.fim_sep_id, _FIM_SEP_TEXTS)
 
-        for i in np.nonzero(attrs & ATTR_CONTROL)[0].tolist():  # control tokens named "unused..." are unused
-            if "unused" in tokens[i]:
-                attrs[i] |= ATTR_UNUSED
+        ctrl = np.nonzero(attrs & ATTR_CONTROL)[0]  # control tokens named "unused..." are unused
+        attrs[ctrl[_contains(tokens, ctrl, "unused")]] |= ATTR_UNUSED
 
         eog = set()
         for i in (self.fim_pad_id, self.fim_rep_id, self.fim_sep_id):
@@ -598,7 +625,7 @@ class Tokenizer:
 
         # ---- special-token partition candidates, longest (in bytes) first; ties by id
         cand = np.nonzero(attrs & _ATTR_PARTITION)[0].tolist()
-        cand_b = {i: _to_bytes(tokens[i]) for i in cand}
+        cand_b = _utf8_of(tokens, cand)
         self.special_ids: list[int] = sorted(cand, key=lambda i: -len(cand_b[i]))
         self._special_bytes = cand_b
 

@@ -103,3 +103,16 @@ def test_elf_symbols_are_the_bitcode_modules_definitions():
         assert got == want and len(want) > 2
     assert _jit.elf_defined_symbols(b"not an object file" * 10) is None
     assert _jit.elf_defined_symbols(obj[:100]) is None
+
+
+def test_contains_and_utf8_of_a_string_array_equal_the_list_versions():
+    from llamba.tokenizer import _contains, _utf8_of
+    texts = ["<unused0>", "un", "used", "xunusedx", "unuse", "▁unused日", "", "unused", "日unused", "a"]
+    sa = _string_array(texts)
+    ids = np.arange(len(texts))
+    want = np.array(["unused" in t for t in texts])
+    assert _contains(sa, ids, "unused").tolist() == want.tolist() == _contains(list(texts), ids, "unused").tolist()
+    sub = np.array([8, 1, 0])
+    assert _contains(sa, sub, "unused").tolist() == want[sub].tolist()
+    assert _utf8_of(sa, [0, 5, 6]) == _utf8_of(list(texts), [0, 5, 6]) == {0: b"<unused0>", 5: "▁unused日".encode(),
+                                                                            6: b""}
