@@ -93,6 +93,70 @@ def ll_tokenizer(tokenizer):
         return llt
 
 
+class LlamaGrammar:
+    """A grammar as llama-cpp-python's `LlamaGrammar` holds it: the source text in `._grammar` (llama.cpp GBNF; Lark
+    also works), compiled against a model's tokenizer only when a completion uses it (`grammar=`), so an invalid
+    grammar is a GrammarError there. `from_json_schema` keeps the schema too (`._json_schema`): it is compiled as
+    a JSON schema, exactly as `response_format={"type": "json_object", "schema": ...}` would be."""
+
+    def __init__(self, *args, _grammar: str, **kwargs):
+        if not isinstance(_grammar, str):
+            raise GrammarError(f"a grammar must be text, not {type(_grammar).__name__}")
+        self._grammar = _grammar
+        self._root = "root"
+        self._json_schema = kwargs.get("_json_schema")
+
+    @classmethod
+    def from_string(cls, grammar: str, verbose: bool = True) -> "LlamaGrammar":
+        """A grammar from GBNF text."""
+        return cls(_grammar=grammar)
+
+    @classmethod
+    def from_file(cls, file, verbose: bool = True) -> "LlamaGrammar":
+        """A grammar from a GBNF file (an empty file is a ValueError, as in llama-cpp-python)."""
+        try:
+            with open(file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise GrammarError(f"cannot read the grammar file {file}: {e.strerror or e}") from None
+        if not text:
+            raise GrammarError(f"the grammar file {file} is empty")
+        return cls.from_string(text, verbose=verbose)
+
+    @classmethod
+    def from_json_schema(cls, json_schema, verbose: bool = True) -> "LlamaGrammar":
+        """A grammar admitting the JSON documents valid under `json_schema` (a JSON string, or a dict). Its
+        `._grammar` is llguidance Lark text (`start: %json {...}`)."""
+        if isinstance(json_schema, (bytes, bytearray)):
+            json_schema = bytes(json_schema).decode("utf-8")
+        if isinstance(json_schema, str):
+            try:
+                schema = json.loads(json_schema)
+            except ValueError as e:
+                raise GrammarError(f"invalid JSON schema: not JSON ({e})") from None
+        else:
+            schema = json_schema
+        if schema is True:
+            schema = {}
+        if not isinstance(schema, dict):
+            raise GrammarError("invalid JSON schema: it must be a JSON object")
+        text = json.dumps(schema, sort_keys=True)
+        return cls(_grammar=f"start: %json {text}", _json_schema=text)
+
+    def __repr__(self):
+        src = " ".join(self._grammar.split())
+        return f"LlamaGrammar({src[:60] + '...' if len(src) > 60 else src!r})"
+
+
+def grammar_spec(grammar) -> tuple[str, str]:
+    """(kind, text) of a `grammar=` argument for compile_constraint: GBNF text, or a LlamaGrammar-like object (a
+    LlamaGrammar made from a JSON schema compiles as that schema)."""
+    js = getattr(grammar, "_json_schema", None)
+    if not isinstance(grammar, str) and isinstance(js, str):
+        return ("json_schema", js)
+    return ("gbnf", grammar_text(grammar))
+
+
 def grammar_text(grammar) -> str:
     """A GBNF/Lark grammar as text: a str, or an object with a .grammar / ._grammar text attribute (llama-cpp-python's
     LlamaGrammar keeps the source in ._grammar)."""

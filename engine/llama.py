@@ -19,14 +19,16 @@ import secrets
 import sys
 import time
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
+from llamba.constrain import LlamaGrammar  # noqa: F401 - llama-cpp-python's names, here as there
 from llamba.errors import (LlambaError, ParameterError, ParameterTypeError, ResourceLimitError,
                             TokenIdError)
 from llamba.generate import GenStats, Session, generate
 from llamba.gguf import GGUFFile
+from llamba.llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache  # noqa: F401
 from llamba.options import Options
 from llamba.sampling import RANDOM_SEED, Sampler, SamplingParams
 from llamba.textstream import (LogprobRecorder, chat_logprobs_content, completion_logprobs_chunk,
@@ -108,11 +110,11 @@ def _int_arg(name: str, v, *, lo: int | None = None, hi: int | None = None, none
 def constraint_spec(response_format=None, grammar=None):
     """(kind, text) for llamba.constrain.compile_constraint from an OpenAI `response_format` and/or a llama.cpp
     `grammar` (GBNF text or a LlamaGrammar-like object), or None (no constraint). Invalid -> GrammarError."""
-    from llamba.constrain import GrammarError, grammar_text
+    from llamba.constrain import GrammarError, grammar_spec
     if grammar is not None and response_format is not None and _rf_type(response_format) != "text":
         raise GrammarError("give either grammar or response_format, not both")
     if grammar is not None:
-        return ("gbnf", grammar_text(grammar))
+        return grammar_spec(grammar)
     if response_format is None:
         return None
     rf = response_format
@@ -277,6 +279,145 @@ def _check_state(state, n_ctx: int, n_vocab: int) -> None:
         bad(f"seed {_show(seed)} is not an integer")
 
 
+LogitsProcessor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+StoppingCriteria = Callable[[np.ndarray, np.ndarray], bool]
+
+
+class LogitsProcessorList(list):
+    """llama-cpp-python's LogitsProcessorList: callables `(input_ids, scores) -> scores` applied in order to each
+    row of logits before sampling (`logits_processor=` of create_completion, create_chat_completion, generate,
+    sample). `input_ids`: the token ids evaluated so far (prompt and generated, an intc array); `scores`: a float32
+    copy of the row (a processor may change it in place and return it)."""
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
+
+
+class StoppingCriteriaList(list):
+    """llama-cpp-python's StoppingCriteriaList: callables `(input_ids, logits) -> bool`; after each token is
+    sampled they get the token ids evaluated so far and the logits row the token was sampled from, and when any
+    returns True the generation ends there (that token is dropped) with finish_reason "stop"."""
+
+    def __call__(self, input_ids: np.ndarray, logits: np.ndarray) -> bool:
+        return any([criterion(input_ids, logits) for criterion in self])
+
+
+class MinTokensLogitsProcessor:
+    """llama-cpp-python's MinTokensLogitsProcessor: no `token_eos` before `min_tokens` tokens were generated."""
+
+    def __init__(self, min_tokens: int, token_eos: int):
+        self.min_tokens = min_tokens
+        self.token_eos = token_eos
+        self.prompt_tokens = None
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        if self.prompt_tokens is None:
+            self.prompt_tokens = len(input_ids)
+        if len(input_ids) - self.prompt_tokens < self.min_tokens:
+            scores[self.token_eos] = -np.inf
+        return scores
+
+
+def _hook(name: str, v):
+    """A logits_processor / stopping_criteria argument: None, a callable (a LogitsProcessorList or
+    StoppingCriteriaList is one), or a list / tuple of callables (wrapped in the matching list class)."""
+    if v is None or (isinstance(v, (list, tuple)) and not v):
+        return None
+    if isinstance(v, (list, tuple)) and not callable(v):
+        if not all(callable(f) for f in v):
+            raise ParameterTypeError(f"{name} must be a list of callables, got {_show(v)}")
+        return (LogitsProcessorList if name == "logits_processor" else StoppingCriteriaList)(v)
+    if not callable(v):
+        raise ParameterTypeError(f"{name} must be a callable or a list of callables, got {_show(v)}")
+    return v
+
+
+def _check_unsupported(tfs_z=1.0, mirostat_mode=0, mirostat_tau=5.0, mirostat_eta=0.1, penalize_nl=True) -> None:
+    """llama-cpp-python sampling arguments llamba does not implement: accepted at their no-op values (tfs_z 1.0,
+    mirostat_mode 0, penalize_nl True), an UnsupportedError otherwise -- never silently ignored."""
+    from llamba.errors import UnsupportedError
+    if isinstance(mirostat_mode, bool) or not _is_int(mirostat_mode) or mirostat_mode not in (0, 1, 2):
+        raise ParameterError(f"mirostat_mode must be 0, 1 or 2, got {_show(mirostat_mode)}")
+    if mirostat_mode:
+        raise UnsupportedError(f"mirostat_mode={int(mirostat_mode)} (mirostat sampling) is not supported by llamba; "
+                               f"use mirostat_mode=0 (top_k / top_p / min_p / temperature sampling)")
+    for name, v in (("tfs_z", tfs_z), ("mirostat_tau", mirostat_tau), ("mirostat_eta", mirostat_eta)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ParameterTypeError(f"{name} must be a number, got {_show(v)}")
+    if float(tfs_z) != 1.0:
+        raise UnsupportedError(f"tfs_z={_show(tfs_z)} (tail-free sampling, removed from llama.cpp) is not supported "
+                               f"by llamba; use tfs_z=1.0 (off)")
+    if penalize_nl is not True and penalize_nl != 1:
+        raise UnsupportedError("penalize_nl=False is not supported by llamba: the repeat / frequency / presence "
+                               "penalties apply to every token, the newline included (as in llama.cpp)")
+
+
+def _check_kwargs(where: str, kwargs: dict) -> None:
+    """Keyword arguments no parameter took: a TypeError naming them (llamba ignores no argument silently)."""
+    if kwargs:
+        names = ", ".join(repr(k) for k in list(kwargs)[:5])
+        raise ParameterTypeError(f"{where}() got unexpected keyword argument{'s' if len(kwargs) > 1 else ''} "
+                                 f"{names}")
+
+
+def _processed_row(processor, ids: list, row) -> np.ndarray:
+    """`processor(input_ids, scores)` on a float32 copy of `row`, checked: one float per vocabulary entry."""
+    out = processor(np.array(ids, dtype=np.intc), np.array(row, dtype=np.float32))
+    if out is None:
+        raise ParameterError("a logits_processor returned None: it must return the scores (the array it was "
+                             "given, changed in place or not, or a new one)")
+    out = np.asarray(out, dtype=np.float32)
+    if out.shape != np.shape(row):
+        raise ParameterError(f"a logits_processor returned scores of shape {out.shape}, expected {np.shape(row)}")
+    return out
+
+
+class _ProcessedSampler:
+    """A Sampler whose rows go through a llama-cpp-python logits processor first (the token ids so far: `ids`,
+    which grows with each sampled token). llamba.generate.generate calls only sample_and_accept."""
+
+    def __init__(self, sampler: Sampler, processor, ids: list):
+        self.sampler, self.processor, self.ids = sampler, processor, ids
+        self.params = sampler.params
+        self.constraint = sampler.constraint
+
+    def sample_and_accept(self, logits) -> int:
+        t = self.sampler.sample_and_accept(_processed_row(self.processor, self.ids, logits))
+        self.ids.append(t)
+        return t
+
+
+def _criteria_tokens(source, ids: list, criteria, last_row: list, ended: list, stats: GenStats):
+    """`source`'s tokens until `criteria(input_ids, logits)` is true (llama-cpp-python's generate: checked after
+    each token is sampled, with the ids evaluated so far and the row it was sampled from; that token is dropped,
+    and not counted in `stats`). `last_row[0]` is kept current by the token source's on_logits; `ended[0]`
+    becomes True when a criterion fired."""
+    try:
+        for t in source:
+            if criteria(np.array(ids, dtype=np.intc), last_row[0]):
+                ended[0] = True
+                stats.n_gen = max(0, stats.n_gen - 1)
+                return
+            ids.append(t)
+            yield t
+    finally:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+
+
+def longest_token_prefix(a, b) -> int:
+    """How many leading token ids `a` and `b` share (llama-cpp-python's Llama.longest_token_prefix)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Llama:
     def __init__(self, model_path: str, *, n_ctx: int = 512, n_threads: int | None = None,
                  seed: int = RANDOM_SEED, vocab_only: bool = False, verbose: bool = True,
@@ -308,6 +449,17 @@ class Llama:
         self.model = None
         self.session = None
         self.last_stats: GenStats | None = None
+        if draft_model is not None and not isinstance(draft_model, (str, os.PathLike)):
+            # llama-cpp-python's draft_model objects (llamba.llama_speculative): prompt lookup is llamba's n-gram
+            # speculation; drafts are verified exactly, so the output is unchanged
+            from llamba.errors import UnsupportedError
+            from llamba.llama_speculative import LlamaPromptLookupDecoding
+            if not isinstance(draft_model, LlamaPromptLookupDecoding):
+                raise UnsupportedError(f"draft_model: a {type(draft_model).__name__} is not supported; give a GGUF "
+                                       f"path or llamba.llama_speculative.LlamaPromptLookupDecoding")
+            spec, draft_max = "ngram", _int_arg("num_pred_tokens", draft_model.num_pred_tokens, lo=1,
+                                                none_ok=False)
+            draft_model = None
         self.spec_options = dict(spec=spec, draft_max=draft_max, draft_p_min=draft_p_min, draft_model=draft_model)
         self._prop, self._prop_key = None, None
         if not vocab_only:
@@ -326,6 +478,12 @@ class Llama:
                 attach_head(self.model, self.gguf, mtp_head)
             self.session = Session(self.model, n_batch)
         self._n_ctx = n_ctx
+        # llama-cpp-python's model kind flags: every layer recurrent (no KV cache), or recurrent and attention
+        # layers mixed (e.g. Qwen3.5's Gated DeltaNet)
+        rec = tuple(getattr(self.model.config, "recurrent", ()) or ()) if self.model is not None else ()
+        self._is_recurrent = bool(rec) and all(rec)
+        self._is_hybrid = any(rec) and not all(rec)
+        self.cache = None  # a llamba.llama_cache cache (set_cache): prompt states saved and restored
         self.engine = None  # the continuous-batching scheduler (llamba.scheduler), with n_parallel > 1
         self.concurrent = False  # True: generation calls may come from several threads at once
         if self.model is not None and n_parallel is not None and int(n_parallel) > 1:  # (1: see start_engine)
@@ -337,6 +495,7 @@ class Llama:
         self._pooling = pooling_type
         self.logits_all = bool(logits_all)
         self._scores = None  # (n_ctx, n_vocab) logits rows by position, allocated on first eval (see `scores`)
+        self._scores_toks = None  # the cached tokens when `eval` last wrote the rows (sample() checks them)
         self._chat_opt = chat_template or chat_format  # NAME | FILE | template text; None: the model's own
         self._chat = None
         if self._chat_opt:
@@ -453,6 +612,46 @@ class Llama:
     def token_eos(self) -> int:
         return self.tokenizer.eos_id if self.tokenizer.eos_id is not None else -1
 
+    def token_nl(self) -> int:
+        """The newline token (llama.cpp's linefeed id), -1 when the vocabulary has none."""
+        nl = self.tokenizer.nl_id
+        return int(nl) if nl is not None else -1
+
+    def set_seed(self, seed: int) -> None:
+        """The seed of later generations that give no `seed` of their own (llama-cpp-python's set_seed)."""
+        try:
+            SamplingParams(seed=seed)
+        except LlambaError as e:
+            raise ParameterError(f"seed: {e}") from None
+        self.seed = seed
+
+    def set_cache(self, cache) -> None:
+        """Save the state after each completion in `cache` (a llamba.llama_cache LlamaRAMCache / LlamaDiskCache,
+        keyed by the prompt and completion token ids) and, before a completion, restore the cached state sharing
+        the longest prefix with its prompt when that is longer than what this Llama's cache already holds
+        (llama-cpp-python's set_cache); None: no cache. The one-caller path only: with n_parallel > 1 the batching
+        engine keeps its own prefix cache, and set_cache raises a ParameterError."""
+        if cache is not None:
+            if self.engine is not None:
+                raise ParameterError("set_cache is not supported with the batching engine (n_parallel > 1): it "
+                                     "keeps a prefix cache of its own")
+            if not all(hasattr(cache, m) for m in ("__getitem__", "__setitem__")):
+                raise ParameterTypeError(f"set_cache expects a cache such as llamba.LlamaRAMCache, got "
+                                         f"{type(cache).__name__}")
+        self.cache = cache
+
+    longest_token_prefix = staticmethod(longest_token_prefix)
+
+    def _cache_restore(self, tokens) -> None:
+        """Before a generation on the default sequence: load the cached state with the longest common prefix with
+        `tokens` if it shares more of them than the sequence does (llama-cpp-python's rule)."""
+        try:
+            item = self.cache[tokens]
+        except KeyError:
+            return
+        if longest_token_prefix(item.input_ids.tolist(), tokens) > longest_token_prefix(self.session.tokens, tokens):
+            self.load_state(item)
+
     @property
     def n_tokens(self) -> int:
         return len(self.session.tokens) if self.session else 0
@@ -507,13 +706,60 @@ class Llama:
         if not toks:
             return np.empty((0, self.n_vocab()), dtype=np.float32)
         n0 = self.n_tokens
+        rows_ok = n0 == 0 or self._scores_toks == self.session.tokens  # the rows before n0 are this sequence's
         out = self.session.eval(toks, logits="all" if self.logits_all else "last")
         sc = self._scores_buf()
         if self.logits_all:
             sc[n0:n0 + len(toks)] = out
         else:
             sc[0] = out[-1]
+        self._scores_toks = list(self.session.tokens) if rows_ok or not self.logits_all else None
         return out
+
+    def sample(self, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
+               temp: float = 0.80, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
+               presence_penalty: float = 0.0, tfs_z: float = 1.0, mirostat_mode: int = 0, mirostat_eta: float = 0.1,
+               mirostat_tau: float = 5.0, penalize_nl: bool = True, logits_processor=None, grammar=None,
+               idx: int | None = None) -> int:
+        """A token sampled from the logits after cache position `idx` (default: the last evaluated one), as
+        llama-cpp-python's `sample` after `eval`; the token is not added to the cache. Other positions than the
+        last need logits_all=True and rows written by `eval`. The penalties see the cached tokens up to `idx`;
+        `logits_processor` gets them and a copy of the row first; a `grammar` constrains the token from its start.
+        The seed: this Llama's (set_seed)."""
+        self._need_model()
+        _check_unsupported(tfs_z, mirostat_mode, mirostat_tau, mirostat_eta, penalize_nl)
+        processor = _hook("logits_processor", logits_processor)
+        toks = list(self.session.tokens)
+        n = len(toks)
+        if n == 0:
+            raise LlambaError("sample: nothing is evaluated yet; call eval(tokens) first")
+        idx = n - 1 if idx is None else _int_arg("idx", idx, lo=0, none_ok=False)
+        if idx >= n or (idx != n - 1 and not self.logits_all):
+            more = "" if self.logits_all else "; other positions than the last need logits_all=True"
+            raise ParameterError(f"sample: idx {idx} is not an evaluated position with logits (the cache holds {n} "
+                                 f"tokens{more})")
+        if self._scores is not None and self._scores_toks == toks:
+            row = self._scores[idx if self.logits_all else 0]
+        elif idx == n - 1 and self.model.can_truncate(n - 1):
+            with self.session.lock:  # the last position's logits again (the kernels are row-exact)
+                self.session.rollback(n - 1)
+                row = self.session.eval(toks[-1:], logits="last")[-1]
+            self._scores_buf()[idx if self.logits_all else 0] = row
+            if not self.logits_all:
+                self._scores_toks = toks
+        else:
+            raise ParameterError(f"sample: the logits of position {idx} are not kept; evaluate the tokens with eval() "
+                                 f"first")
+        ids = toks[:idx + 1]
+        if processor is not None:
+            row = _processed_row(processor, ids, row)
+        sampler = self.make_sampler(temp, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
+                                    presence_penalty, None)
+        sampler.accept_many(ids)
+        constraint = self.compile_constraint(None, grammar)
+        if constraint is not None:
+            sampler.constraint = constraint.matcher()
+        return int(sampler.sample(row))
 
     def _scores_buf(self) -> np.ndarray:
         if self._scores is None:
@@ -584,26 +830,76 @@ class Llama:
 
     def generate(self, tokens, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
                  typical_p: float = 1.0, temp: float = 0.80, repeat_penalty: float = 1.0, reset: bool = True,
-                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int | None = None,
-                 max_tokens: int | None = None, logit_bias=None, **kwargs) -> Iterator[int]:
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, tfs_z: float = 1.0,
+                 mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                 penalize_nl: bool = True, logits_processor=None, stopping_criteria=None, grammar=None,
+                 seed: int | None = None, max_tokens: int | None = None, logit_bias=None, response_format=None,
+                 **kwargs) -> Iterator[int]:
         """Yield sampled token ids after `tokens` (reusing the cached prefix). Like llama-cpp-python it does
-        not stop at end-of-generation tokens by itself unless `max_tokens` runs out or the context is full."""
+        not stop at end-of-generation tokens by itself unless `max_tokens` runs out or the context is full, or a
+        `stopping_criteria` returns True (see StoppingCriteriaList). `logits_processor` (LogitsProcessorList)
+        changes each row before sampling (one caller only: with the batching engine it is a ParameterError);
+        `grammar` / `response_format` constrain the tokens (create_completion's). The arguments are checked at
+        the call, before the first token."""
         self._need_model()
+        _check_kwargs("generate", kwargs)
+        _check_unsupported(tfs_z, mirostat_mode, mirostat_tau, mirostat_eta, penalize_nl)
+        processor, criteria = self._hooks(logits_processor, stopping_criteria)
         if reset is False:
             pass  # prefix reuse is automatic
         sampler = self.make_sampler(temp, top_k, top_p, min_p, typical_p, repeat_penalty, frequency_penalty,
                                     presence_penalty, seed, logit_bias)
+        constraint = self.compile_constraint(response_format, grammar)
+        if constraint is not None:
+            sampler.constraint = constraint.matcher()
         toks = self._ids(tokens)
         max_tokens = _int_arg("max_tokens", max_tokens)
         if not toks:
             raise ParameterError("the prompt is empty: give at least one token")
+        return self._generate(toks, sampler, max_tokens, processor, criteria)
+
+    def _generate(self, toks, sampler, max_tokens, processor, criteria):
         stats = GenStats()
         self.last_stats = stats
+        last, on_logits = self._criteria_rows(criteria, None)
         if self.engine is not None:
-            yield from self._engine_tokens(toks, sampler, max_tokens, stats, None, stop_at_eog=False)
-            return
-        sampler.accept_many(toks)
-        yield from generate(self.session, toks, sampler, max_tokens, stats, None, self.speculative_proposer())
+            source = self._engine_tokens(toks, sampler, max_tokens, stats, on_logits, stop_at_eog=False)
+        else:
+            sampler.accept_many(toks)
+            proposer = self.speculative_proposer()
+            if processor is not None or criteria is not None:
+                proposer = None  # (a processor / criterion sees every row in order: no speculative drafts)
+            if processor is not None:
+                sampler = _ProcessedSampler(sampler, processor, list(toks))
+            source = generate(self.session, toks, sampler, max_tokens, stats, None, proposer, on_logits)
+        if criteria is not None:
+            source = _criteria_tokens(source, list(toks), criteria, last, [False], stats)
+        yield from source
+
+    def _hooks(self, logits_processor, stopping_criteria):
+        """The checked logits_processor / stopping_criteria arguments (None when not given). A logits processor
+        needs the one-caller path: the batching engine samples on its own thread from SamplingParams only."""
+        processor = _hook("logits_processor", logits_processor)
+        criteria = _hook("stopping_criteria", stopping_criteria)
+        if processor is not None and self.engine is not None:
+            raise ParameterError("logits_processor is not supported with the batching engine (n_parallel > 1): its "
+                                 "sampling runs on the engine's thread; use logit_bias / grammar, or a Llama with "
+                                 "n_parallel=1")
+        return processor, criteria
+
+    @staticmethod
+    def _criteria_rows(criteria, on_logits):
+        """([last row], the token source's on_logits) for stopping criteria: each row a token is sampled from is
+        kept (a float32 copy) for the criteria, and passed on to `on_logits` (a logprob recorder's)."""
+        if criteria is None:
+            return None, on_logits
+        last = [None]
+
+        def rows(row, _then=on_logits):
+            last[0] = np.array(row, dtype=np.float32)
+            if _then is not None:
+                _then(row)
+        return last, rows
 
     # ---- cache state (llama-cpp-python's save_state / load_state)
     def save_state(self) -> "LlamaState":
@@ -629,6 +925,7 @@ class Llama:
             buf = self._scores_buf()
             rows = min(len(state.scores), len(buf))
             buf[:rows] = state.scores[:rows]
+        self._scores_toks = None  # (a saved state's rows are not known to be current: sample() recomputes)
         self.seed = state.seed
         self._prop, self._prop_key = None, None  # a speculative proposer's own caches start over
 
@@ -696,21 +993,37 @@ class Llama:
                           echo: bool = False, stop=None, frequency_penalty: float = 0.0,
                           presence_penalty: float = 0.0, repeat_penalty: float = 1.0, top_k: int = 40,
                           stream: bool = False, seed: int | None = None, logit_bias=None, grammar=None,
-                          response_format=None, *, keep_scores: bool = True, **kwargs):
+                          response_format=None, *, tfs_z: float = 1.0, mirostat_mode: int = 0,
+                          mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: str | None = None,
+                          stopping_criteria=None, logits_processor=None, special: bool = False,
+                          keep_scores: bool = True, **kwargs):
         """A text completion, as llama-cpp-python's. `grammar` (llama.cpp GBNF text or a LlamaGrammar-like
         object) or `response_format` ({"type": "json_object"} / {"type": "json_schema", "json_schema": {"schema":
         {...}}}) constrain the output (llamba.constrain); an invalid one raises GrammarError (a ParameterError).
         The text comes from `stream_text`. `keep_scores=False` (llamba's, for serving): `logprobs` work without
         logits_all and leave `scores` untouched (with True, llama-cpp-python's rule: logprobs need
-        logits_all=True, and the evaluated rows are kept in `scores`)."""
+        logits_all=True, and the evaluated rows are kept in `scores`).
+        llama-cpp-python's `logits_processor` (LogitsProcessorList: each row changed before sampling; not with the
+        batching engine) and `stopping_criteria` (StoppingCriteriaList: the generation ends, finish_reason "stop",
+        when one returns True) work as there; `model` names the model in the response; `special`: special-token
+        text in the prompt is parsed as the special token. tfs_z and mirostat are not implemented (only their
+        off values, 1.0 and 0, are accepted: anything else is an UnsupportedError), nor is `suffix`
+        (fill-in-the-middle); an unknown keyword is a TypeError."""
         self._need_model()
+        _check_kwargs("create_completion", kwargs)
+        _check_unsupported(tfs_z, mirostat_mode, mirostat_tau, mirostat_eta)
+        if suffix is not None and suffix != "":
+            from llamba.errors import UnsupportedError
+            raise UnsupportedError("suffix (fill-in-the-middle) is not supported by llamba")
+        model_name = self._model_name(model)
+        hooks = self._hooks(logits_processor, stopping_criteria)
         constraint = self.compile_constraint(response_format, grammar)
         if logprobs is not None:
             if not self.logits_all and keep_scores:  # llama-cpp-python's rule and message
                 raise ValueError("logprobs is not supported for models created with logits_all=False")
             logprobs = _int_arg("logprobs", logprobs, lo=0, hi=MAX_LOGPROBS)
         if isinstance(prompt, (bytes, str)):
-            toks = self.tokenize(prompt, add_bos=True, special=kwargs.get("special", False))
+            toks = self.tokenize(prompt, add_bos=True, special=special)
             text = prompt.encode("utf-8", "surrogatepass") if isinstance(prompt, str) else prompt
             prompt_text = text.decode("utf-8", errors="replace")  # lone surrogates -> U+FFFD
         elif isinstance(prompt, (list, tuple, np.ndarray)):
@@ -738,10 +1051,10 @@ class Llama:
                               typical_p=typical_p, repeat_penalty=repeat_penalty,
                               frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
                               logit_bias=logit_bias, stop=stops, constraint=constraint, recorder=rec, stats=stats,
-                              out_tokens=gen_toks)
+                              out_tokens=gen_toks, logits_processor=hooks[0], stopping_criteria=hooks[1])
         if stream:
             return self._stream_chunks(it, cid, created, prompt_text if echo else None, rec, toks, len(prompt_text),
-                                       stats)
+                                       stats, model_name)
         pieces, finish = [], "length"
         for piece, fin in it:
             pieces.append(piece)
@@ -760,28 +1073,38 @@ class Llama:
                     len(toks) + len(gen_toks) - (0 if getattr(stats, "ended_eog", False) else 1)
                 lp = self._completion_logprobs(prompt, toks, gen_toks, logprobs, echo, keep_scores, n_ev)
         return {
-            "id": cid, "object": "text_completion", "created": created, "model": self.model_path,
+            "id": cid, "object": "text_completion", "created": created, "model": model_name,
             "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}],
             "usage": _usage(len(toks), st, self.engine is not None),
         }
 
-    def _stream_chunks(self, it, cid, created, echo_text, rec=None, prompt_tokens=None, prompt_len=0, stats=None):
+    def _model_name(self, model) -> str:
+        """The `model` of a response: the one given (llama-cpp-python's `model=`), else the model's path."""
+        if model is None:
+            return self.model_path
+        if not isinstance(model, str):
+            raise ParameterTypeError(f"model must be a string (the name in the response), got {_show(model)}")
+        return model
+
+    def _stream_chunks(self, it, cid, created, echo_text, rec=None, prompt_tokens=None, prompt_len=0, stats=None,
+                       model_name=None):
         try:
             if echo_text:
-                yield self._chunk(cid, created, echo_text, None)
+                yield self._chunk(cid, created, echo_text, None, model_name=model_name)
             for piece, fin in it:
                 if piece or fin:
                     lp = completion_logprobs_chunk(self.detokenize, rec.take(), prompt_tokens, prompt_len) \
                         if rec else None
-                    c = self._chunk(cid, created, piece, fin, lp)
+                    c = self._chunk(cid, created, piece, fin, lp, model_name)
                     if fin and self.stream_usage and stats is not None:  # serving: usage on the last chunk
                         c["usage"] = _usage(len(prompt_tokens), stats, True)
                     yield c
         finally:
             it.close()
 
-    def _chunk(self, cid, created, text, finish, logprobs=None):
-        return {"id": cid, "object": "text_completion", "created": created, "model": self.model_path,
+    def _chunk(self, cid, created, text, finish, logprobs=None, model_name=None):
+        return {"id": cid, "object": "text_completion", "created": created,
+                "model": self.model_path if model_name is None else model_name,
                 "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]}
 
     @staticmethod
@@ -849,7 +1172,8 @@ class Llama:
                     top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0, repeat_penalty: float = 1.0,
                     frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: int | None = None,
                     logit_bias=None, stop=None, constraint=None, recorder: LogprobRecorder | None = None,
-                    stats: GenStats | None = None, keep_special=None, out_tokens: list[int] | None = None):
+                    stats: GenStats | None = None, keep_special=None, out_tokens: list[int] | None = None,
+                    logits_processor=None, stopping_criteria=None):
         """Generate after the prompt token ids `tokens` and yield (text_piece, finish_reason | None): the text
         stream (llamba.textstream.stream_text) that completions, chat completions, the chat REPL and the CLI all
         read. Text that could be the start of a `stop` string is held back; the last item carries "stop" or
@@ -863,23 +1187,43 @@ class Llama:
         end-of-generation token never do). `keep_special`: ids of special tokens whose text is kept (tool-call
         markers such as [TOOL_CALLS]). `stop`: a string or a list of strings (not checked here). `stats`: the
         GenStats to fill (also `last_stats`). `out_tokens`: a list that receives the generated ids
-        (end-of-generation tokens excepted)."""
+        (end-of-generation tokens excepted).
+        `logits_processor` / `stopping_criteria`: llama-cpp-python's (LogitsProcessorList, StoppingCriteriaList;
+        checked here, at the first `next()`): a processor changes each row before sampling (the one-caller path
+        only: with the batching engine, a ParameterError); a criterion that returns True ends the text with
+        finish_reason "stop". With a cache set (set_cache), the longest cached prefix state is restored first and
+        the state after the generation is saved under the prompt and completion ids."""
         stops = [stop] if isinstance(stop, str) else list(stop or ())  # (checked by the callers: _stop_list)
+        processor, criteria = self._hooks(logits_processor, stopping_criteria)
         sampler = self.make_sampler(temperature, top_k, top_p, min_p, typical_p, repeat_penalty,
                                     frequency_penalty, presence_penalty, seed, logit_bias)
         if constraint is not None:
             sampler.constraint = constraint.matcher()
         stats = GenStats() if stats is None else stats  # per call (several threads may generate at once)
         self.last_stats = stats
-        on_logits = recorder.row if recorder is not None else None
+        last, on_logits = self._criteria_rows(criteria, recorder.row if recorder is not None else None)
+        cache = self.cache if self.engine is None else None
         if self.engine is not None:
             source = self._engine_tokens(tokens, sampler, max_tokens, stats, on_logits)
         else:
+            if cache is not None:
+                self._cache_restore(list(tokens))
             sampler.accept_many(tokens)
-            source = generate(self.session, tokens, sampler, max_tokens, stats, self.tokenizer.is_eog,
-                              self.speculative_proposer(), on_logits)
+            proposer = self.speculative_proposer()
+            if processor is not None or criteria is not None:
+                proposer = None  # (a processor / criterion sees every row in order: no speculative drafts)
+            if processor is not None:
+                sampler = _ProcessedSampler(sampler, processor, list(tokens))
+            source = generate(self.session, tokens, sampler, max_tokens, stats, self.tokenizer.is_eog, proposer,
+                              on_logits)
+        ended = [False]
+        if criteria is not None:
+            source = _criteria_tokens(source, list(tokens), criteria, last, ended, stats)
+        gen = out_tokens if out_tokens is not None or cache is None else []
         yield from stream_text(source, self.tokenizer, stops, recorder=recorder, keep_special=keep_special,
-                               stats=stats, out_tokens=out_tokens)
+                               stats=stats, out_tokens=gen, end_reason=lambda: "stop" if ended[0] else "length")
+        if cache is not None:  # (a finished generation: llama-cpp-python saves then, keyed by prompt + completion)
+            cache[list(tokens) + list(gen)] = self.save_state()
 
     # ---- chat
     def get_chat_template(self):
@@ -919,7 +1263,10 @@ class Llama:
                                repeat_penalty: float = 1.0, logit_bias=None, tools=None, tool_choice=None,
                                response_format=None, chat_template_kwargs: dict | None = None,
                                logprobs: bool | None = None, top_logprobs: int | None = None,
-                               parallel_tool_calls: bool | None = None, n: int | None = None, **kwargs):
+                               parallel_tool_calls: bool | None = None, n: int | None = None, *,
+                               functions=None, function_call=None, tfs_z: float = 1.0, mirostat_mode: int = 0,
+                               mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: str | None = None,
+                               logits_processor=None, stopping_criteria=None, grammar=None, **kwargs):
         """OpenAI-style chat completion (a `chat.completion` dict, or `chat.completion.chunk` dicts when
         streaming), like llama-cpp-python. `chat_template_kwargs` (e.g. {"enable_thinking": False};
         `enable_thinking=` also works) go to the template; `response_format` (and `grammar=`) constrain the output
@@ -931,30 +1278,47 @@ class Llama:
         `n`: that many choices, each its own generation (choice j samples with seed + j, as completions do).
         `logprobs=True` (with `top_logprobs` alternatives per token, default 0) adds OpenAI's
         `logprobs.content` (token, logprob, bytes, top_logprobs) for the generated tokens, recorded from the rows
-        they were sampled from (no logits_all needed)."""
+        they were sampled from (no logits_all needed).
+        llama-cpp-python's `logits_processor`, `stopping_criteria`, `grammar` and `model` work as in
+        create_completion; tfs_z / mirostat only at their off values; the legacy `functions` / `function_call`
+        are not supported (an UnsupportedError: use tools / tool_choice); an unknown keyword is a TypeError."""
         self._need_model()
         if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, dict):
             raise ParameterTypeError(f"chat_template_kwargs must be a dict, got {type(chat_template_kwargs).__name__}")
         tkw = dict(chat_template_kwargs or {})
         if "enable_thinking" in kwargs:
             tkw["enable_thinking"] = kwargs.pop("enable_thinking")
+        _check_kwargs("create_chat_completion", kwargs)
+        if functions is not None or function_call is not None:
+            from llamba.errors import UnsupportedError
+            raise UnsupportedError("functions / function_call (OpenAI's legacy function calling) are not supported "
+                                   "by llamba; pass tools=[{'type': 'function', 'function': {...}}] and "
+                                   "tool_choice instead")
+        _check_unsupported(tfs_z, mirostat_mode, mirostat_tau, mirostat_eta)
+        model_name = self._model_name(model)
+        processor, criteria = self._hooks(logits_processor, stopping_criteria)
         n = _int_arg("n", n, lo=1, hi=MAX_CHAT_N)
         n = 1 if n is None else n
-        grammar = kwargs.pop("grammar", None)
         toks, plan = self.chat_prompt(messages, tools, tool_choice, parallel_tool_calls, tkw)
         constraint = self.chat_constraint(plan, response_format, grammar)
         kw = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, typical_p=typical_p,
                   stop=stop, max_tokens=max_tokens, presence_penalty=presence_penalty,
                   frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, logit_bias=logit_bias,
                   constraint=constraint)
+        if processor is not None:
+            kw["logits_processor"] = processor
+        if criteria is not None:
+            kw["stopping_criteria"] = criteria
         if n == 1:
             return self._chat_completion_from_tokens(toks, stream=stream, logprobs=logprobs,
-                                                     top_logprobs=top_logprobs, plan=plan, seed=seed, **kw)
+                                                     top_logprobs=top_logprobs, plan=plan, seed=seed,
+                                                     model_name=model_name, **kw)
         seeds = self._choice_seeds(seed, n)
         if stream:
-            return self._chat_n_stream(toks, seeds, logprobs, top_logprobs, plan, kw)
+            return self._chat_n_stream(toks, seeds, logprobs, top_logprobs, plan, dict(kw, model_name=model_name))
         outs = [self._chat_completion_from_tokens(toks, logprobs=logprobs, top_logprobs=top_logprobs, plan=plan,
-                                                  seed=sd, index=j, **kw) for j, sd in enumerate(seeds)]
+                                                  seed=sd, index=j, model_name=model_name, **kw)
+                for j, sd in enumerate(seeds)]
         first = outs[0]
         usage = dict(first["usage"])
         usage["completion_tokens"] = sum(o["usage"]["completion_tokens"] for o in outs)
@@ -1017,13 +1381,14 @@ class Llama:
                     min_p: float = 0.05, typical_p: float = 1.0, stop=None, seed: int | None = None,
                     max_tokens: int | None = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
                     repeat_penalty: float = 1.0, logit_bias=None, recorder: LogprobRecorder | None = None,
-                    stats: GenStats | None = None, constraint=None, keep_special=None):
+                    stats: GenStats | None = None, constraint=None, keep_special=None, logits_processor=None,
+                    stopping_criteria=None):
         """The answer to a rendered chat prompt (token ids, e.g. from chat_prompt or apply_chat_template(...,
         tokenize=True)) as stream_text's (text_piece, finish_reason | None) generator, with
         create_chat_completion's defaults; the chat template's stop strings are added to `stop`, and max_tokens
         None or <= 0 means the rest of the context. The prompt, max_tokens and stop are checked here, before the
         generator is returned (ContextOverflowError, ParameterError); the chat REPL (llamba.chat.ChatSession)
-        reads it."""
+        reads it. `logits_processor` / `stopping_criteria`: see stream_text."""
         toks = tokens
         self._need_model()
         if not toks:
@@ -1041,10 +1406,11 @@ class Llama:
                                 min_p=min_p, typical_p=typical_p, repeat_penalty=repeat_penalty,
                                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
                                 logit_bias=logit_bias, stop=stops, constraint=constraint, recorder=recorder,
-                                stats=stats, keep_special=keep_special)
+                                stats=stats, keep_special=keep_special, logits_processor=logits_processor,
+                                stopping_criteria=stopping_criteria)
 
     def _chat_completion_from_tokens(self, toks, stream: bool = False, logprobs=None, top_logprobs=None, plan=None,
-                                     index: int = 0, **kw):
+                                     index: int = 0, model_name=None, **kw):
         rec = None
         if logprobs:
             n = _int_arg("top_logprobs", 0 if top_logprobs is None else top_logprobs, lo=0, hi=MAX_LOGPROBS)
@@ -1058,7 +1424,8 @@ class Llama:
         cid = f"chatcmpl-{uuid.uuid4()}"
         created = int(time.time())
         if stream:
-            return self._chat_chunks(it, cid, created, rec, stats, len(toks), plan if tools_on else None, index)
+            return self._chat_chunks(it, cid, created, rec, stats, len(toks), plan if tools_on else None, index,
+                                     model_name)
         pieces, finish = [], "length"
         for piece, fin in it:
             pieces.append(piece)
@@ -1072,14 +1439,18 @@ class Llama:
                 message = {"role": "assistant", "content": content, "tool_calls": calls}
                 finish = "tool_calls"
         return {
-            "id": cid, "object": "chat.completion", "created": created, "model": self.model_path,
+            "id": cid, "object": "chat.completion", "created": created,
+            "model": self.model_path if model_name is None else model_name,
             "choices": [{"index": index, "message": message, "logprobs": lp, "finish_reason": finish}],
             "usage": _usage(len(toks), stats, self.engine is not None),
         }
 
-    def _chat_chunks(self, it, cid, created, rec=None, stats=None, n_prompt=0, plan=None, index: int = 0):
+    def _chat_chunks(self, it, cid, created, rec=None, stats=None, n_prompt=0, plan=None, index: int = 0,
+                     model_name=None):
+        name = self.model_path if model_name is None else model_name
+
         def chunk(delta, finish, lp=None):
-            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.model_path,
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                     "choices": [{"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish}]}
         parser = plan.stream_parser() if plan is not None else None
         try:

@@ -129,7 +129,8 @@ def partial_stop_len(text: str, stops: list[str]) -> int:
 
 def stream_text(tokens: Iterable[int], tokenizer, stops: list[str] | None = None, *,
                 recorder: LogprobRecorder | None = None, keep_special=None, stats=None,
-                out_tokens: list[int] | None = None) -> Iterator[tuple[str, str | None]]:
+                out_tokens: list[int] | None = None,
+                end_reason: Callable[[], str] | None = None) -> Iterator[tuple[str, str | None]]:
     """Yield (text_piece, finish_reason | None) for the generated token ids `tokens` (see the module docstring).
 
     `tokenizer`: a llamba Tokenizer (`is_eog`, and what StreamDecoder needs). `stops`: stop strings.
@@ -137,6 +138,8 @@ def stream_text(tokens: Iterable[int], tokenizer, stops: list[str] | None = None
     special tokens have no text. `recorder`: a LogprobRecorder whose `row` the token source calls; its records
     are released as described there. `stats` (a GenStats): `ended_eog` is set when an end-of-generation token
     ends the stream. `out_tokens`: a list that receives every generated id except end-of-generation ones.
+    `end_reason()`: the finish reason when `tokens` runs out (default "length"; "stop" when a stopping criterion
+    ended the token source).
     Closing the generator closes `tokens` (if it is a generator: a generation stops there)."""
     stops = list(stops or ())
     rec = recorder
@@ -201,7 +204,7 @@ def stream_text(tokens: Iterable[int], tokenizer, stops: list[str] | None = None
                 return
         if rec is not None:
             rec.emitted(total)
-        yield pending, "length"
+        yield pending, end_reason() if end_reason is not None else "length"
     finally:
         close = getattr(tokens, "close", None)
         if close is not None:
