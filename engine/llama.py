@@ -28,7 +28,8 @@ from llamba.errors import (LlambaError, ParameterError, ParameterTypeError, Reso
                             TokenIdError)
 from llamba.generate import GenStats, Session, generate
 from llamba.gguf import GGUFFile
-from llamba.llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache  # noqa: F401
+from llamba.llama_cache import (BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache,  # noqa: F401
+                                longest_token_prefix)
 from llamba.options import Options
 from llamba.sampling import RANDOM_SEED, Sampler, SamplingParams
 from llamba.textstream import (LogprobRecorder, chat_logprobs_content, completion_logprobs_chunk,
@@ -406,16 +407,6 @@ def _criteria_tokens(source, ids: list, criteria, last_row: list, ended: list, s
         close = getattr(source, "close", None)
         if close is not None:
             close()
-
-
-def longest_token_prefix(a, b) -> int:
-    """How many leading token ids `a` and `b` share (llama-cpp-python's Llama.longest_token_prefix)."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Llama:
@@ -865,16 +856,20 @@ class Llama:
         if self.engine is not None:
             source = self._engine_tokens(toks, sampler, max_tokens, stats, on_logits, stop_at_eog=False)
         else:
-            sampler.accept_many(toks)
-            proposer = self.speculative_proposer()
-            if processor is not None or criteria is not None:
-                proposer = None  # (a processor / criterion sees every row in order: no speculative drafts)
-            if processor is not None:
-                sampler = _ProcessedSampler(sampler, processor, list(toks))
-            source = generate(self.session, toks, sampler, max_tokens, stats, None, proposer, on_logits)
+            source = self._local_tokens(toks, sampler, max_tokens, stats, None, processor, criteria, on_logits)
         if criteria is not None:
             source = _criteria_tokens(source, list(toks), criteria, last, [False], stats)
         yield from source
+
+    def _local_tokens(self, toks, sampler, max_tokens, stats, is_eog, processor, criteria, on_logits):
+        """Generated ids on the one-caller path (the session), the sampler wrapped for a logits processor."""
+        sampler.accept_many(toks)
+        proposer = self.speculative_proposer()
+        if processor is not None or criteria is not None:
+            proposer = None  # (a processor / criterion sees every row in order: no speculative drafts)
+        if processor is not None:
+            sampler = _ProcessedSampler(sampler, processor, list(toks))
+        return generate(self.session, toks, sampler, max_tokens, stats, is_eog, proposer, on_logits)
 
     def _hooks(self, logits_processor, stopping_criteria):
         """The checked logits_processor / stopping_criteria arguments (None when not given). A logits processor
@@ -1208,14 +1203,8 @@ class Llama:
         else:
             if cache is not None:
                 self._cache_restore(list(tokens))
-            sampler.accept_many(tokens)
-            proposer = self.speculative_proposer()
-            if processor is not None or criteria is not None:
-                proposer = None  # (a processor / criterion sees every row in order: no speculative drafts)
-            if processor is not None:
-                sampler = _ProcessedSampler(sampler, processor, list(tokens))
-            source = generate(self.session, tokens, sampler, max_tokens, stats, self.tokenizer.is_eog, proposer,
-                              on_logits)
+            source = self._local_tokens(tokens, sampler, max_tokens, stats, self.tokenizer.is_eog, processor,
+                                        criteria, on_logits)
         ended = [False]
         if criteria is not None:
             source = _criteria_tokens(source, list(tokens), criteria, last, ended, stats)

@@ -27,7 +27,8 @@ from llamba.errors import ParameterError
 __all__ = ["BaseLlamaCache", "LlamaRAMCache", "LlamaDiskCache", "LlamaCache"]
 
 
-def _prefix_len(a, b) -> int:
+def longest_token_prefix(a, b) -> int:
+    """How many leading token ids `a` and `b` share (llama-cpp-python's Llama.longest_token_prefix)."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -61,7 +62,7 @@ class BaseLlamaCache(ABC):
     def _find_longest_prefix_key(self, key: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
         best, best_key = 0, None
         for k in self._keys():
-            n = _prefix_len(k, key)
+            n = longest_token_prefix(k, key)
             if n > best:
                 best, best_key = n, k
         return best_key

@@ -585,7 +585,7 @@ class Engine:
                     self._run_calls(lent_only=True)
                     await asyncio.sleep(0.001)
                 self._step_held()
-                await self._yield_to_loop(asyncio)
+                await self._yield_to_loop()
         finally:
             self._aevent = self._aloop = None
             try:
@@ -593,11 +593,12 @@ class Engine:
             finally:
                 self._thread = None
 
-    async def _yield_to_loop(self, asyncio):
+    async def _yield_to_loop(self):
         """The loop's turn between two steps: reads, new requests, and the writes of the chunks this step made.
         A chunk goes out after a few loop iterations (outbox -> the request's queue -> its response task -> the
         socket), so yield while callbacks are still queued (up to 16 iterations), else the chunk would wait for
         the next step."""
+        import asyncio
         loop = self._aloop
         for _ in range(16):
             await asyncio.sleep(0)

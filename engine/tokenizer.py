@@ -377,36 +377,14 @@ def _make_get(texts, hs, ids, bucket, mask, bytes_hash: bool = False):
                 k += 1
             return default
         return get
-    if offs is None:
-        def get(text: str, default=None):
-            h = hash(text)
-            b = h & mask
-            k, e = bucket[b], bucket[b + 1]
-            while k < e:
-                if hs[k] == h and texts[ids[k]] == text:
-                    return ids[k]
-                k += 1
-            return default
-        return get
-    # texts found recently (bounded): most lookups of a tokenizer are hits on a few thousand common tokens, which
-    # then skip decoding the token's bytes to compare
-    hits: dict = {}
 
-    def get(text: str, default=None):
-        i = hits.get(text)
-        if i is not None:
-            return i
+    def get(text: str, default=None):  # a list's strings (Python's str hashes)
         h = hash(text)
         b = h & mask
         k, e = bucket[b], bucket[b + 1]
         while k < e:
-            if hs[k] == h:
-                i = ids[k]
-                if blob[offs[i]:offs[i + 1]].decode("utf-8") == text:
-                    if len(hits) >= _HIT_CACHE:
-                        hits.clear()
-                    hits[text] = i
-                    return i
+            if hs[k] == h and texts[ids[k]] == text:
+                return ids[k]
             k += 1
         return default
     return get

@@ -83,15 +83,8 @@ def _repack_into(t: TypeTraits, mod):
                 or not out.flags.writeable):
             raise ValueError(f"out must be a writable C-contiguous uint8 {shape_of(rows, rb)}, "
                              f"got {out.dtype}{out.shape}")
-        nb = rb // t.block_bytes
         if out.size:
-            w = np.ascontiguousarray(w)
-            step = rows if chunk_bytes <= 0 else max(8, chunk_bytes // max(rb, 1) // 8 * 8)
-            for r0 in range(0, rows, step):
-                r1 = min(rows, r0 + step)
-                kernel(w[r0:r1], r1 - r0, nb, out[r0 // 8:(r1 + 7) // 8])
-                if done is not None:
-                    done(r1)
+            mod.repack_rows(kernel, w, rb // t.block_bytes, out, chunk_bytes, done)
         return out
     return repack_into
 

@@ -1350,15 +1350,22 @@ def repack_q8_0(w, chunk_bytes: int = 0, done=None):
     off = (-buf.ctypes.data) % 64
     out = buf[off:off + size].reshape(G, nb * PACK_BB)
     if size:
-        w = np.ascontiguousarray(w)
-        step = rows if chunk_bytes <= 0 else max(8, chunk_bytes // max(rb, 1) // 8 * 8)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            _repack_q8_0_kernel(w[r0:r1], r1 - r0, nb, out[r0 // 8:(r1 + 7) // 8])
-            if done is not None:
-                done(r1)
+        repack_rows(_repack_q8_0_kernel, w, nb, out, chunk_bytes, done)
     out.flags.writeable = False
     return out
+
+
+def repack_rows(kernel, w, nb, out, chunk_bytes: int = 0, done=None):
+    """Run a repack kernel over the rows of w into out (8 rows per packed row): all at once, or with chunk_bytes > 0
+    in chunks of about that many raw bytes (whole 8-row groups), calling done(rows repacked so far) after each."""
+    rows, rb = w.shape
+    w = np.ascontiguousarray(w)
+    step = rows if chunk_bytes <= 0 else max(8, chunk_bytes // max(rb, 1) // 8 * 8)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        kernel(w[r0:r1], r1 - r0, nb, out[r0 // 8:(r1 + 7) // 8])
+        if done is not None:
+            done(r1)
 
 
 @njit(cache=True, nogil=True, parallel=True)
